@@ -1,0 +1,34 @@
+# Everything runs from one virtual environment with pinned versions.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install train test test-fast lint format clean
+
+install:  ## create .venv and install the package, its pinned dependencies and dev tools
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -e ".[dev]"
+
+train:  ## train with the default config; pass Hydra overrides as ARGS="strategy=finetune ..."
+	$(BIN)/python train.py $(ARGS)
+
+test:  ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest
+
+test-fast:  ## skip the slow end-to-end tests
+	$(BIN)/python -m pytest -m "not slow"
+
+lint:  ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf logs multirun outputs .pytest_cache .mypy_cache .ruff_cache

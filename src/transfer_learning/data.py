@@ -1,0 +1,325 @@
+"""ImageFolder data: discovery and validation, seeded stratified splits, transforms, loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from transfer_learning.backbones import Preprocessing
+from transfer_learning.demo import generate_shapes
+from transfer_learning.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "test": ("test",), "train": ("train",)}
+DEFAULT_AUGMENT: dict[str, Any] = {"scale": (0.35, 1.0), "hflip": 0.5, "trivial_augment": False}
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode any image mode (grayscale, palette, RGBA, CMYK) to RGB, naming the file on failure."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {exc}. Delete or replace the file.") from exc
+
+
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """Class name -> image files, with clear errors for the usual mistakes."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"{folder} has no class folders. Expected ImageFolder layout: "
+            f"{folder}/<class>/<image>.jpg, or {folder}/train/<class>/..., {folder}/val/<class>/..."
+        )
+    found = {
+        c.name: sorted(
+            Path(d, f) for d, _, files in os.walk(c, followlinks=True) for f in files if is_image(Path(f))
+        )
+        for c in classes
+    }
+    empty = [str(folder / name) for name, files in found.items() if not files]
+    if empty:
+        raise DataError(
+            f"class folder(s) with no images: {', '.join(empty)}. Add images "
+            f"({', '.join(IMG_EXTENSIONS)}) or remove the folder."
+        )
+    return found
+
+
+def verify_images(files: Sequence[Path], workers: int = 8) -> None:
+    """Open and verify every file; report all unreadable ones at once, before training."""
+
+    def bad(path: Path) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            return f"{path} ({type(exc).__name__})"
+        return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        failures = [msg for msg in pool.map(bad, files) if msg]
+    if failures:
+        listed = "\n  ".join(failures[:10])
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        raise DataError(
+            f"{len(failures)} unreadable image file(s):\n  {listed}{more}\n"
+            "Delete or replace them, or set data.verify_images=false to skip this check."
+        )
+
+
+def stratified_split(
+    labels: Sequence[int], fractions: Mapping[str, float], seed: int, class_names: Sequence[str]
+) -> dict[str, list[int]]:
+    """Indices per split; each class is shuffled with ``seed`` and cut by ``fractions``."""
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    for label, indices in sorted(by_class.items()):
+        order = [indices[i] for i in torch.randperm(len(indices), generator=generator)]
+        start = 0
+        for name, fraction in fractions.items():
+            count = max(1, round(len(order) * fraction)) if fraction > 0 else 0
+            out[name] += order[start : start + count]
+            start += count
+        if start >= len(order):
+            raise DataError(
+                f"class {class_names[label]!r} has only {len(order)} image(s): too few to split "
+                f"into train and {', '.join(fractions)}. Add images or lower the split fractions."
+            )
+        out["train"] += order[start:]
+    return {name: sorted(indices) for name, indices in out.items()}
+
+
+def build_transforms(p: Preprocessing, train: bool, augment: Mapping[str, Any]) -> T.Compose:
+    interpolation = InterpolationMode(p.interpolation)
+    finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std)]
+    if not train:
+        return T.Compose(
+            [T.ToImage(), T.Resize(p.resize_size, interpolation, antialias=True),
+             T.CenterCrop(p.crop_size), *finish]
+        )  # fmt: skip
+    steps: list[Any] = [
+        T.ToImage(),
+        T.RandomResizedCrop(p.crop_size, scale=tuple(augment["scale"]),
+                            interpolation=interpolation, antialias=True),
+    ]  # fmt: skip
+    if augment["hflip"] > 0:
+        steps.append(T.RandomHorizontalFlip(augment["hflip"]))
+    if augment["trivial_augment"]:
+        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+    return T.Compose(steps + finish)
+
+
+class ClassFolder(ImageFolder):
+    """An ImageFolder whose classes are the ones discovery validated (hidden folders skipped,
+    the same list and label order in every split)."""
+
+    def __init__(self, root: str, classes: Sequence[str], **kwargs: Any) -> None:
+        self._given_classes = list(classes)
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images from ``root`` in ImageFolder layout.
+
+    Either ``root/train``, ``root/val`` (or ``valid``) and optionally ``root/test``, or one
+    folder of class folders that is split with a seeded, stratified split. Class names come
+    from the folder names. ``generate`` (demo data) writes a data set to ``root`` first if
+    it does not exist yet.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        image_size: int | None = None,
+        augment: Mapping[str, Any] | None = None,
+        verify_images: bool = True,
+        generate: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ConfigError(
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be "
+                "in [0, 1) and together below 1."
+            )
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.seed = seed
+        self.image_size = image_size
+        unknown = set(augment or {}) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise ConfigError(
+                f"unknown data.augment keys {sorted(unknown)}; known: {sorted(DEFAULT_AUGMENT)}"
+            )
+        self.augment = {**DEFAULT_AUGMENT, **(augment or {})}
+        self.verify = verify_images
+        self.generate = dict(generate) if generate else None
+        self.preprocessing: Preprocessing | None = None
+        self.datasets: dict[str, Dataset] = {}
+        self._layout: dict[str, Path] | None = None
+        self._classes: list[str] | None = None
+
+    # -- discovery -----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Generate the demo data set, but only into the folder it was configured for: a
+        mistyped data.root must fail, not quietly become demo data."""
+        if self.generate is None or self.root.exists():
+            return
+        spec = dict(self.generate)
+        target = Path(spec.pop("root", self.root)).expanduser()
+        if target.absolute() == self.root.absolute():
+            log.info("Generating the demo data set in %s", self.root)
+            generate_shapes(self.root, **spec)
+
+    def _find_layout(self) -> dict[str, Path]:
+        if not self.root.is_dir():
+            raise DataError(
+                f"data.root={self.root} does not exist or is not a folder. Point data.root at an "
+                "ImageFolder tree (<root>/<class>/<image> or <root>/train|val/<class>/<image>), "
+                "or use data=demo."
+            )
+        layout = {}
+        for split, names in SPLIT_ALIASES.items():
+            for name in names:
+                if (self.root / name).is_dir():
+                    layout[split] = self.root / name
+                    break
+        if layout and "train" not in layout:
+            raise DataError(
+                f"{self.root} has {', '.join(p.name for p in layout.values())}/ but no train/ folder."
+            )
+        return layout or {"all": self.root}
+
+    def discover(self) -> list[str]:
+        """Validate the folder tree (and images) and return the class names."""
+        if self._classes is not None:
+            return self._classes
+        self.prepare_data()
+        layout = self._find_layout()
+        found = {split: class_folders(folder) for split, folder in layout.items()}
+        reference = next(iter(found))
+        names = list(found[reference])
+        for split, classes in found.items():
+            if list(classes) != names:
+                only_ref = sorted(set(names) - set(classes))
+                only_here = sorted(set(classes) - set(names))
+                raise DataError(
+                    f"{layout[split]} and {layout[reference]} have different class folders "
+                    f"(only in {reference}: {only_ref}; only in {split}: {only_here}). "
+                    "Every split needs the same classes."
+                )
+        if len(names) < 2:
+            raise DataError(
+                f"{layout[reference]} has one class folder ({names[0]}); a classifier needs two or more."
+            )
+        if self.verify:
+            verify_images([f for classes in found.values() for files in classes.values() for f in files])
+        self._layout, self._classes = layout, names
+        return names
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.discover()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_preprocessing(self, preprocessing: Preprocessing) -> None:
+        self.preprocessing = preprocessing
+
+    # -- datasets ------------------------------------------------------------------------
+
+    def _folder(self, path: Path, train: bool | None) -> ClassFolder:
+        """``train=None``: no transform (used to read the labels for splitting)."""
+        assert self.preprocessing is not None and self._classes is not None
+        transform = None if train is None else build_transforms(self.preprocessing, train, self.augment)
+        return ClassFolder(str(path), self._classes, transform=transform, loader=load_rgb)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.preprocessing is None:
+            raise RuntimeError("set_preprocessing() must be called before setup(): the backbone decides it")
+        self.discover()
+        assert self._layout is not None
+        datasets: dict[str, Dataset] = {}
+        if "all" in self._layout or "val" not in self._layout:
+            source = self._layout.get("train", self._layout.get("all"))
+            assert source is not None
+            fractions = {k: v for k, v in self.fractions.items() if k == "val" or "test" not in self._layout}
+            labels = self._folder(source, None).targets
+            split = stratified_split(labels, fractions, self.seed, self.class_names)
+            train_set, eval_set = self._folder(source, True), self._folder(source, False)
+            datasets["train"] = Subset(train_set, split["train"])
+            for name in fractions:
+                datasets[name] = Subset(eval_set, split[name])
+        else:
+            datasets["train"] = self._folder(self._layout["train"], True)
+            datasets["val"] = self._folder(self._layout["val"], False)
+        if "test" in self._layout:
+            datasets["test"] = self._folder(self._layout["test"], False)
+        if len(datasets["val"]) == 0:  # type: ignore[arg-type]
+            raise DataError("the validation split is empty: set data.val_fraction above 0 or add val/.")
+        if not datasets.get("test"):
+            log.warning("No test split (no test/ folder and data.test_fraction=0): testing on val.")
+            datasets["test"] = datasets["val"]
+        self.datasets = datasets
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(ds) for name, ds in self.datasets.items()}  # type: ignore[arg-type]
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # A last batch of one sample breaks BatchNorm in training mode.
+            drop_last=train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI prints them as one message, without a traceback."""
+
+
+class TransferLearningError(Exception):
+    """Base class: a mistake in the data, the config or the weights, with the fix in the message."""
+
+
+class ConfigError(TransferLearningError, ValueError):
+    """A setting has a value that cannot work (unknown model, bad size, typo in a name)."""
+
+
+class DataError(TransferLearningError, ValueError):
+    """The image folder is missing, empty, inconsistent or holds unreadable files."""
+
+
+class WeightsError(TransferLearningError, RuntimeError):
+    """Pretrained weights cannot be found, downloaded or loaded into the chosen model."""
+
+
+def find_user_error(exc: BaseException) -> TransferLearningError | None:
+    """The user's mistake behind ``exc``, also when Hydra's instantiate wrapped it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TransferLearningError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from transfer_learning.demo import generate_shapes
+
+# Any download attempt fails at once (connection refused), on machines with or without network.
+DEAD_PROXY = "http://127.0.0.1:9"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads or writes the user's caches, logs in to W&B, or reaches the network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, DEAD_PROXY)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five classes of 16 generated 48 px JPEGs, one folder per class (read-only for tests)."""
+    return generate_shapes(tmp_path_factory.mktemp("data") / "shapes", images_per_class=16, image_size=48)

@@ -1,0 +1,201 @@
+"""The body/head split, the bundled EfficientNet-Lite0 weights and the torchvision weights paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.models import ResNet18_Weights, get_model
+
+from transfer_learning.backbones import (
+    LITE0_PREPROCESSING,
+    Backbone,
+    bundled_lite0_file,
+    efficientnet_lite0,
+    map_lite0_state_dict,
+    resolve_torchvision_weights,
+    torchvision_backbone,
+    torchvision_cache_file,
+)
+from transfer_learning.data import build_transforms
+from transfer_learning.errors import ConfigError, WeightsError
+
+IMAGENET_CLASSES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+@pytest.fixture(scope="module")
+def lite0_source() -> dict[str, torch.Tensor]:
+    return torch.load(bundled_lite0_file(), map_location="cpu", weights_only=True)
+
+
+def test_bundled_lite0_weights_map_by_name_onto_every_timm_tensor(lite0_source):
+    model = timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=1e-3)
+    mapped = map_lite0_state_dict(lite0_source, model)
+    target = model.state_dict()
+    assert len(lite0_source) == len(mapped) == len(target) == 296
+    assert set(mapped) == set(target)
+    # The name mapping agrees with the file's order, tensor for tensor.
+    for (src_key, src), (dst_key, dst) in zip(lite0_source.items(), target.items(), strict=True):
+        assert mapped[dst_key] is src, (src_key, dst_key)
+        assert src.shape == dst.shape
+
+
+def test_lite0_backbone_uses_tensorflow_batchnorm_eps_and_pretrained_tensors(lite0_source):
+    backbone = efficientnet_lite0(num_classes=4)
+    norms = [m for m in backbone.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.eps == pytest.approx(1e-3) for m in norms)
+    assert torch.equal(backbone.body.conv_stem.weight, lite0_source["_conv_stem.weight"])
+    assert torch.equal(backbone.body.bn2.running_var, lite0_source["_bn1.running_var"])
+    assert isinstance(backbone.body.classifier, nn.Identity)
+    assert isinstance(backbone.head, nn.Linear)
+    assert (backbone.head.in_features, backbone.head.out_features) == (1280, 4)
+    x = torch.randn(2, 3, 64, 64)
+    backbone.eval()
+    assert backbone.forward_features(x).shape == (2, 1280)
+    assert backbone(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize(("image_name", "expected"), [("china.jpg", "palace"), ("flower.jpg", "daisy")])
+def test_bundled_lite0_classifies_real_photos(lite0_source, image_name, expected):
+    """Real weights, correctly mapped: scikit-learn's sample photos land in sensible classes."""
+    from sklearn.datasets import load_sample_image
+
+    backbone = efficientnet_lite0(num_classes=2).eval()
+    imagenet_head = nn.Linear(1280, 1000)
+    imagenet_head.load_state_dict({"weight": lite0_source["_fc.weight"], "bias": lite0_source["_fc.bias"]})
+    image = Image.fromarray(load_sample_image(image_name))
+    x = build_transforms(LITE0_PREPROCESSING, train=False, augment={})(image).unsqueeze(0)
+    with torch.no_grad():
+        probs = imagenet_head(backbone.forward_features(x)).softmax(-1)[0]
+    assert IMAGENET_CLASSES[int(probs.argmax())] == expected
+    assert float(probs.max()) > 0.15
+
+
+def test_random_lite0_differs_from_pretrained():
+    pretrained, random = efficientnet_lite0(2), efficientnet_lite0(2, weights=None)
+    assert not torch.equal(pretrained.body.conv_stem.weight, random.body.conv_stem.weight)
+
+
+# --------------------------------------------------------------------------- torchvision weights
+
+
+def _place_in_cache(name: str, weights) -> dict[str, torch.Tensor]:
+    """Put a checkpoint where torchvision expects the downloaded file; return its tensors."""
+    torch.manual_seed(7)
+    state = get_model(name, weights=None).state_dict()
+    path = torchvision_cache_file(weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def test_torchvision_enum_weights_load_from_torch_home_cache():
+    state = _place_in_cache("resnet18", ResNet18_Weights.IMAGENET1K_V1)
+    assert str(torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)).startswith(
+        str(Path(torch.hub.get_dir()))
+    )
+    backbone = torchvision_backbone("resnet18", num_classes=3, weights="IMAGENET1K_V1")
+    assert torch.equal(backbone.body.conv1.weight, state["conv1.weight"])
+    assert torch.equal(backbone.body.layer4[1].bn2.running_mean, state["layer4.1.bn2.running_mean"])
+    assert isinstance(backbone.body.fc, nn.Identity)
+    assert (backbone.head.in_features, backbone.head.out_features) == (512, 3)
+    # DEFAULT resolves to the same enum member, and so does the fully qualified name.
+    assert resolve_torchvision_weights("resnet18", "DEFAULT") is ResNet18_Weights.IMAGENET1K_V1
+    assert resolve_torchvision_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is (
+        ResNet18_Weights.IMAGENET1K_V1
+    )
+
+
+def test_missing_weights_offline_names_the_expected_file():
+    expected = torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)
+    assert not expected.exists()
+    with pytest.raises(WeightsError) as info:
+        torchvision_backbone("resnet18", num_classes=3, weights="DEFAULT")
+    message = str(info.value)
+    assert str(expected) in message
+    assert "model.weights=null" in message and "model.weights=/path/to/file.pth" in message
+    assert ResNet18_Weights.IMAGENET1K_V1.url in message
+
+
+def test_corrupt_cached_weights_file_is_reported():
+    path = torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="delete it"):
+        torchvision_backbone("resnet18", num_classes=3, weights="DEFAULT")
+
+
+def test_typo_in_weights_name_lists_the_valid_choices():
+    with pytest.raises(ConfigError) as info:
+        torchvision_backbone("resnet50", num_classes=3, weights="IMAGENET1K_V3")
+    assert "IMAGENET1K_V3" in str(info.value)
+    assert "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT" in str(info.value)
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown torchvision model 'resnet19'"):
+        torchvision_backbone("resnet19", num_classes=3, weights=None)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_loads_except_the_replaced_classifier(tmp_path, suffix):
+    torch.manual_seed(3)
+    source = get_model("resnet18", weights=None, num_classes=10).state_dict()  # other class count
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        save_file(source, str(path))
+    else:
+        torch.save({"state_dict": source}, path)
+    backbone = torchvision_backbone("resnet18", num_classes=3, weights=str(path))
+    assert torch.equal(backbone.body.conv1.weight, source["conv1.weight"])
+    assert torch.equal(backbone.body.bn1.running_var, source["bn1.running_var"])
+
+
+def test_state_dict_of_another_architecture_is_reported(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(get_model("resnet34", weights=None).state_dict(), path)
+    with pytest.raises(WeightsError) as info:
+        torchvision_backbone("resnet18", num_classes=3, weights=str(path))
+    message = str(info.value)
+    assert str(path) in message and "unexpected keys" in message and "layer1.2." in message
+
+
+def test_missing_local_weights_file_is_reported(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        torchvision_backbone("resnet18", num_classes=3, weights=str(tmp_path / "nope.pth"))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocessing_follows_the_weights():
+    resnet = torchvision_backbone("resnet50", num_classes=2, weights=None).preprocessing
+    assert (resnet.crop_size, resnet.resize_size) == (224, 232)  # IMAGENET1K_V2's recipe
+    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None).preprocessing
+    assert (inception.crop_size, inception.resize_size, inception.min_size) == (299, 342, 75)
+    assert LITE0_PREPROCESSING.mean == (0.5, 0.5, 0.5)
+    smaller = resnet.at_size(112)
+    assert (smaller.crop_size, smaller.resize_size) == (112, 116)
+
+
+def test_input_size_below_the_minimum_is_a_config_error():
+    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None, aux_loss_weight=0)
+    with pytest.raises(ConfigError, match="minimum input size of 75"):
+        inception.preprocessing.at_size(64)
+
+
+def test_fixed_size_models_refuse_other_sizes():
+    vit = torchvision_backbone("vit_b_32", num_classes=2, weights=None).preprocessing
+    assert vit.fixed_size and vit.crop_size == 224
+    with pytest.raises(ConfigError, match="only accepts 224x224"):
+        vit.at_size(64)
+
+
+def test_backbone_needs_two_classes():
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        Backbone(nn.Identity(), 4, 1, LITE0_PREPROCESSING)

@@ -1,0 +1,142 @@
+"""What each strategy trains, freezes and keeps in eval mode, proven by real Trainer runs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from helpers import FEATURE_EXTRACT, FINETUNE, build, trainer
+from transfer_learning.errors import ConfigError
+from transfer_learning.strategies import FeatureExtraction, FineTuning
+
+
+class RecordModes(Callback):
+    """Records, at every training batch, whether the body and its BatchNorm layers train."""
+
+    def __init__(self) -> None:
+        self.body_training: list[bool] = []
+        self.norms_training: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        body = pl_module.backbone.body
+        self.body_training.append(body.training)
+        norms = [m.training for m in body.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.norms_training.append(any(norms))
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(module.state_dict())
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_feature_extraction_trains_only_the_head_and_keeps_the_body_bit_identical(shapes_dir):
+    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
+    body_before, head_before = _snapshot(module.backbone.body), _snapshot(module.backbone.head)
+    modes = RecordModes()
+    trainer(callbacks=[modes], max_steps=4).fit(module, datamodule)
+
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone.head.weight", "backbone.head.bias"}
+    assert _changed(body_before, module.backbone.body.state_dict()) == set()  # buffers included
+    assert any("running_mean" in k for k in body_before)
+    assert _changed(head_before, module.backbone.head.state_dict()) == {"weight", "bias"}
+    assert modes.body_training == [False] * 4 and not any(modes.norms_training)
+
+    (group,) = module.trainer.optimizers[0].param_groups
+    assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in group["params"]} == {id(p) for p in module.backbone.head.parameters()}
+
+
+def test_naive_requires_grad_freezing_would_drift_batchnorm_statistics(shapes_dir):
+    """Why the body stays in eval mode: frozen parameters alone still update running stats."""
+    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
+    module.backbone.body_frozen = False  # requires_grad=False only, the usual recipe
+    module.backbone.train()
+    before = _snapshot(module.backbone.body)
+    trainer(max_steps=2).fit(module, datamodule)
+    drifted = _changed(before, module.backbone.body.state_dict())
+    assert drifted and all("running_" in k or "num_batches" in k for k in drifted)
+
+
+def test_finetuning_has_two_param_groups_partitioning_every_parameter(shapes_dir):
+    module, datamodule = build(shapes_dir, FINETUNE, scheduler=None)
+    body_before, head_before = _snapshot(module.backbone.body), _snapshot(module.backbone.head)
+    modes = RecordModes()
+    trainer(callbacks=[modes], max_steps=3).fit(module, datamodule)
+
+    backbone_group, head_group = module.trainer.optimizers[0].param_groups
+    assert (backbone_group["name"], backbone_group["lr"]) == ("backbone", pytest.approx(1e-4))
+    assert (head_group["name"], head_group["lr"]) == ("head", pytest.approx(1e-3))
+    body_ids = {id(p) for p in backbone_group["params"]}
+    head_ids = {id(p) for p in head_group["params"]}
+    assert body_ids.isdisjoint(head_ids)
+    assert body_ids == {id(p) for p in module.backbone.body.parameters()}
+    assert head_ids == {id(p) for p in module.backbone.head.parameters()}
+    assert len(body_ids) + len(head_ids) == len(list(module.parameters()))
+    assert all(p.requires_grad for p in module.parameters())
+
+    changed = _changed(body_before, module.backbone.body.state_dict())
+    assert "conv_stem.weight" in changed and "blocks.6.0.conv_pwl.weight" in changed
+    assert "bn1.running_mean" in changed  # BatchNorm trains normally in fine-tuning
+    assert _changed(head_before, module.backbone.head.state_dict()) == {"weight", "bias"}
+    assert all(modes.body_training) and all(modes.norms_training)
+
+
+def test_finetuning_with_frozen_bn_stats_trains_weights_but_keeps_statistics(shapes_dir):
+    # 64 px: at 32 px the pretrained statistics saturate every ReLU6 and no gradient reaches the body.
+    module, datamodule = build(
+        shapes_dir, {**FINETUNE, "freeze_bn_stats": True}, scheduler=None, image_size=64
+    )
+    before = _snapshot(module.backbone.body)
+    modes = RecordModes()
+    trainer(callbacks=[modes], max_steps=3).fit(module, datamodule)
+    changed = _changed(before, module.backbone.body.state_dict())
+    assert "conv_stem.weight" in changed and "bn1.weight" in changed
+    assert not any("running_" in k or "num_batches" in k for k in changed)
+    assert all(modes.body_training) and not any(modes.norms_training)
+
+
+class RecordLearningRates(Callback):
+    def __init__(self) -> None:
+        self.lrs: list[tuple[float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        backbone_group, head_group = trainer.optimizers[0].param_groups
+        self.lrs.append((backbone_group["lr"], head_group["lr"]))
+
+
+def test_scheduler_warms_up_decays_and_keeps_the_backbone_to_head_ratio(shapes_dir):
+    scheduler = {
+        "_target_": "transfer_learning.module.warmup_cosine",
+        "_partial_": True,
+        "warmup_fraction": 0.4,
+    }
+    module, datamodule = build(shapes_dir, FINETUNE, scheduler=scheduler)
+    record = RecordLearningRates()
+    trainer(callbacks=[record], max_steps=5).fit(module, datamodule)
+    backbone_group, head_group = module.trainer.optimizers[0].param_groups
+    assert backbone_group["initial_lr"] == pytest.approx(1e-4)
+    assert head_group["initial_lr"] == pytest.approx(1e-3)
+    heads = [head for _, head in record.lrs]
+    # 5 steps, 2 of warm-up (1/2, 1), then a cosine from the peak towards 0 at step 5.
+    assert heads == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25])
+    assert all(b == pytest.approx(0.1 * h) for b, h in record.lrs)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kwargs", "setting"),
+    [
+        (FeatureExtraction, {"head_lr": 0}, "strategy.head_lr=0"),
+        (FineTuning, {"backbone_lr": -1e-4}, "strategy.backbone_lr=-0.0001"),
+    ],
+)
+def test_non_positive_learning_rates_are_refused(strategy, kwargs, setting):
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        strategy(**kwargs)

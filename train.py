@@ -1,0 +1,31 @@
+"""Train a transfer-learning image classifier: `python train.py strategy=feature_extract`.
+
+Configs live in conf/; every option can be overridden on the command line (Hydra).
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from transfer_learning.errors import find_user_error
+from transfer_learning.train import train
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is None:
+            raise
+        logging.getLogger("train").error("%s", user_error)
+        sys.exit(2)
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

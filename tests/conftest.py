@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 
 from transfer_learning.demo import generate_shapes
 
+# huggingface_hub reads this once, at import (timm imports it): set it before any test module loads.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Any download attempt fails at once (connection refused), on machines with or without network.
 DEAD_PROXY = "http://127.0.0.1:9"
 

@@ -176,8 +176,14 @@ def test_missing_local_weights_file_is_reported(tmp_path):
 def test_preprocessing_follows_the_weights():
     resnet = torchvision_backbone("resnet50", num_classes=2, weights=None).preprocessing
     assert (resnet.crop_size, resnet.resize_size) == (224, 232)  # IMAGENET1K_V2's recipe
-    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None).preprocessing
-    assert (inception.crop_size, inception.resize_size, inception.min_size) == (299, 342, 75)
+    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None, aux_loss_weight=0)
+    p = inception.preprocessing
+    assert (p.crop_size, p.resize_size, p.min_size) == (299, 342, 75)
+    with torch.device("meta"):
+        b7 = torchvision_backbone("efficientnet_b7", num_classes=2, weights=None).preprocessing
+        vit = torchvision_backbone("vit_b_16", num_classes=2, weights=None).preprocessing
+    assert (b7.crop_size, b7.resize_size, b7.interpolation) == (600, 600, "bicubic")
+    assert (vit.crop_size, vit.resize_size, vit.fixed_size) == (224, 256, True)
     assert LITE0_PREPROCESSING.mean == (0.5, 0.5, 0.5)
     smaller = resnet.at_size(112)
     assert (smaller.crop_size, smaller.resize_size) == (112, 116)
@@ -199,3 +205,33 @@ def test_fixed_size_models_refuse_other_sizes():
 def test_backbone_needs_two_classes():
     with pytest.raises(ConfigError, match="at least 2 classes"):
         Backbone(nn.Identity(), 4, 1, LITE0_PREPROCESSING)
+
+
+def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(tmp_path, shapes_dir):
+    """GoogLeNet's pretrained weights switch on transform_input; a checkpoint must keep it."""
+    from torchvision.models import GoogLeNet_Weights
+
+    from helpers import FEATURE_EXTRACT, build, trainer
+    from transfer_learning.module import TransferLearningModule
+
+    torch.manual_seed(2)
+    state = get_model("googlenet", weights=None, aux_logits=True, init_weights=True).state_dict()
+    cache = torchvision_cache_file(GoogLeNet_Weights.IMAGENET1K_V1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cache)
+    model = {"_target_": "transfer_learning.backbones.torchvision_backbone", "name": "googlenet"}
+    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, model=model, image_size=48)
+    assert module.backbone.body.transform_input is True
+    fit = trainer(max_steps=1)
+    fit.fit(module, datamodule)
+    path = tmp_path / "googlenet.ckpt"
+    fit.save_checkpoint(path)
+    cache.unlink()  # the pretrained file is gone: the checkpoint alone must do
+
+    restored = TransferLearningModule.load_for_inference(path)
+    assert restored.backbone.body.transform_input is True
+    assert restored.preprocessing == module.preprocessing
+    x = torch.randn(2, 3, 48, 48)
+    module.eval()
+    with torch.no_grad():
+        assert torch.allclose(restored(x), module(x))

@@ -138,3 +138,33 @@ def test_user_mistakes_end_in_one_clear_message(tmp_path, shapes_dir, overrides,
     assert result.returncode == 2
     assert expected in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tmp_path, shapes_dir):
+    """model=resnet18 (weights DEFAULT) offline: the file in $TORCH_HOME is what gets loaded."""
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    from transfer_learning.backbones import torchvision_cache_file
+
+    torch.manual_seed(11)
+    state = resnet18(weights=None).state_dict()
+    cache = torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)  # under the test's TORCH_HOME
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, cache)
+    result = run_cli(
+        tmp_path,
+        "model=resnet18",
+        "strategy=feature_extract",
+        f"data.root={shapes_dir}",
+        "data.image_size=64",
+        "trainer.max_epochs=1",
+        "logger=csv",
+    )
+    summary = check_run(tmp_path, result, "feature_extract")
+    assert summary["model"] == "resnet18"
+    trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
+    # Feature extraction: the body in the checkpoint is exactly the cached file's tensors.
+    assert torch.equal(trained["backbone.body.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(trained["backbone.body.layer3.0.bn1.running_var"], state["layer3.0.bn1.running_var"])
+    check_checkpoint_predicts(summary, shapes_dir, 64)

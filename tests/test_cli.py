@@ -168,3 +168,30 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
     assert torch.equal(trained["backbone.body.conv1.weight"], state["conv1.weight"])
     assert torch.equal(trained["backbone.body.layer3.0.bn1.running_var"], state["layer3.0.bn1.running_var"])
     check_checkpoint_predicts(summary, shapes_dir, 64)
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "-m",
+            "strategy=feature_extract,finetune",
+            f"paths.root_dir={tmp_path}",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+            f"data.root={shapes_dir}",
+            "data.image_size=48",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+            "logger=csv",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "sweep" / str(n) / "summary.json").read_text()) for n in (0, 1)]
+    assert [s["strategy"] for s in summaries] == ["feature_extract", "finetune"]
+    assert all(Path(s["best checkpoint"]).is_file() for s in summaries)

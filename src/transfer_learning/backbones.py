@@ -401,7 +401,9 @@ def torchvision_backbone(
         num_features=width,
         num_classes=num_classes,
         preprocessing=preprocessing,
-        aux_min_size=_aux_min_size(preprocessing, name, {**kwargs, **recorded}) if aux_heads else None,
+        aux_min_size=_aux_min_size(preprocessing, name, {**kwargs, **recorded, "init_weights": False})
+        if aux_heads
+        else None,
         aux_heads=aux_heads,
         aux_loss_weight=aux_loss_weight if aux_heads else 0.0,
         arch_kwargs=recorded,

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
+SHAPES = (*CLASSES, "hexagon")  # every kind draw_shape knows
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -24,6 +25,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         corners = [(math.pi / 4 + k * math.pi / 2, r) for k in range(4)]
     elif kind == "triangle":
         corners = [(-math.pi / 2 + k * 2 * math.pi / 3, r) for k in range(3)]
+    elif kind == "hexagon":
+        corners = [(k * math.pi / 3, r) for k in range(6)]
     elif kind == "star":
         corners = [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else r * 0.42) for k in range(10)]
     else:  # cross: a plus sign with arms a third of the size wide
@@ -36,6 +39,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One RGB image of ``kind`` with random colours, placement, size, rotation and noise."""
+    if kind not in SHAPES:
+        raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPES)}")
     background = rng.integers(0, 256, 3)
     while True:  # a foreground that stands out from the background
         foreground = rng.integers(0, 256, 3)

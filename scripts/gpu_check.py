@@ -1,0 +1,94 @@
+"""Feature extraction and fine-tuning on a GPU at 32, 16-mixed and bf16-mixed precision.
+
+`python scripts/gpu_check.py --data DIR` trains the default backbone on DIR (generated demo
+shapes if missing) for a few epochs per setting and prints one table: validation accuracy,
+seconds per epoch (relative to 32-bit in the same process), and whether the frozen body stayed
+bit-identical. Not a test: it needs a GPU, which the test suite never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.demo import generate_shapes
+from transfer_learning.module import TransferLearningModule
+
+STRATEGIES = {
+    "feature_extract": {"_target_": "transfer_learning.strategies.FeatureExtraction", "head_lr": 1e-2},
+    "finetune": {"_target_": "transfer_learning.strategies.FineTuning", "head_lr": 1e-3, "backbone_lr": 1e-4},
+}
+LITE0 = {"_target_": "transfer_learning.backbones.efficientnet_lite0", "weights": "bundled"}
+
+
+def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    L.seed_everything(0, workers=True)
+    datamodule = ImageFolderDataModule(data, batch_size=args.batch_size, num_workers=args.workers)
+    module = TransferLearningModule(
+        model=LITE0,
+        strategy=STRATEGIES[strategy],
+        class_names=datamodule.discover(),
+        image_size=args.image_size,
+    )
+    datamodule.set_preprocessing(module.preprocessing)
+    body_before = copy.deepcopy(module.backbone.body.state_dict())
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=precision,  # type: ignore[arg-type]
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    seconds = (time.perf_counter() - start) / args.epochs
+    body_after = module.backbone.body.state_dict()
+    unchanged = all(torch.equal(body_before[k], v.cpu()) for k, v in body_after.items())
+    return {
+        "strategy": strategy,
+        "precision": precision,
+        "val_acc": float(trainer.callback_metrics["val/acc"]),
+        "s_per_epoch": seconds,
+        "body_unchanged": unchanged,
+        "params_fp32": all(p.dtype == torch.float32 for p in module.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", default="data/demo_shapes")
+    parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--precisions", nargs="+", default=["32", "16-mixed", "bf16-mixed"])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    generate_shapes(args.data, images_per_class=200, image_size=128)
+    if args.accelerator == "gpu":
+        print(torch.cuda.get_device_name(0), "torch", torch.__version__)
+    rows = [run(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
+    print(
+        f"\n{'strategy':<16} {'precision':<11} {'val/acc':>7} {'s/epoch':>8} {'vs 32':>6}  "
+        "body unchanged  fp32 params"
+    )
+    for r in rows:
+        base = next(b for b in rows if b["strategy"] == r["strategy"])["s_per_epoch"]
+        print(
+            f"{r['strategy']:<16} {r['precision']:<11} {r['val_acc']:>7.3f} {r['s_per_epoch']:>8.2f} "
+            f"{r['s_per_epoch'] / base:>6.2f}  {r['body_unchanged']!s:<14}  {r['params_fp32']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,9 @@ def main(cfg: DictConfig) -> float | None:
         user_error = find_user_error(exc)
         if user_error is None:
             raise
-        logging.getLogger("train").error("%s", user_error)
+        logging.getLogger("train").error(
+            "%s\n(Outputs written so far are kept in %s)", user_error, cfg.paths.output_dir
+        )
         sys.exit(2)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return float(value) if value is not None else None

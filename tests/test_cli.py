@@ -195,3 +195,26 @@ def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
     summaries = [json.loads((tmp_path / "sweep" / str(n) / "summary.json").read_text()) for n in (0, 1)]
     assert [s["strategy"] for s in summaries] == ["feature_extract", "finetune"]
     assert all(Path(s["best checkpoint"]).is_file() for s in summaries)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_keeps_the_frozen_body_pretrained(tmp_path, shapes_dir):
+    """Real DDP (gloo): per-process batches exist, metrics reduce, the body stays pretrained."""
+    from transfer_learning.backbones import efficientnet_lite0
+
+    result = run_cli(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"data.root={shapes_dir}",
+        "data.image_size=48",
+        "trainer.max_epochs=2",
+        "logger=csv",
+    )
+    summary = check_run(tmp_path, result, "feature_extract")
+    assert "No training batches" not in result.stdout + result.stderr
+    trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
+    pretrained = efficientnet_lite0(num_classes=5).body.state_dict()
+    assert all(torch.equal(trained[f"backbone.body.{k}"], v) for k, v in pretrained.items())
+    assert trained["backbone.head.weight"].shape == (5, 1280)

@@ -23,7 +23,7 @@ def test_metrics_are_logged_for_validation_and_test(tmp_path):
     (tested,) = fit.test(module, datamodule, verbose=False)
     assert {"test/acc", "test/f1", "test/acc_top5"} <= set(tested)
     assert 0 <= tested["test/acc"] <= tested["test/acc_top5"] <= 1
-    matrix = module.test_confusion.compute()
+    matrix = module.test_confusion_matrix
     assert matrix.shape == (6, 6) and int(matrix.sum()) == len(datamodule.datasets["test"])
     assert torch.equal(matrix.sum(dim=1), torch.bincount(torch.tensor(_labels(datamodule)), minlength=6))
 

@@ -140,3 +140,24 @@ def test_scheduler_warms_up_decays_and_keeps_the_backbone_to_head_ratio(shapes_d
 def test_non_positive_learning_rates_are_refused(strategy, kwargs, setting):
     with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
         strategy(**kwargs)
+
+
+def test_resuming_feature_extraction_keeps_the_body_frozen_and_the_groups(tmp_path, shapes_dir):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
+    pretrained = _snapshot(module.backbone.body)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(callbacks=[saver], enable_checkpointing=True, max_epochs=1).fit(module, datamodule)
+    head_after_one_epoch = _snapshot(module.backbone.head)
+
+    resumed, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
+    modes = RecordModes()
+    second = trainer(callbacks=[modes], max_epochs=2)
+    second.fit(resumed, datamodule, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert second.current_epoch == 2 and len(modes.body_training) > 0
+    assert _changed(pretrained, resumed.backbone.body.state_dict()) == set()
+    assert _changed(head_after_one_epoch, resumed.backbone.head.state_dict()) == {"weight", "bias"}
+    assert modes.body_training == [False] * len(modes.body_training)
+    (group,) = second.optimizers[0].param_groups
+    assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)

@@ -53,3 +53,18 @@ def test_timm_file_of_another_model_is_reported(tmp_path):
 def test_unknown_timm_model_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown timm model 'resnet10x'"):
         timm_backbone("resnet10x", num_classes=4, weights=None)
+
+
+def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache_offline(tmp_path):
+    """The layout huggingface_hub writes: models--<org>--<name>/refs/main + snapshots/<rev>/."""
+    revision = "0" * 40
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    torch.manual_seed(4)
+    source = timm.create_model("resnet10t").state_dict()
+    save_file(source, str(repo / "snapshots" / revision / "model.safetensors"))
+    backbone = timm_backbone("resnet10t", num_classes=4, weights="pretrained", cache_dir=str(tmp_path))
+    assert torch.equal(backbone.body.conv1[0].weight, source["conv1.0.weight"])
+    assert torch.equal(backbone.body.layer4[0].bn1.running_mean, source["layer4.0.bn1.running_mean"])

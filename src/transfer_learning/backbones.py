@@ -8,8 +8,11 @@ why one builder per *source* (torchvision, timm, the bundled EfficientNet-Lite0)
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +26,8 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from transfer_learning.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,14 +401,15 @@ def torchvision_backbone(
     aux_heads = _split_aux_heads(model, num_classes) if wants_aux else []
     _set_submodule(model, classifier, nn.Identity())
     preprocessing = _torchvision_preprocessing(name, enum, model)
+    aux_min_size = None
+    if aux_heads:
+        aux_min_size = _aux_min_size(preprocessing, name, {**kwargs, **recorded, "init_weights": False})
     return Backbone(
         body=model,
         num_features=width,
         num_classes=num_classes,
         preprocessing=preprocessing,
-        aux_min_size=_aux_min_size(preprocessing, name, {**kwargs, **recorded, "init_weights": False})
-        if aux_heads
-        else None,
+        aux_min_size=aux_min_size,
         aux_heads=aux_heads,
         aux_loss_weight=aux_loss_weight if aux_heads else 0.0,
         arch_kwargs=recorded,
@@ -456,6 +462,34 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
     )
 
 
+def _host_reachable(url: str, timeout: float = 3.0) -> bool:
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy")):
+        return True  # only the proxy knows; let the hub client try
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable() -> Iterator[None]:
+    """Without network, read the Hugging Face cache only: the hub client would otherwise retry
+    for about a minute before giving up, even when the weights are cached."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _host_reachable(constants.ENDPOINT):
+        yield
+        return
+    log.info("%s is unreachable: using the local Hugging Face cache only", constants.ENDPOINT)
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def timm_backbone(
     name: str,
     num_classes: int,
@@ -472,7 +506,8 @@ def timm_backbone(
         )
     pretrained = weights is not None and str(weights).lower() == "pretrained"
     try:
-        model = timm.create_model(name, pretrained=pretrained, **create_kwargs)
+        with _hub_offline_if_unreachable() if pretrained else contextlib.nullcontext():
+            model = timm.create_model(name, pretrained=pretrained, **create_kwargs)
     except Exception as exc:
         if not pretrained:
             raise

@@ -304,6 +304,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = len(dataset) // world_size  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -312,7 +314,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             # A last batch of one sample breaks BatchNorm in training mode.
-            drop_last=train and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            drop_last=train and per_process > self.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

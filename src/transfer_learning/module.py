@@ -98,6 +98,7 @@ class TransferLearningModule(L.LightningModule):
         self.test_metrics = classification_metrics(n, "test/")
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(n)
+        self.test_confusion_matrix: torch.Tensor | None = None
 
     # -- forward and steps -----------------------------------------------------------------
 
@@ -137,11 +138,11 @@ class TransferLearningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        acc = values.pop("val/acc")
+        acc = values.pop("val/acc")  # computed values are already reduced over processes
         self.val_acc_best(acc)
-        self.log("val/acc", acc, prog_bar=True)
-        self.log_dict(values)
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         logits = self._evaluate(batch, "test")
@@ -149,8 +150,11 @@ class TransferLearningModule(L.LightningModule):
         self.test_confusion.update(logits, batch[1])
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
+        # Every process takes part in the reduction; only rank zero draws the picture later.
+        self.test_confusion_matrix = self.test_confusion.compute().cpu()
+        self.test_confusion.reset()
 
     # -- optimisation ----------------------------------------------------------------------
 

@@ -101,8 +101,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "output dir": str(output_dir),
         }
         if trainer.is_global_zero:
+            assert module.test_confusion_matrix is not None
             picture = save_confusion_matrix(
-                module.test_confusion.compute(), class_names, output_dir / "confusion_matrix.png"
+                module.test_confusion_matrix, class_names, output_dir / "confusion_matrix.png"
             )
             summary["confusion matrix"] = str(picture)
             for logger in loggers:

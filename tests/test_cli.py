@@ -89,6 +89,17 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
     )
     assert checkpoint["hyper_parameters"]["class_names"] == sorted(CLASSES)
     assert checkpoint["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    # The prediction command prints one line per image: path, class name, probability.
+    star = shapes_dir / "star" / "0001.jpg"
+    printed = subprocess.run(
+        [sys.executable, "-m", "transfer_learning.predict", summary["best checkpoint"], str(star)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    path, label, score = printed.stdout.strip().split("\t")
+    assert (path, label) == (str(star), classifier.predict([star])[0].label)
+    assert 0 < float(score) <= 1
 
 
 @pytest.mark.slow

@@ -41,9 +41,11 @@ def _logger_locations(loggers: list[Logger]) -> dict[str, str]:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
+            run_dir = str(Path(run.dir).parent)  # run.dir is the run's files/ folder
             offline = getattr(run.settings, "mode", "") in ("offline", "dryrun")
-            hint = f"  (offline: upload with `wandb sync {Path(run.dir).parent}`)" if offline else ""
-            where["W&B run"] = (getattr(run, "url", None) or run.dir) + hint
+            where["W&B run"] = (
+                f"{run_dir}  (offline: upload with `wandb sync {run_dir}`)" if offline else run.url
+            )
         elif isinstance(logger, CSVLogger):
             where["CSV metrics"] = str(Path(logger.log_dir) / "metrics.csv")
         elif logger.log_dir:

@@ -150,7 +150,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     Either ``root/train``, ``root/val`` (or ``valid``) and optionally ``root/test``, or one
     folder of class folders that is split with a seeded, stratified split. Class names come
     from the folder names. ``generate`` (demo data) writes a data set to ``root`` first if
-    it does not exist yet.
+    it does not exist yet. ``image_size`` is read by the training entry point: the backbone's
+    preprocessing is resized to it, and handed back through :meth:`set_preprocessing`.
     """
 
     def __init__(

@@ -19,12 +19,13 @@ from transfer_learning.predict import Classifier
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def run_cli(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [
             sys.executable,
             str(REPO / "train.py"),
+            *(["--multirun"] if multirun else []),
             f"paths.root_dir={tmp_path}",
             f"hydra.run.dir={tmp_path}/run",
             "data.num_workers=0",
@@ -183,24 +184,15 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
 
 @pytest.mark.slow
 def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "-m",
-            "strategy=feature_extract,finetune",
-            f"paths.root_dir={tmp_path}",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-            f"data.root={shapes_dir}",
-            "data.image_size=48",
-            "data.num_workers=0",
-            "trainer.max_epochs=1",
-            "logger=csv",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_cli(
+        tmp_path,
+        "strategy=feature_extract,finetune",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"data.root={shapes_dir}",
+        "data.image_size=48",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        multirun=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads((tmp_path / "sweep" / str(n) / "summary.json").read_text()) for n in (0, 1)]

@@ -4,11 +4,13 @@ Configs live in conf/; every option can be overridden on the command line (Hydra
 """
 
 import logging
+import os
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from transfer_learning.config import expand_overrides
 from transfer_learning.errors import find_user_error
 from transfer_learning.train import train
 
@@ -30,4 +32,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # paths.root_dir: the folder the command runs from, fixed before Hydra resolves its run and
+    # sweep folders (and inherited by DDP worker processes, which re-run this command).
+    os.environ.setdefault("PROJECT_ROOT", os.getcwd())
+    sys.argv = expand_overrides(sys.argv)
     main()

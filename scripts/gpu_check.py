@@ -2,7 +2,7 @@
 
 `python scripts/gpu_check.py --data DIR` trains the default backbone on DIR (generated demo
 shapes if missing) for a few epochs per setting and prints one table: validation accuracy,
-seconds per epoch (relative to 32-bit in the same process), and whether the frozen body stayed
+seconds per epoch (relative to 32-bit in the same process), and whether the frozen backbone stayed
 bit-identical. Not a test: it needs a GPU, which the test suite never does.
 """
 
@@ -16,28 +16,26 @@ from typing import Any
 import lightning as L
 import torch
 
-from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.config import build, compose_config
 from transfer_learning.demo import generate_shapes
-from transfer_learning.module import TransferLearningModule
 
-STRATEGIES = {
-    "feature_extract": {"_target_": "transfer_learning.strategies.FeatureExtraction", "head_lr": 1e-2},
-    "finetune": {"_target_": "transfer_learning.strategies.FineTuning", "head_lr": 1e-3, "backbone_lr": 1e-4},
-}
-LITE0 = {"_target_": "transfer_learning.backbones.efficientnet_lite0", "weights": "bundled"}
+STRATEGIES = ("feature_extract", "finetune")
 
 
 def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     L.seed_everything(0, workers=True)
-    datamodule = ImageFolderDataModule(data, batch_size=args.batch_size, num_workers=args.workers)
-    module = TransferLearningModule(
-        model=LITE0,
-        strategy=STRATEGIES[strategy],
-        class_names=datamodule.discover(),
-        image_size=args.image_size,
+    cfg = compose_config(
+        [
+            "data=imagefolder",
+            f"data.root={data}",
+            f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}",
+            f"strategy={strategy}",
+        ]
     )
-    datamodule.set_preprocessing(module.preprocessing)
-    body_before = copy.deepcopy(module.backbone.body.state_dict())
+    datamodule, module = build(cfg)
+    backbone_before = copy.deepcopy(module.net.backbone.state_dict())
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -52,14 +50,14 @@ def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> d
     start = time.perf_counter()
     trainer.fit(module, datamodule)
     seconds = (time.perf_counter() - start) / args.epochs
-    body_after = module.backbone.body.state_dict()
-    unchanged = all(torch.equal(body_before[k], v.cpu()) for k, v in body_after.items())
+    backbone_after = module.net.backbone.state_dict()
+    unchanged = all(torch.equal(backbone_before[k], v.cpu()) for k, v in backbone_after.items())
     return {
         "strategy": strategy,
         "precision": precision,
         "val_acc": float(trainer.callback_metrics["val/acc"]),
         "s_per_epoch": seconds,
-        "body_unchanged": unchanged,
+        "backbone_unchanged": unchanged,
         "params_fp32": all(p.dtype == torch.float32 for p in module.parameters()),
     }
 
@@ -80,13 +78,13 @@ def main() -> None:
     rows = [run(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
     print(
         f"\n{'strategy':<16} {'precision':<11} {'val/acc':>7} {'s/epoch':>8} {'vs 32':>6}  "
-        "body unchanged  fp32 params"
+        "backbone unchanged  fp32 params"
     )
     for r in rows:
         base = next(b for b in rows if b["strategy"] == r["strategy"])["s_per_epoch"]
         print(
             f"{r['strategy']:<16} {r['precision']:<11} {r['val_acc']:>7.3f} {r['s_per_epoch']:>8.2f} "
-            f"{r['s_per_epoch'] / base:>6.2f}  {r['body_unchanged']!s:<14}  {r['params_fp32']}"
+            f"{r['s_per_epoch'] / base:>6.2f}  {r['backbone_unchanged']!s:<18}  {r['params_fp32']}"
         )
 
 

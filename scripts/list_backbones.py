@@ -1,7 +1,10 @@
 """List every backbone this template can train, to choose one: `python scripts/list_backbones.py`.
 
 Parameter counts, ImageNet top-1 and input sizes come from the weights' own metadata
-(torchvision) or config (timm); nothing is downloaded.
+(torchvision) or config (timm); nothing is downloaded. `--sort top1` lists the most accurate
+first and `--sort params` the smallest first, so `| head` shows the best candidates.
+timm ships no accuracy table, so its rows count parameters (on the meta device) but show
+"n/a" for top-1.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 import torchvision
 
 from transfer_learning.backbones import LITE0_PREPROCESSING, torchvision_names
+
+# Which end of each sort comes first: the best candidates, so that `| head` shows them.
+DESCENDING = {"model": False, "params": False, "top1": True}
 
 
 def lite0_row() -> dict[str, Any]:
@@ -52,16 +58,19 @@ def torchvision_rows() -> list[dict[str, Any]]:
 
 def timm_rows(pattern: str) -> list[dict[str, Any]]:
     import timm
+    import torch
 
     rows = []
     for name in timm.list_models(pattern, pretrained=True):
         cfg = timm.models.get_pretrained_cfg(name)
         size = cfg.input_size[-1] if cfg else None
+        with torch.device("meta"):  # shapes only: no memory, no compute
+            params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
         rows.append(
             {
                 "model": name,
                 "config": f"model=timm model.name={name}",
-                "params_m": None,
+                "params_m": params / 1e6,
                 "weights": "pretrained (HF hub)",
                 "top1": None,
                 "input": f"{int(size / cfg.crop_pct)}->{size}" if cfg and size else "?",
@@ -75,7 +84,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         params = f"{r['params_m']:.1f}M" if r["params_m"] is not None else "-"
-        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "n/a"
         lines.append(
             f"{r['model']:<28} {params:>8} {top1:>7} {r['input']:>9}  {r['weights']:<24} {r['config']}"
         )
@@ -89,10 +98,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [lite0_row(), *torchvision_rows(), *(timm_rows(args.timm) if args.timm else [])]
     key = {"model": "model", "params": "params_m", "top1": "top1"}[args.sort]
-    rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0))
+    known = sorted(
+        (r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=DESCENDING[args.sort]
+    )
+    rows = known + [r for r in rows if r[key] is None]  # unknown values last, whatever the order
     print(format_table(rows))
-    print(f"\n{len(rows)} backbones. ImageNet top-1 and parameters from the weights' metadata.")
+    order = {"model": "by name", "params": "smallest first", "top1": "most accurate first"}[args.sort]
+    note = "; timm publishes no top-1 in its package (n/a)" if args.timm else ""
+    print(
+        f"\n{len(rows)} backbones, {order}. ImageNet top-1 and parameters from the weights' metadata{note}."
+    )
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` closes the pipe early: not an error
     main()

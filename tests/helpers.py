@@ -1,39 +1,37 @@
-"""Small builders shared by the tests: a module + data module on generated images, a Trainer."""
+"""Shared by the tests: the module and data module built from the real YAML, and a quiet Trainer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from transfer_learning.config import build as build_from_config
+from transfer_learning.config import compose_config
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.module import TransferLearningModule
 
-LITE0 = {"_target_": "transfer_learning.backbones.efficientnet_lite0", "weights": "bundled"}
-FEATURE_EXTRACT = {"_target_": "transfer_learning.strategies.FeatureExtraction", "head_lr": 1e-2}
-FINETUNE = {"_target_": "transfer_learning.strategies.FineTuning", "head_lr": 1e-3, "backbone_lr": 1e-4}
-
 
 def build(
-    root: Path,
-    strategy: Mapping[str, Any],
-    model: Mapping[str, Any] = LITE0,
-    image_size: int = 32,
-    batch_size: int = 8,
-    **module_kwargs: Any,
+    root: Path, *overrides: str, image_size: int = 32, batch_size: int = 8
 ) -> tuple[TransferLearningModule, ImageFolderDataModule]:
-    datamodule = ImageFolderDataModule(str(root), batch_size=batch_size, num_workers=0, verify_images=False)
-    module = TransferLearningModule(
-        model=model,
-        strategy=strategy,
-        class_names=datamodule.discover(),
-        image_size=image_size,
-        **module_kwargs,
+    """``python train.py data=imagefolder data.root=<root> <overrides>``'s two objects, composed
+    from conf/ and built by the one build path; tiny images, no loader workers."""
+    cfg = compose_config(
+        [
+            "data=imagefolder",
+            f"data.root={root}",
+            f"data.image_size={image_size}",
+            f"data.batch_size={batch_size}",
+            "data.num_workers=0",
+            "data.verify_images=false",
+            *overrides,
+        ]
     )
-    datamodule.set_preprocessing(module.preprocessing)
+    datamodule, module = build_from_config(cfg)
     return module, datamodule
 
 

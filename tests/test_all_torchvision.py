@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from transfer_learning.backbones import Backbone, torchvision_backbone, torchvision_names
+from transfer_learning.backbones import torchvision_backbone, torchvision_names
+from transfer_learning.network import Network
 from transfer_learning.strategies import FeatureExtraction, FineTuning
 
 NUM_CLASSES = 3
@@ -36,7 +37,7 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer  # type: ignore[method-assign]
 
 
-def build_on_meta(name: str) -> Backbone:
+def build_on_meta(name: str) -> Network:
     try:
         with torch.device("meta"):
             return torchvision_backbone(name, NUM_CLASSES, weights=None)
@@ -54,54 +55,54 @@ def test_the_sweep_covers_the_whole_zoo():
 
 @pytest.mark.parametrize("name", torchvision_names())
 def test_every_torchvision_classifier_splits_into_body_and_head(name):
-    backbone = build_on_meta(name)
-    assert all(p.is_meta for p in backbone.parameters())
-    assert isinstance(backbone.head, nn.Linear) and backbone.head.out_features == NUM_CLASSES
-    size = backbone.preprocessing.crop_size
+    net = build_on_meta(name)
+    assert all(p.is_meta for p in net.parameters())
+    assert isinstance(net.head, nn.Linear) and net.head.out_features == NUM_CLASSES
+    size = net.preprocessing.crop_size
     x = torch.empty(2, 3, size, size, device="meta")
 
-    backbone.eval()
-    features = backbone.forward_features(x)
-    assert features.shape == (2, backbone.head.in_features)
-    assert backbone(x).shape == (2, NUM_CLASSES)
+    net.eval()
+    features = net.forward_features(x)
+    assert features.shape == (2, net.head.in_features)
+    assert net(x).shape == (2, NUM_CLASSES)
 
     # Fine-tuning: two groups that partition every parameter, none missing, none twice.
-    backbone_group, head_group = FineTuning().param_groups(backbone)
+    backbone_group, head_group = FineTuning().param_groups(net)
     body_ids = [id(p) for p in backbone_group["params"]]
     head_ids = [id(p) for p in head_group["params"]]
-    all_ids = [id(p) for p in backbone.parameters()]
+    all_ids = [id(p) for p in net.parameters()]
     assert len(set(body_ids + head_ids)) == len(body_ids) + len(head_ids) == len(all_ids)
     assert set(body_ids + head_ids) == set(all_ids)
-    assert set(head_ids) == {id(p) for p in backbone.head.parameters()} | {
-        id(p) for p in backbone.aux_heads.parameters()
+    assert set(head_ids) == {id(p) for p in net.head.parameters()} | {
+        id(p) for p in net.aux_heads.parameters()
     }
 
     # Feature extraction: only the head trains.
-    FeatureExtraction().prepare(backbone)
-    trainable = {id(p) for p in backbone.parameters() if p.requires_grad}
-    assert trainable == {id(p) for p in backbone.head.parameters()}
-    backbone.train()
-    assert not backbone.body.training and backbone.head.training
+    FeatureExtraction().prepare(net)
+    trainable = {id(p) for p in net.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in net.head.parameters()}
+    net.train()
+    assert not net.backbone.training and net.head.training
 
 
 @pytest.mark.parametrize(("name", "aux_count"), [("inception_v3", 1), ("googlenet", 2)])
 def test_auxiliary_classifiers_are_resized_and_only_used_in_training(name, aux_count):
-    backbone = build_on_meta(name)
-    assert len(backbone.aux_heads) == aux_count
-    size = backbone.preprocessing.crop_size
+    net = build_on_meta(name)
+    assert len(net.aux_heads) == aux_count
+    size = net.preprocessing.crop_size
     x = torch.empty(2, 3, size, size, device="meta")
-    logits, aux = backbone.train().forward_with_aux(x)
+    logits, aux = net.train().forward_with_aux(x)
     assert logits.shape == (2, NUM_CLASSES) and [a.shape for a in aux] == [(2, NUM_CLASSES)] * aux_count
-    logits, aux = backbone.eval().forward_with_aux(x)
+    logits, aux = net.eval().forward_with_aux(x)
     assert logits.shape == (2, NUM_CLASSES) and aux == []
 
 
 @pytest.mark.parametrize("name", ["inception_v3", "googlenet"])
 def test_zero_aux_loss_weight_drops_the_auxiliary_classifiers(name):
     with torch.device("meta"):
-        backbone = torchvision_backbone(name, NUM_CLASSES, weights=None, aux_loss_weight=0)
-    assert len(backbone.aux_heads) == 0
-    assert backbone.body.AuxLogits is None if name == "inception_v3" else backbone.body.aux1 is None
-    size = backbone.preprocessing.crop_size
-    _, aux = backbone.train().forward_with_aux(torch.empty(2, 3, size, size, device="meta"))
+        net = torchvision_backbone(name, NUM_CLASSES, weights=None, aux_loss_weight=0)
+    assert len(net.aux_heads) == 0
+    assert net.backbone.AuxLogits is None if name == "inception_v3" else net.backbone.aux1 is None
+    size = net.preprocessing.crop_size
+    _, aux = net.train().forward_with_aux(torch.empty(2, 3, size, size, device="meta"))
     assert aux == []

@@ -10,37 +10,37 @@ import torch
 from torch import nn
 from torch.nn.functional import cross_entropy
 
-from helpers import FINETUNE, build, trainer
-
-INCEPTION = {
-    "_target_": "transfer_learning.backbones.torchvision_backbone",
-    "name": "inception_v3",
-    "weights": None,
-    "aux_loss_weight": 0.4,
-}
+from helpers import build, trainer
 
 
 @pytest.mark.slow
 def test_inception_trains_a_step_with_the_auxiliary_loss_and_evaluates_without_it(shapes_dir):
     torch.manual_seed(0)
     module, datamodule = build(
-        shapes_dir, FINETUNE, model=INCEPTION, image_size=299, batch_size=2, scheduler=None
+        shapes_dir,
+        "strategy=finetune",
+        "model=inception_v3",
+        "model.weights=null",
+        "model.aux_loss_weight=0.4",
+        "scheduler=constant",
+        image_size=299,
+        batch_size=2,
     )
-    backbone = module.backbone
-    (aux_head,) = backbone.aux_heads
-    assert isinstance(backbone.body.AuxLogits, nn.Identity)  # the body only hands over features
+    net = module.net
+    (aux_head,) = net.aux_heads
+    assert isinstance(net.backbone.AuxLogits, nn.Identity)  # the backbone only hands over features
     assert aux_head.fc.out_features == 5
     datamodule.setup()
     x, y = next(iter(datamodule.train_dataloader()))
 
     # The training loss is the main cross-entropy plus 0.4 times the auxiliary one.
-    backbone.train()
+    net.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() outside a Trainer
         torch.manual_seed(1)
         loss = module.training_step((x, y), 0)
     torch.manual_seed(1)  # the same dropout masks
-    logits, aux = backbone.forward_with_aux(x)
+    logits, aux = net.forward_with_aux(x)
     assert len(aux) == 1 and aux[0].shape == (2, 5)
     assert loss.item() == pytest.approx((cross_entropy(logits, y) + 0.4 * cross_entropy(aux[0], y)).item())
     assert loss.item() != pytest.approx(cross_entropy(logits, y).item())
@@ -53,9 +53,9 @@ def test_inception_trains_a_step_with_the_auxiliary_loss_and_evaluates_without_i
     assert head_group["name"] == "head"
     assert {id(p) for p in aux_head.parameters()} <= {id(p) for p in head_group["params"]}
 
-    backbone.eval()
+    net.eval()
     with torch.no_grad():
-        logits, aux = backbone.forward_with_aux(x)
+        logits, aux = net.forward_with_aux(x)
         assert aux == [] and logits.shape == (2, 5)
         assert torch.equal(module(x), logits)
 
@@ -63,12 +63,13 @@ def test_inception_trains_a_step_with_the_auxiliary_loss_and_evaluates_without_i
 def test_auxiliary_classifier_raises_the_minimum_input_size_until_dropped():
     from transfer_learning.backbones import torchvision_backbone
     from transfer_learning.errors import ConfigError
+    from transfer_learning.preprocessing import resolve_input_size
     from transfer_learning.strategies import FeatureExtraction
 
-    backbone = torchvision_backbone("inception_v3", num_classes=3, weights=None, aux_loss_weight=0.4)
-    assert backbone.preprocessing.min_size == 299  # its 5x5 conv needs a 17x17 Mixed_6e map
+    net = torchvision_backbone("inception_v3", num_classes=3, weights=None, aux_loss_weight=0.4)
+    assert net.preprocessing.min_size == 299  # its 5x5 conv needs a 17x17 Mixed_6e map
     with pytest.raises(ConfigError, match=r"model\.aux_loss_weight=0 lowers it to 75"):
-        backbone.preprocessing.at_size(160)
-    FeatureExtraction().prepare(backbone)  # a frozen body in eval mode drops the aux head
-    assert backbone.preprocessing.min_size == 75
-    assert backbone.preprocessing.at_size(160).crop_size == 160
+        resolve_input_size(net.preprocessing, 160)
+    FeatureExtraction().prepare(net)  # a frozen backbone in eval mode drops the aux head
+    assert net.preprocessing.min_size == 75
+    assert resolve_input_size(net.preprocessing, 160).crop_size == 160

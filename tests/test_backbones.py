@@ -1,4 +1,4 @@
-"""The body/head split, the bundled EfficientNet-Lite0 weights and the torchvision weights paths."""
+"""The backbone/head split, the bundled EfficientNet-Lite0 weights and the torchvision weights paths."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import ResNet18_Weights, get_model
 
-from transfer_learning.backbones import (
-    LITE0_PREPROCESSING,
-    Backbone,
-    bundled_lite0_file,
-    efficientnet_lite0,
-    map_lite0_state_dict,
+from transfer_learning.backbones import LITE0_PREPROCESSING, efficientnet_lite0, torchvision_backbone
+from transfer_learning.backbones.lite0 import bundled_lite0_file, map_lite0_state_dict
+from transfer_learning.backbones.torchvision_models import (
     resolve_torchvision_weights,
-    torchvision_backbone,
     torchvision_cache_file,
 )
 from transfer_learning.data import build_transforms
 from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.network import Network
+from transfer_learning.preprocessing import resolve_input_size
 
 IMAGENET_CLASSES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -46,18 +44,18 @@ def test_bundled_lite0_weights_map_by_name_onto_every_timm_tensor(lite0_source):
 
 
 def test_lite0_backbone_uses_tensorflow_batchnorm_eps_and_pretrained_tensors(lite0_source):
-    backbone = efficientnet_lite0(num_classes=4)
-    norms = [m for m in backbone.body.modules() if isinstance(m, nn.BatchNorm2d)]
+    net = efficientnet_lite0(num_classes=4)
+    norms = [m for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(m.eps == pytest.approx(1e-3) for m in norms)
-    assert torch.equal(backbone.body.conv_stem.weight, lite0_source["_conv_stem.weight"])
-    assert torch.equal(backbone.body.bn2.running_var, lite0_source["_bn1.running_var"])
-    assert isinstance(backbone.body.classifier, nn.Identity)
-    assert isinstance(backbone.head, nn.Linear)
-    assert (backbone.head.in_features, backbone.head.out_features) == (1280, 4)
+    assert torch.equal(net.backbone.conv_stem.weight, lite0_source["_conv_stem.weight"])
+    assert torch.equal(net.backbone.bn2.running_var, lite0_source["_bn1.running_var"])
+    assert isinstance(net.backbone.classifier, nn.Identity)
+    assert isinstance(net.head, nn.Linear)
+    assert (net.head.in_features, net.head.out_features) == (1280, 4)
     x = torch.randn(2, 3, 64, 64)
-    backbone.eval()
-    assert backbone.forward_features(x).shape == (2, 1280)
-    assert backbone(x).shape == (2, 4)
+    net.eval()
+    assert net.forward_features(x).shape == (2, 1280)
+    assert net(x).shape == (2, 4)
 
 
 @pytest.mark.parametrize(("image_name", "expected"), [("china.jpg", "palace"), ("flower.jpg", "daisy")])
@@ -65,20 +63,21 @@ def test_bundled_lite0_classifies_real_photos(lite0_source, image_name, expected
     """Real weights, correctly mapped: scikit-learn's sample photos land in sensible classes."""
     from sklearn.datasets import load_sample_image
 
-    backbone = efficientnet_lite0(num_classes=2).eval()
+    net = efficientnet_lite0(num_classes=2).eval()
     imagenet_head = nn.Linear(1280, 1000)
     imagenet_head.load_state_dict({"weight": lite0_source["_fc.weight"], "bias": lite0_source["_fc.bias"]})
     image = Image.fromarray(load_sample_image(image_name))
     x = build_transforms(LITE0_PREPROCESSING, train=False, augment={})(image).unsqueeze(0)
     with torch.no_grad():
-        probs = imagenet_head(backbone.forward_features(x)).softmax(-1)[0]
+        probs = imagenet_head(net.forward_features(x)).softmax(-1)[0]
     assert IMAGENET_CLASSES[int(probs.argmax())] == expected
     assert float(probs.max()) > 0.15
 
 
 def test_random_lite0_differs_from_pretrained():
     pretrained, random = efficientnet_lite0(2), efficientnet_lite0(2, weights=None)
-    assert not torch.equal(pretrained.body.conv_stem.weight, random.body.conv_stem.weight)
+    assert not torch.equal(pretrained.backbone.conv_stem.weight, random.backbone.conv_stem.weight)
+    assert pretrained.pretrained and not random.pretrained
 
 
 # --------------------------------------------------------------------------- torchvision weights
@@ -99,11 +98,11 @@ def test_torchvision_enum_weights_load_from_torch_home_cache():
     assert str(torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)).startswith(
         str(Path(torch.hub.get_dir()))
     )
-    backbone = torchvision_backbone("resnet18", num_classes=3, weights="IMAGENET1K_V1")
-    assert torch.equal(backbone.body.conv1.weight, state["conv1.weight"])
-    assert torch.equal(backbone.body.layer4[1].bn2.running_mean, state["layer4.1.bn2.running_mean"])
-    assert isinstance(backbone.body.fc, nn.Identity)
-    assert (backbone.head.in_features, backbone.head.out_features) == (512, 3)
+    net = torchvision_backbone("resnet18", num_classes=3, weights="IMAGENET1K_V1")
+    assert torch.equal(net.backbone.conv1.weight, state["conv1.weight"])
+    assert torch.equal(net.backbone.layer4[1].bn2.running_mean, state["layer4.1.bn2.running_mean"])
+    assert isinstance(net.backbone.fc, nn.Identity)
+    assert (net.head.in_features, net.head.out_features) == (512, 3)
     # DEFAULT resolves to the same enum member, and so does the fully qualified name.
     assert resolve_torchvision_weights("resnet18", "DEFAULT") is ResNet18_Weights.IMAGENET1K_V1
     assert resolve_torchvision_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1") is (
@@ -151,9 +150,9 @@ def test_local_weights_file_loads_except_the_replaced_classifier(tmp_path, suffi
         save_file(source, str(path))
     else:
         torch.save({"state_dict": source}, path)
-    backbone = torchvision_backbone("resnet18", num_classes=3, weights=str(path))
-    assert torch.equal(backbone.body.conv1.weight, source["conv1.weight"])
-    assert torch.equal(backbone.body.bn1.running_var, source["bn1.running_var"])
+    net = torchvision_backbone("resnet18", num_classes=3, weights=str(path))
+    assert torch.equal(net.backbone.conv1.weight, source["conv1.weight"])
+    assert torch.equal(net.backbone.bn1.running_var, source["bn1.running_var"])
 
 
 def test_state_dict_of_another_architecture_is_reported(tmp_path):
@@ -173,45 +172,53 @@ def test_missing_local_weights_file_is_reported(tmp_path):
 # --------------------------------------------------------------------------- preprocessing
 
 
-def test_preprocessing_follows_the_weights():
-    resnet = torchvision_backbone("resnet50", num_classes=2, weights=None).preprocessing
-    assert (resnet.crop_size, resnet.resize_size) == (224, 232)  # IMAGENET1K_V2's recipe
-    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None, aux_loss_weight=0)
-    p = inception.preprocessing
-    assert (p.crop_size, p.resize_size, p.min_size) == (299, 342, 75)
+def preprocessing_on_meta(name: str, **kwargs):
+    """Only the preprocessing is wanted: build on the meta device (no weights allocated)."""
     with torch.device("meta"):
-        b7 = torchvision_backbone("efficientnet_b7", num_classes=2, weights=None).preprocessing
-        vit = torchvision_backbone("vit_b_16", num_classes=2, weights=None).preprocessing
+        return torchvision_backbone(name, num_classes=2, weights=None, **kwargs).preprocessing
+
+
+def test_preprocessing_follows_the_weights():
+    resnet = preprocessing_on_meta("resnet50")
+    assert (resnet.crop_size, resnet.resize_size) == (224, 232)  # IMAGENET1K_V2's recipe
+    p = preprocessing_on_meta("inception_v3", aux_loss_weight=0)
+    assert (p.crop_size, p.resize_size, p.min_size) == (299, 342, 75)
+    b7, vit = preprocessing_on_meta("efficientnet_b7"), preprocessing_on_meta("vit_b_16")
     assert (b7.crop_size, b7.resize_size, b7.interpolation) == (600, 600, "bicubic")
     assert (vit.crop_size, vit.resize_size, vit.fixed_size) == (224, 256, True)
     assert LITE0_PREPROCESSING.mean == (0.5, 0.5, 0.5)
-    smaller = resnet.at_size(112)
+    smaller = resolve_input_size(resnet, 112)
     assert (smaller.crop_size, smaller.resize_size) == (112, 116)
+    assert resolve_input_size(resnet, None) is resnet  # the weights' size by default
 
 
 def test_input_size_below_the_minimum_is_a_config_error():
-    inception = torchvision_backbone("inception_v3", num_classes=2, weights=None, aux_loss_weight=0)
-    with pytest.raises(ConfigError, match="minimum input size of 75"):
-        inception.preprocessing.at_size(64)
+    inception = preprocessing_on_meta("inception_v3", aux_loss_weight=0)
+    with pytest.raises(ConfigError, match="minimum input size is 75"):
+        resolve_input_size(inception, 64)
 
 
-def test_fixed_size_models_refuse_other_sizes():
-    vit = torchvision_backbone("vit_b_32", num_classes=2, weights=None).preprocessing
+def test_fixed_size_models_refuse_other_sizes_unless_the_size_is_only_a_preference(caplog):
+    vit = preprocessing_on_meta("vit_b_32")
     assert vit.fixed_size and vit.crop_size == 224
-    with pytest.raises(ConfigError, match="only accepts 224x224"):
-        vit.at_size(64)
+    with pytest.raises(ConfigError, match=r"data\.image_size=64, but this backbone only accepts 224x224"):
+        resolve_input_size(vit, 64)
+    with caplog.at_level("INFO", logger="transfer_learning.preprocessing"):
+        assert resolve_input_size(vit, 64, strict=False) is vit
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "data.image_size=64 does not apply" in line and "own size, 224 px" in line
 
 
-def test_backbone_needs_two_classes():
+def test_network_needs_two_classes():
     with pytest.raises(ConfigError, match="at least 2 classes"):
-        Backbone(nn.Identity(), 4, 1, LITE0_PREPROCESSING)
+        Network(nn.Identity(), 4, 1, LITE0_PREPROCESSING, pretrained=False)
 
 
 def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(tmp_path, shapes_dir):
     """GoogLeNet's pretrained weights switch on transform_input; a checkpoint must keep it."""
     from torchvision.models import GoogLeNet_Weights
 
-    from helpers import FEATURE_EXTRACT, build, trainer
+    from helpers import build, trainer
     from transfer_learning.module import TransferLearningModule
 
     torch.manual_seed(2)
@@ -219,9 +226,8 @@ def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(t
     cache = torchvision_cache_file(GoogLeNet_Weights.IMAGENET1K_V1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, cache)
-    model = {"_target_": "transfer_learning.backbones.torchvision_backbone", "name": "googlenet"}
-    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, model=model, image_size=48)
-    assert module.backbone.body.transform_input is True
+    module, datamodule = build(shapes_dir, "strategy=feature_extract", "model=googlenet", image_size=48)
+    assert module.net.backbone.transform_input is True
     fit = trainer(max_steps=1)
     fit.fit(module, datamodule)
     path = tmp_path / "googlenet.ckpt"
@@ -229,7 +235,7 @@ def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(t
     cache.unlink()  # the pretrained file is gone: the checkpoint alone must do
 
     restored = TransferLearningModule.load_for_inference(path)
-    assert restored.backbone.body.transform_input is True
+    assert restored.net.backbone.transform_input is True
     assert restored.preprocessing == module.preprocessing
     x = torch.randn(2, 3, 48, 48)
     module.eval()

@@ -85,9 +85,7 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
     classifier = check_checkpoint_predicts(summary, shapes_dir, 64)
     # Loaded without the pretrained file: the checkpoint alone restored the trained head.
     checkpoint = torch.load(summary["best checkpoint"], weights_only=True)
-    assert torch.equal(
-        classifier.module.backbone.head.weight, checkpoint["state_dict"]["backbone.head.weight"]
-    )
+    assert torch.equal(classifier.module.net.head.weight, checkpoint["state_dict"]["net.head.weight"])
     assert checkpoint["hyper_parameters"]["class_names"] == sorted(CLASSES)
     assert checkpoint["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     # The prediction command prints one line per image: path, class name, probability.
@@ -157,7 +155,7 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
     """model=resnet18 (weights DEFAULT) offline: the file in $TORCH_HOME is what gets loaded."""
     from torchvision.models import ResNet18_Weights, resnet18
 
-    from transfer_learning.backbones import torchvision_cache_file
+    from transfer_learning.backbones.torchvision_models import torchvision_cache_file
 
     torch.manual_seed(11)
     state = resnet18(weights=None).state_dict()
@@ -177,8 +175,8 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
     assert summary["model"] == "resnet18"
     trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
     # Feature extraction: the body in the checkpoint is exactly the cached file's tensors.
-    assert torch.equal(trained["backbone.body.conv1.weight"], state["conv1.weight"])
-    assert torch.equal(trained["backbone.body.layer3.0.bn1.running_var"], state["layer3.0.bn1.running_var"])
+    assert torch.equal(trained["net.backbone.conv1.weight"], state["conv1.weight"])
+    assert torch.equal(trained["net.backbone.layer3.0.bn1.running_var"], state["layer3.0.bn1.running_var"])
     check_checkpoint_predicts(summary, shapes_dir, 64)
 
 
@@ -218,6 +216,6 @@ def test_ddp_on_two_cpu_processes_keeps_the_frozen_body_pretrained(tmp_path, sha
     summary = check_run(tmp_path, result, "feature_extract")
     assert "No training batches" not in result.stdout + result.stderr
     trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
-    pretrained = efficientnet_lite0(num_classes=5).body.state_dict()
-    assert all(torch.equal(trained[f"backbone.body.{k}"], v) for k, v in pretrained.items())
-    assert trained["backbone.head.weight"].shape == (5, 1280)
+    pretrained = efficientnet_lite0(num_classes=5).backbone.state_dict()
+    assert all(torch.equal(trained[f"net.backbone.{k}"], v) for k, v in pretrained.items())
+    assert trained["net.head.weight"].shape == (5, 1280)

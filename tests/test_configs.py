@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object, instantiate
@@ -26,7 +27,7 @@ def compose_train(*overrides: str):
 def targets(node) -> list[str]:
     """Every ``_target_`` in a plain (unresolved) config tree."""
     if isinstance(node, dict):
-        own = [node["_target_"]] if "_target_" in node else []
+        own = [node["_target_"]] if node.get("_target_") else []
         return own + [t for value in node.values() for t in targets(value)]
     if isinstance(node, list):
         return [t for item in node for t in targets(item)]
@@ -45,7 +46,7 @@ def test_default_config_is_the_offline_path():
     "override",
     [
         f"{group}={name}"
-        for group in ("model", "strategy", "data", "trainer", "logger", "callbacks")
+        for group in ("model", "strategy", "scheduler", "data", "trainer", "logger", "callbacks")
         for name in options(group)
     ]
     + [f"experiment={name}" for name in options("experiment")]
@@ -75,8 +76,56 @@ def test_trainer_configs_build_with_each_precision(trainer, precision, tmp_path)
         assert type(built.strategy).__name__ == "DDPStrategy" and built.num_devices == 2
 
 
-def test_strategy_settings_match_the_documented_defaults():
-    fe, ft = compose_train("strategy=feature_extract").strategy, compose_train("strategy=finetune").strategy
-    assert fe.head_lr == pytest.approx(1e-2)
-    assert (ft.head_lr, ft.backbone_lr) == (pytest.approx(1e-3), pytest.approx(1e-4))
-    assert ft.backbone_lr < ft.head_lr
+# -- paths: `~` and environment variables --------------------------------------------------------
+
+
+def test_bare_tilde_and_variables_in_command_line_overrides_are_expanded(monkeypatch):
+    from transfer_learning.config import expand_overrides
+
+    monkeypatch.setenv("HOME", "/home/ada")
+    monkeypatch.setenv("DATA", "/srv/images")
+    assert expand_overrides(
+        [
+            "train.py",
+            "data.root=~/data/birds",
+            'data.root="~/x"',  # typed as 'data.root="~/x"' in bash
+            "model.weights='$DATA/w.pth'",
+            "paths.log_dir=${oc.env:HOME}/logs",
+            "strategy.head_lr=1e-3",
+            "-m",
+        ]
+    ) == [
+        "train.py",
+        "data.root=/home/ada/data/birds",
+        'data.root="/home/ada/x"',
+        "model.weights='/srv/images/w.pth'",
+        "paths.log_dir=${oc.env:HOME}/logs",  # Hydra's own interpolation is left to Hydra
+        "strategy.head_lr=1e-3",
+        "-m",
+    ]
+
+
+def test_path_values_written_in_yaml_or_quoted_are_expanded_when_built(monkeypatch, tmp_path, shapes_dir):
+    import shutil
+
+    from transfer_learning.config import build, compose_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "weights"))
+    shutil.copytree(shapes_dir, tmp_path / "birds")
+    (tmp_path / "weights").mkdir()
+    from transfer_learning.backbones import efficientnet_lite0
+
+    torch.save(efficientnet_lite0(2).backbone.state_dict(), tmp_path / "weights" / "lite0.pth")
+    cfg = compose_config(
+        [
+            "data=imagefolder",
+            'data.root="~/birds"',
+            "data.image_size=32",
+            'model.weights="$WEIGHTS_DIR/lite0.pth"',
+        ]
+    )
+    datamodule, module = build(cfg)
+    assert datamodule.root == tmp_path / "birds"
+    assert module.hparams["model"]["weights"] == str(tmp_path / "weights" / "lite0.pth")
+    assert module.net.pretrained

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from transfer_learning.backbones import Preprocessing
 from transfer_learning.data import ImageFolderDataModule, load_rgb, stratified_split
 from transfer_learning.demo import CLASSES, generate_shapes
 from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.preprocessing import Preprocessing
 
 PREP = Preprocessing(crop_size=32, resize_size=36)
 SIZE = 40
@@ -89,7 +89,6 @@ def test_class_names_are_sorted_folder_names(tmp_path):
     (tmp_path / "notes.txt").write_text("not a class")
     dm = module(tmp_path)
     assert dm.class_names == ["ant", "mole", "zebra"]
-    assert dm.num_classes == 3
 
 
 def test_single_folder_split_is_disjoint_complete_and_stratified(tmp_path):
@@ -236,7 +235,7 @@ def test_train_batch_shape_dtype_normalization_and_labels(tmp_path):
     assert images.dtype == torch.float32
     assert images.min() < 0  # normalized with the ImageNet mean/std, not raw [0, 1]
     assert labels.dtype == torch.int64
-    assert labels.min() >= 0 and labels.max() < dm.num_classes
+    assert labels.min() >= 0 and labels.max() < len(dm.class_names)
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         images, labels = next(iter(loader))
         assert images.shape[1:] == (3, 32, 32)
@@ -484,3 +483,21 @@ def test_stratified_split_zero_fraction_gives_an_empty_split():
 def test_stratified_split_too_few_images_names_the_class():
     with pytest.raises(DataError, match="'rare'"):
         stratified_split([0, 0, 0, 0, 1, 1], FRACTIONS, seed=0, class_names=["common", "rare"])
+
+
+def test_trivial_augment_works_with_the_default_backbones_bicubic_interpolation(tmp_path):
+    """TrivialAugmentWide rejects bicubic on tensors; the default backbone's recipe is bicubic."""
+    from transfer_learning.backbones import LITE0_PREPROCESSING
+    from transfer_learning.data import build_transforms
+    from transfer_learning.preprocessing import resolve_input_size
+
+    prep = resolve_input_size(LITE0_PREPROCESSING, 32)
+    assert prep.interpolation == "bicubic"
+    transform = build_transforms(
+        prep, train=True, augment={"scale": (0.35, 1), "hflip": 0.5, "trivial_augment": True}
+    )
+    image = load_rgb(str(write_image(tmp_path / "a.png")))
+    torch.manual_seed(0)
+    outputs = [transform(image) for _ in range(40)]  # enough draws to hit rotations and shears
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.float32 for o in outputs)
+    assert len({o.sum().item() for o in outputs}) > 30

@@ -31,8 +31,24 @@ def test_lists_every_torchvision_classifier_and_the_bundled_default(capsys):
     )
 
 
-def test_sorting_by_top1_puts_the_most_accurate_last(capsys):
+def test_sorting_by_top1_puts_the_most_accurate_first(capsys):
     runpy.run_path(str(SCRIPT), run_name="list_backbones")["main"](["--sort", "top1"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "model=" in line]
     top1 = [float(line.split()[2]) for line in lines]
-    assert top1 == sorted(top1) and lines[-1].startswith("vit_h_14")
+    assert top1 == sorted(top1, reverse=True) and lines[0].startswith("vit_h_14")
+
+
+def test_sorting_by_params_puts_the_smallest_first(capsys):
+    runpy.run_path(str(SCRIPT), run_name="list_backbones")["main"](["--sort", "params"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "model=" in line]
+    params = [float(line.split()[1].rstrip("M")) for line in lines]
+    assert params == sorted(params) and lines[0].split()[0] == "squeezenet1_1"
+
+
+def test_timm_rows_count_parameters_and_say_top1_is_not_published(capsys):
+    runpy.run_path(str(SCRIPT), run_name="list_backbones")["main"](["--timm", "resnet18.*"])
+    out = capsys.readouterr().out
+    rows = rows_by_model(out)
+    timm_row = rows["resnet18.a1_in1k"].split()
+    assert timm_row[1:4] == ["11.7M", "n/a", "235->224"]  # timm's resnet18: 11.69M parameters
+    assert "timm publishes no top-1" in out

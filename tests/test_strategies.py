@@ -9,22 +9,22 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from helpers import FEATURE_EXTRACT, FINETUNE, build, trainer
+from helpers import build, trainer
 from transfer_learning.errors import ConfigError
 from transfer_learning.strategies import FeatureExtraction, FineTuning
 
 
 class RecordModes(Callback):
-    """Records, at every training batch, whether the body and its BatchNorm layers train."""
+    """Records, at every training batch, whether the backbone and its BatchNorm layers train."""
 
     def __init__(self) -> None:
-        self.body_training: list[bool] = []
+        self.backbone_training: list[bool] = []
         self.norms_training: list[bool] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        body = pl_module.backbone.body
-        self.body_training.append(body.training)
-        norms = [m.training for m in body.modules() if isinstance(m, nn.BatchNorm2d)]
+        backbone = pl_module.net.backbone
+        self.backbone_training.append(backbone.training)
+        norms = [m.training for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
         self.norms_training.append(any(norms))
 
 
@@ -36,71 +36,72 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_feature_extraction_trains_only_the_head_and_keeps_the_body_bit_identical(shapes_dir):
-    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
-    body_before, head_before = _snapshot(module.backbone.body), _snapshot(module.backbone.head)
+def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_identical(shapes_dir):
+    module, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
+    backbone_before, head_before = _snapshot(module.net.backbone), _snapshot(module.net.head)
     modes = RecordModes()
     trainer(callbacks=[modes], max_steps=4).fit(module, datamodule)
 
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"backbone.head.weight", "backbone.head.bias"}
-    assert _changed(body_before, module.backbone.body.state_dict()) == set()  # buffers included
-    assert any("running_mean" in k for k in body_before)
-    assert _changed(head_before, module.backbone.head.state_dict()) == {"weight", "bias"}
-    assert modes.body_training == [False] * 4 and not any(modes.norms_training)
+    assert trainable == {"net.head.weight", "net.head.bias"}
+    assert _changed(backbone_before, module.net.backbone.state_dict()) == set()  # buffers included
+    assert any("running_mean" in k for k in backbone_before)
+    assert _changed(head_before, module.net.head.state_dict()) == {"weight", "bias"}
+    assert modes.backbone_training == [False] * 4 and not any(modes.norms_training)
 
     (group,) = module.trainer.optimizers[0].param_groups
     assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)
-    assert {id(p) for p in group["params"]} == {id(p) for p in module.backbone.head.parameters()}
+    assert {id(p) for p in group["params"]} == {id(p) for p in module.net.head.parameters()}
 
 
 def test_naive_requires_grad_freezing_would_drift_batchnorm_statistics(shapes_dir):
-    """Why the body stays in eval mode: frozen parameters alone still update running stats."""
-    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
-    module.backbone.body_frozen = False  # requires_grad=False only, the usual recipe
-    module.backbone.train()
-    before = _snapshot(module.backbone.body)
+    """Why the backbone stays in eval mode: frozen parameters alone still update running stats."""
+    module, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
+    module.net.unfreeze_backbone()
+    module.net.backbone.requires_grad_(False)  # requires_grad=False only, the usual recipe
+    module.net.train()
+    before = _snapshot(module.net.backbone)
     trainer(max_steps=2).fit(module, datamodule)
-    drifted = _changed(before, module.backbone.body.state_dict())
+    drifted = _changed(before, module.net.backbone.state_dict())
     assert drifted and all("running_" in k or "num_batches" in k for k in drifted)
 
 
 def test_finetuning_has_two_param_groups_partitioning_every_parameter(shapes_dir):
-    module, datamodule = build(shapes_dir, FINETUNE, scheduler=None)
-    body_before, head_before = _snapshot(module.backbone.body), _snapshot(module.backbone.head)
+    module, datamodule = build(shapes_dir, "strategy=finetune", "scheduler=constant")
+    backbone_before, head_before = _snapshot(module.net.backbone), _snapshot(module.net.head)
     modes = RecordModes()
     trainer(callbacks=[modes], max_steps=3).fit(module, datamodule)
 
     backbone_group, head_group = module.trainer.optimizers[0].param_groups
     assert (backbone_group["name"], backbone_group["lr"]) == ("backbone", pytest.approx(1e-4))
     assert (head_group["name"], head_group["lr"]) == ("head", pytest.approx(1e-3))
-    body_ids = {id(p) for p in backbone_group["params"]}
+    backbone_ids = {id(p) for p in backbone_group["params"]}
     head_ids = {id(p) for p in head_group["params"]}
-    assert body_ids.isdisjoint(head_ids)
-    assert body_ids == {id(p) for p in module.backbone.body.parameters()}
-    assert head_ids == {id(p) for p in module.backbone.head.parameters()}
-    assert len(body_ids) + len(head_ids) == len(list(module.parameters()))
+    assert backbone_ids.isdisjoint(head_ids)
+    assert backbone_ids == {id(p) for p in module.net.backbone.parameters()}
+    assert head_ids == {id(p) for p in module.net.head.parameters()}
+    assert len(backbone_ids) + len(head_ids) == len(list(module.parameters()))
     assert all(p.requires_grad for p in module.parameters())
 
-    changed = _changed(body_before, module.backbone.body.state_dict())
+    changed = _changed(backbone_before, module.net.backbone.state_dict())
     assert "conv_stem.weight" in changed and "blocks.6.0.conv_pwl.weight" in changed
     assert "bn1.running_mean" in changed  # BatchNorm trains normally in fine-tuning
-    assert _changed(head_before, module.backbone.head.state_dict()) == {"weight", "bias"}
-    assert all(modes.body_training) and all(modes.norms_training)
+    assert _changed(head_before, module.net.head.state_dict()) == {"weight", "bias"}
+    assert all(modes.backbone_training) and all(modes.norms_training)
 
 
 def test_finetuning_with_frozen_bn_stats_trains_weights_but_keeps_statistics(shapes_dir):
-    # 64 px: at 32 px the pretrained statistics saturate every ReLU6 and no gradient reaches the body.
+    # 64 px: at 32 px the pretrained statistics saturate every ReLU6 and no gradient reaches the backbone.
     module, datamodule = build(
-        shapes_dir, {**FINETUNE, "freeze_bn_stats": True}, scheduler=None, image_size=64
+        shapes_dir, "strategy=finetune", "strategy.freeze_bn_stats=true", "scheduler=constant", image_size=64
     )
-    before = _snapshot(module.backbone.body)
+    before = _snapshot(module.net.backbone)
     modes = RecordModes()
     trainer(callbacks=[modes], max_steps=3).fit(module, datamodule)
-    changed = _changed(before, module.backbone.body.state_dict())
+    changed = _changed(before, module.net.backbone.state_dict())
     assert "conv_stem.weight" in changed and "bn1.weight" in changed
     assert not any("running_" in k or "num_batches" in k for k in changed)
-    assert all(modes.body_training) and not any(modes.norms_training)
+    assert all(modes.backbone_training) and not any(modes.norms_training)
 
 
 class RecordLearningRates(Callback):
@@ -113,12 +114,9 @@ class RecordLearningRates(Callback):
 
 
 def test_scheduler_warms_up_decays_and_keeps_the_backbone_to_head_ratio(shapes_dir):
-    scheduler = {
-        "_target_": "transfer_learning.module.warmup_cosine",
-        "_partial_": True,
-        "warmup_fraction": 0.4,
-    }
-    module, datamodule = build(shapes_dir, FINETUNE, scheduler=scheduler)
+    module, datamodule = build(
+        shapes_dir, "strategy=finetune", "scheduler=warmup_cosine", "scheduler.warmup_fraction=0.4"
+    )
     record = RecordLearningRates()
     trainer(callbacks=[record], max_steps=5).fit(module, datamodule)
     backbone_group, head_group = module.trainer.optimizers[0].param_groups
@@ -128,6 +126,35 @@ def test_scheduler_warms_up_decays_and_keeps_the_backbone_to_head_ratio(shapes_d
     # 5 steps, 2 of warm-up (1/2, 1), then a cosine from the peak towards 0 at step 5.
     assert heads == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25])
     assert all(b == pytest.approx(0.1 * h) for b, h in record.lrs)
+
+
+def test_any_torch_scheduler_class_with_its_own_arguments_and_interval(shapes_dir):
+    """scheduler=step is torch's StepLR, called with the optimizer alone and stepped per epoch."""
+    module, datamodule = build(
+        shapes_dir, "strategy=finetune", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"
+    )
+    record = RecordLearningRates()
+    fit = trainer(callbacks=[record], max_epochs=3, limit_train_batches=2)
+    fit.fit(module, datamodule)
+    (config,) = fit.lr_scheduler_configs
+    assert type(config.scheduler).__name__ == "StepLR" and config.interval == "epoch"
+    # Constant within an epoch, halved between epochs, the same in both groups.
+    assert [h for _, h in record.lrs] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    assert all(b == pytest.approx(0.1 * h) for b, h in record.lrs)
+
+
+def test_plateau_scheduler_gets_its_monitor_and_constant_rates_without_a_scheduler(shapes_dir):
+    module, datamodule = build(shapes_dir, "strategy=finetune", "scheduler=plateau")
+    fit = trainer(max_epochs=1, limit_train_batches=1)
+    fit.fit(module, datamodule)
+    (config,) = fit.lr_scheduler_configs
+    assert type(config.scheduler).__name__ == "ReduceLROnPlateau" and config.monitor == "val/loss"
+
+    module, datamodule = build(shapes_dir, "strategy=finetune", "scheduler=constant")
+    record = RecordLearningRates()
+    fit = trainer(callbacks=[record], max_steps=3)
+    fit.fit(module, datamodule)
+    assert fit.lr_scheduler_configs == [] and record.lrs == [(1e-4, 1e-3)] * 3
 
 
 @pytest.mark.parametrize(
@@ -142,22 +169,22 @@ def test_non_positive_learning_rates_are_refused(strategy, kwargs, setting):
         strategy(**kwargs)
 
 
-def test_resuming_feature_extraction_keeps_the_body_frozen_and_the_groups(tmp_path, shapes_dir):
+def test_resuming_feature_extraction_keeps_the_backbone_frozen_and_the_groups(tmp_path, shapes_dir):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
-    pretrained = _snapshot(module.backbone.body)
+    module, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
+    pretrained = _snapshot(module.net.backbone)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(callbacks=[saver], enable_checkpointing=True, max_epochs=1).fit(module, datamodule)
-    head_after_one_epoch = _snapshot(module.backbone.head)
+    head_after_one_epoch = _snapshot(module.net.head)
 
-    resumed, datamodule = build(shapes_dir, FEATURE_EXTRACT, scheduler=None)
+    resumed, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
     modes = RecordModes()
     second = trainer(callbacks=[modes], max_epochs=2)
     second.fit(resumed, datamodule, ckpt_path=str(tmp_path / "last.ckpt"))
-    assert second.current_epoch == 2 and len(modes.body_training) > 0
-    assert _changed(pretrained, resumed.backbone.body.state_dict()) == set()
-    assert _changed(head_after_one_epoch, resumed.backbone.head.state_dict()) == {"weight", "bias"}
-    assert modes.body_training == [False] * len(modes.body_training)
+    assert second.current_epoch == 2 and len(modes.backbone_training) > 0
+    assert _changed(pretrained, resumed.net.backbone.state_dict()) == set()
+    assert _changed(head_after_one_epoch, resumed.net.head.state_dict()) == {"weight", "bias"}
+    assert modes.backbone_training == [False] * len(modes.backbone_training)
     (group,) = second.optimizers[0].param_groups
     assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)

@@ -12,13 +12,13 @@ from transfer_learning.errors import ConfigError, WeightsError
 
 
 def test_timm_backbone_takes_preprocessing_from_the_pretrained_config():
-    backbone = timm_backbone("resnet10t", num_classes=4, weights=None)
+    net = timm_backbone("resnet10t", num_classes=4, weights=None)
     cfg = timm.data.resolve_data_config({}, model=timm.create_model("resnet10t"))
-    p = backbone.preprocessing
+    p = net.preprocessing
     assert (p.crop_size, p.interpolation, p.mean, p.std) == (176, "bicubic", cfg["mean"], cfg["std"])
     assert p.resize_size == int(176 / cfg["crop_pct"])
-    assert backbone.num_features == 512 and backbone.head.out_features == 4
-    assert backbone.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+    assert net.head.in_features == 512 and net.head.out_features == 4
+    assert net.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 4)
     vit = timm_backbone("vit_tiny_patch16_224", num_classes=4, weights=None).preprocessing
     assert vit.fixed_size and vit.crop_size == 224 and vit.mean == (0.5, 0.5, 0.5)
 
@@ -28,8 +28,8 @@ def test_timm_weights_from_a_local_safetensors_file(tmp_path):
     source = timm.create_model("resnet10t", num_classes=7).state_dict()  # another head size
     path = tmp_path / "resnet10t.safetensors"
     save_file(source, str(path))
-    backbone = timm_backbone("resnet10t", num_classes=4, weights=str(path))
-    body = backbone.body.state_dict()
+    net = timm_backbone("resnet10t", num_classes=4, weights=str(path))
+    body = net.backbone.state_dict()
     assert not any(k.startswith("fc.") for k in body)
     assert all(torch.equal(body[k], source[k]) for k in body)
 
@@ -65,6 +65,16 @@ def test_timm_pretrained_weights_come_from_the_local_hugging_face_cache_offline(
     torch.manual_seed(4)
     source = timm.create_model("resnet10t").state_dict()
     save_file(source, str(repo / "snapshots" / revision / "model.safetensors"))
-    backbone = timm_backbone("resnet10t", num_classes=4, weights="pretrained", cache_dir=str(tmp_path))
-    assert torch.equal(backbone.body.conv1[0].weight, source["conv1.0.weight"])
-    assert torch.equal(backbone.body.layer4[0].bn1.running_mean, source["layer4.0.bn1.running_mean"])
+    net = timm_backbone("resnet10t", num_classes=4, weights="pretrained", cache_dir=str(tmp_path))
+    assert torch.equal(net.backbone.conv1[0].weight, source["conv1.0.weight"])
+    assert torch.equal(net.backbone.layer4[0].bn1.running_mean, source["layer4.0.bn1.running_mean"])
+
+
+@pytest.mark.parametrize(("name", "width"), [("mobilenetv3_small_050", 1024), ("resnet18", 512)])
+def test_the_head_takes_the_width_the_backbone_returns(name, width):
+    """MobileNetV3's num_features (288) is not its output width: a pre-logits layer makes it 1024."""
+    net = timm_backbone(name, num_classes=3, weights=None).eval()
+    with torch.no_grad():
+        features = net.forward_features(torch.randn(2, 3, 64, 64))
+    assert features.shape == (2, width) == (2, net.head.in_features)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 3)

@@ -5,14 +5,19 @@ from __future__ import annotations
 import lightning as L
 import pytest
 
-from helpers import FEATURE_EXTRACT, LITE0, build, trainer
+from helpers import build, trainer
 from transfer_learning.demo import generate_shapes
 
 
-def _val_accuracy(root, weights: str | None) -> float:
+def _val_accuracy(root, weights: str) -> float:
     L.seed_everything(0, workers=True)
     module, datamodule = build(
-        root, FEATURE_EXTRACT, model={**LITE0, "weights": weights}, image_size=64, batch_size=16
+        root,
+        "strategy=feature_extract",
+        "scheduler=constant",
+        f"model.weights={weights}",
+        image_size=64,
+        batch_size=16,
     )
     fit = trainer(max_epochs=8, limit_val_batches=1.0)
     fit.fit(module, datamodule)
@@ -23,7 +28,7 @@ def _val_accuracy(root, weights: str | None) -> float:
 def test_pretrained_features_beat_random_features_by_30_points(tmp_path):
     root = generate_shapes(tmp_path / "shapes", images_per_class=30, image_size=64, seed=1)
     pretrained = _val_accuracy(root, "bundled")
-    random = _val_accuracy(root, None)
+    random = _val_accuracy(root, "null")
     print(f"val accuracy: pretrained {pretrained:.3f}, random {random:.3f}")
     assert pretrained >= 0.85
     assert pretrained - random >= 0.30

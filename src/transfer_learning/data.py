@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
@@ -18,13 +19,12 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transfer_learning.backbones import Preprocessing
 from transfer_learning.demo import generate_shapes
 from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "test": ("test",), "train": ("train",)}
 DEFAULT_AUGMENT: dict[str, Any] = {"scale": (0.35, 1.0), "hflip": 0.5, "trivial_augment": False}
 
@@ -128,7 +128,8 @@ def build_transforms(p: Preprocessing, train: bool, augment: Mapping[str, Any]) 
     if augment["hflip"] > 0:
         steps.append(T.RandomHorizontalFlip(augment["hflip"]))
     if augment["trivial_augment"]:
-        steps.append(T.TrivialAugmentWide(interpolation=interpolation))
+        # On tensors its rotations and shears support nearest and bilinear only (not bicubic).
+        steps.append(T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
     return T.Compose(steps + finish)
 
 
@@ -150,8 +151,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     Either ``root/train``, ``root/val`` (or ``valid``) and optionally ``root/test``, or one
     folder of class folders that is split with a seeded, stratified split. Class names come
     from the folder names. ``generate`` (demo data) writes a data set to ``root`` first if
-    it does not exist yet. ``image_size`` is read by the training entry point: the backbone's
-    preprocessing is resized to it, and handed back through :meth:`set_preprocessing`.
+    it does not exist yet. The network decides the preprocessing (input size included) and
+    hands it over through :meth:`set_preprocessing` before :meth:`setup`.
     """
 
     def __init__(
@@ -162,7 +163,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 42,
-        image_size: int | None = None,
         augment: Mapping[str, Any] | None = None,
         verify_images: bool = True,
         generate: Mapping[str, Any] | None = None,
@@ -178,7 +178,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.seed = seed
-        self.image_size = image_size
         unknown = set(augment or {}) - set(DEFAULT_AUGMENT)
         if unknown:
             raise ConfigError(
@@ -255,10 +254,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         return self.discover()
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
     def set_preprocessing(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
 
@@ -305,12 +300,24 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer is not None else 1
+        sampler = None
+        if not train and world_size > 1:
+            # Lightning's DistributedSampler pads shards to equal length by repeating samples;
+            # evaluation must count every sample exactly once, so shards may differ by one.
+            sampler = UnrepeatedDistributedSampler(
+                dataset,
+                num_replicas=world_size,
+                rank=trainer.global_rank,  # type: ignore[union-attr]
+                shuffle=False,
+            )
         per_process = len(dataset) // world_size  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

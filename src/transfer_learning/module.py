@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,17 +15,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
 )
 
-from transfer_learning.backbones import Backbone, Preprocessing
+from transfer_learning.network import Network
+from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.strategies import Strategy
 
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "weight_decay": 1e-4}
+log = logging.getLogger(__name__)
+
+# Keys of the scheduler config that are Lightning's, not the scheduler's own arguments.
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
 
 
 def _plain(value: Any) -> Any:
@@ -47,13 +53,19 @@ def warmup_cosine(
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Accuracy, macro F1 and (above five classes) top-5 accuracy, each from its own state.
+
+    ``compute_groups=False``: torchmetrics would otherwise merge metrics whose states happen to
+    be equal after the first batch (F1 and top-5 accuracy when that batch is all correct) and
+    report one metric's value under the other's name for the rest of the run.
+    """
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "f1": MulticlassF1Score(num_classes, average="macro"),
     }
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 class TransferLearningModule(L.LightningModule):
@@ -61,7 +73,9 @@ class TransferLearningModule(L.LightningModule):
 
     It is built from plain config values only (saved as hyperparameters), so a checkpoint
     alone rebuilds it: :meth:`load_for_inference` restores the trained network, its class
-    names and its preprocessing without the pretrained weights files.
+    names and its preprocessing without the pretrained weights files. The module owns the
+    input size: ``image_size`` (``data.image_size``) is resolved against the weights here, and
+    the data module is handed the result.
     """
 
     def __init__(
@@ -69,9 +83,10 @@ class TransferLearningModule(L.LightningModule):
         model: Mapping[str, Any],
         strategy: Mapping[str, Any],
         class_names: Sequence[str],
-        optimizer: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
         image_size: int | None = None,
+        image_size_strict: bool = True,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
@@ -80,22 +95,27 @@ class TransferLearningModule(L.LightningModule):
                 "model": _plain(model),
                 "strategy": _plain(strategy),
                 "class_names": list(class_names),
-                "optimizer": _plain(optimizer) or DEFAULT_OPTIMIZER,
+                "optimizer": _plain(optimizer),
                 "scheduler": _plain(scheduler),
                 "image_size": image_size,
+                "image_size_strict": image_size_strict,
                 "label_smoothing": label_smoothing,
             }
         )
         self.class_names = list(class_names)
-        self.backbone: Backbone = instantiate(self.hparams["model"], num_classes=len(class_names))
+        self.net: Network = instantiate(self.hparams["model"], num_classes=len(class_names))
         self.strategy: Strategy = instantiate(self.hparams["strategy"])
-        self.strategy.prepare(self.backbone)
-        self.preprocessing: Preprocessing = self.backbone.preprocessing.at_size(image_size)
+        self.strategy.prepare(self.net)
+        self.preprocessing: Preprocessing = resolve_input_size(
+            self.net.preprocessing, image_size, strict=image_size_strict
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_metrics = classification_metrics(n, "val/")
         self.test_metrics = classification_metrics(n, "test/")
+        # Sample-weighted mean losses, exact across processes with unequal shards.
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.test_confusion = MulticlassConfusionMatrix(n)
         self.test_confusion_matrix: torch.Tensor | None = None
@@ -103,55 +123,70 @@ class TransferLearningModule(L.LightningModule):
     # -- forward and steps -----------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, aux = self.backbone.forward_with_aux(x)
+        logits, aux = self.net.forward_with_aux(x)
         loss = self.criterion(logits, y)
         for aux_logits in aux:
-            loss = loss + self.backbone.aux_loss_weight * self.criterion(aux_logits, y)
+            loss = loss + self.net.aux_loss_weight * self.criterion(aux_logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, loss: MeanMetric
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.criterion(logits, y)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=len(y))
+        loss.update(self.criterion(logits, y), weight=len(y))
+        metrics.update(logits, y)
         return logits
+
+    def on_fit_start(self) -> None:
+        if self.net.backbone_frozen and not self.net.pretrained and self.trainer.is_global_zero:
+            log.warning(
+                "\n%s\n  The frozen backbone is RANDOM (model.weights=null): only the head trains, on\n"
+                "  random features, so expect accuracy near chance. Use pretrained weights, or\n"
+                "  strategy=finetune to train the whole network.\n%s",
+                "!" * 78, "!" * 78,
+            )  # fmt: skip
 
     def on_validation_model_train(self) -> None:
         # Lightning would restore each submodule's flag as it found it; train() re-applies
-        # the backbone's policy (frozen body and BatchNorm layers stay in eval mode).
+        # the network's policy (a frozen backbone and frozen BatchNorm layers stay in eval mode).
         self.trainer.model.train()  # type: ignore[union-attr]
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # drop values from the sanity-check run
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits = self._evaluate(batch, "val")
-        self.val_metrics.update(logits, batch[1])
+        self._evaluate(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
+        # compute() reduces over processes; every sample counts once (see the data module).
         values = self.val_metrics.compute()
         self.val_metrics.reset()
-        acc = values.pop("val/acc")  # computed values are already reduced over processes
-        self.val_acc_best(acc)
-        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
-        self.log_dict(values, sync_dist=True)
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        values["val/loss"] = self.val_loss.compute()
+        self.val_loss.reset()
+        self.val_acc_best(values["val/acc"])
+        values["val/acc_best"] = self.val_acc_best.compute()
+        shown = ("val/loss", "val/acc", "val/acc_best")
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
+        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        logits = self._evaluate(batch, "test")
-        self.test_metrics.update(logits, batch[1])
+        logits = self._evaluate(batch, self.test_metrics, self.test_loss)
         self.test_confusion.update(logits, batch[1])
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        values = self.test_metrics.compute()
         self.test_metrics.reset()
+        values["test/loss"] = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log_dict(values, sync_dist=True)
         # Every process takes part in the reduction; only rank zero draws the picture later.
         self.test_confusion_matrix = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
@@ -159,22 +194,32 @@ class TransferLearningModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        groups = self.strategy.param_groups(self.backbone)
+        groups = self.strategy.param_groups(self.net)
         optimizer = instantiate(self.hparams["optimizer"])(groups)
-        if self.hparams["scheduler"] is None:
+        if not (self.hparams["scheduler"] or {}).get("_target_"):  # scheduler=constant
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = instantiate(self.hparams["scheduler"])(optimizer, total_steps=total)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Any ``torch.optim.lr_scheduler`` class (or factory) with its own arguments, plus
+        Lightning's ``interval`` (step | epoch), ``frequency`` and ``monitor``. A scheduler that
+        takes ``total_steps`` and is not given one gets the run's length in its interval."""
+        spec = dict(self.hparams["scheduler"])
+        lightning = {k: spec.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in spec}
+        lightning.setdefault("interval", "epoch")
+        factory = instantiate(spec, _partial_=True)
+        kwargs = {}
+        if "total_steps" in inspect.signature(factory).parameters and "total_steps" not in spec:
+            by_step = lightning["interval"] == "step"
+            total = self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs
+            kwargs["total_steps"] = int(total or 0)
+        return {"scheduler": factory(optimizer, **kwargs), **lightning}
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["preprocessing"] = self.preprocessing.to_dict()
-        checkpoint["arch_kwargs"] = self.backbone.arch_kwargs
+        checkpoint["arch_kwargs"] = self.net.arch_kwargs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "preprocessing" in checkpoint:

@@ -1,13 +1,58 @@
-"""What a person reads after a run: the summary block and the confusion matrix picture."""
+"""What a person reads after a run: the summary block, the confusion matrix picture and table."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.module import TransferLearningModule
+
+
+def number(value: Any) -> float | None:
+    return float(value) if isinstance(value, torch.Tensor | float | int) else None
+
+
+def shorten(names: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)  # type: ignore[attr-defined]
+
+
+def build_summary(
+    trainer: L.Trainer,
+    module: TransferLearningModule,
+    datamodule: ImageFolderDataModule,
+    model_name: str,
+    fit_metrics: Mapping[str, float | None],
+    test_metrics: Mapping[str, float | None],
+    output_dir: Path,
+) -> dict[str, Any]:
+    checkpoint = best_checkpoint(trainer)
+    best_score = checkpoint.best_model_score if checkpoint else None
+    names = module.class_names
+    return {
+        "model": model_name,
+        "pretrained backbone": "yes" if module.net.pretrained else "NO (random init, model.weights=null)",
+        "strategy": module.strategy.name,
+        "input size": module.preprocessing.crop_size,
+        "classes": f"{len(names)} ({shorten(names)})",
+        "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
+        "epochs run": trainer.current_epoch,
+        "best val/acc": number(best_score) if best_score is not None else fit_metrics.get("val/acc"),
+        **{k: v for k, v in test_metrics.items() if k != "test/loss"},
+        "best checkpoint": (checkpoint.best_model_path if checkpoint else "") or "(none saved)",
+        "output dir": str(output_dir),
+    }
 
 
 def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
@@ -38,6 +83,17 @@ def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def save_confusion_table(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
+    """The counts as CSV: one row per true class, one column per predicted class."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, matrix.tolist(), strict=True):
+            writer.writerow([name, *(int(v) for v in row)])
     return path
 
 

@@ -1,6 +1,6 @@
 """Transfer-learning strategies: what trains, at which learning rate, and in which mode.
 
-Every param group is built up front from the body/head split, so nothing depends on
+Every param group is built up front from the backbone/head split, so nothing depends on
 freezing or unfreezing parameters after the optimizer (or DDP) has been set up.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from transfer_learning.backbones import Backbone
 from transfer_learning.errors import ConfigError
+from transfer_learning.network import Network
 
 
 def _positive(name: str, value: float) -> float:
@@ -20,22 +20,22 @@ def _positive(name: str, value: float) -> float:
 
 
 class Strategy(ABC):
-    """Prepares a backbone for training and hands the optimizer its param groups."""
+    """Prepares a network for training and hands the optimizer its param groups."""
 
     name: str
 
     @abstractmethod
-    def prepare(self, backbone: Backbone) -> None:
-        """Set requires_grad and train/eval policy on the backbone."""
+    def prepare(self, net: Network) -> None:
+        """Decide what trains: freeze or unfreeze the backbone, keep or drop auxiliary heads."""
 
     @abstractmethod
-    def param_groups(self, backbone: Backbone) -> list[dict[str, Any]]:
+    def param_groups(self, net: Network) -> list[dict[str, Any]]:
         """Optimizer param groups, each with a ``name`` and its own ``lr``."""
 
 
 class FeatureExtraction(Strategy):
-    """Frozen pretrained body (kept in eval mode, so BatchNorm statistics stay pretrained);
-    only the new head trains. Auxiliary classifiers are dropped: a body in eval mode never
+    """Frozen pretrained backbone (kept in eval mode, so BatchNorm statistics stay pretrained);
+    only the new head trains. Auxiliary classifiers are dropped: a backbone in eval mode never
     feeds them."""
 
     name = "feature_extract"
@@ -43,19 +43,16 @@ class FeatureExtraction(Strategy):
     def __init__(self, head_lr: float = 1e-2) -> None:
         self.head_lr = _positive("head_lr", head_lr)
 
-    def prepare(self, backbone: Backbone) -> None:
-        backbone.drop_aux()
-        backbone.body.requires_grad_(False)
-        backbone.head.requires_grad_(True)
-        backbone.body_frozen = True
-        backbone.train(backbone.training)  # apply the eval policy now, not at the next train()
+    def prepare(self, net: Network) -> None:
+        net.drop_aux()
+        net.freeze_backbone()
 
-    def param_groups(self, backbone: Backbone) -> list[dict[str, Any]]:
-        return [{"name": "head", "params": list(backbone.head_parameters()), "lr": self.head_lr}]
+    def param_groups(self, net: Network) -> list[dict[str, Any]]:
+        return [{"name": "head", "params": list(net.head_parameters()), "lr": self.head_lr}]
 
 
 class FineTuning(Strategy):
-    """Everything trains: the pretrained body at ``backbone_lr``, the new head (and auxiliary
+    """Everything trains: the pretrained backbone at ``backbone_lr``, the new head (and auxiliary
     heads) at ``head_lr``. ``freeze_bn_stats`` keeps BatchNorm running statistics pretrained,
     which helps with small batches."""
 
@@ -68,18 +65,11 @@ class FineTuning(Strategy):
         self.backbone_lr = _positive("backbone_lr", backbone_lr)
         self.freeze_bn_stats = bool(freeze_bn_stats)
 
-    def prepare(self, backbone: Backbone) -> None:
-        backbone.requires_grad_(True)
-        backbone.body_frozen = False
-        backbone.norm_frozen = self.freeze_bn_stats
-        backbone.train(backbone.training)
+    def prepare(self, net: Network) -> None:
+        net.unfreeze_backbone(freeze_norm_stats=self.freeze_bn_stats)
 
-    def param_groups(self, backbone: Backbone) -> list[dict[str, Any]]:
+    def param_groups(self, net: Network) -> list[dict[str, Any]]:
         return [
-            {
-                "name": "backbone",
-                "params": list(backbone.body_parameters()),
-                "lr": self.backbone_lr,
-            },
-            {"name": "head", "params": list(backbone.head_parameters()), "lr": self.head_lr},
+            {"name": "backbone", "params": list(net.backbone_parameters()), "lr": self.backbone_lr},
+            {"name": "head", "params": list(net.head_parameters()), "lr": self.head_lr},
         ]

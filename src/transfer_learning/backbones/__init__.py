@@ -1,0 +1,18 @@
+"""Backbone builders, one per source; each returns a :class:`~transfer_learning.network.Network`.
+
+These three names are the ``_target_`` of the files in ``conf/model/``:
+``transfer_learning.backbones.efficientnet_lite0`` (bundled weights, offline),
+``transfer_learning.backbones.torchvision_backbone`` and ``transfer_learning.backbones.timm_backbone``.
+"""
+
+from transfer_learning.backbones.lite0 import LITE0_PREPROCESSING, efficientnet_lite0
+from transfer_learning.backbones.timm_models import timm_backbone
+from transfer_learning.backbones.torchvision_models import torchvision_backbone, torchvision_names
+
+__all__ = [
+    "LITE0_PREPROCESSING",
+    "efficientnet_lite0",
+    "timm_backbone",
+    "torchvision_backbone",
+    "torchvision_names",
+]

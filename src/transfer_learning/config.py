@@ -1,0 +1,104 @@
+"""From the YAML in ``conf/`` to objects: composing, expanding paths, and the one build path.
+
+:func:`build` is the only place that turns a composed config into ``(datamodule, module)``;
+``train.py``, the tests and the scripts all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.module import TransferLearningModule
+
+# The repository's conf/ (the package is installed in editable mode from src/).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Config keys whose values are file or folder paths: `~` and `$VARS` are expanded in them.
+PATH_KEY = re.compile(r"(^|_)(root|dir|dirpath|path|weights|file)$")
+_OVERRIDE = re.compile(r"^(?P<key>[+~]{0,2}[\w.@/-]+)=(?P<value>.*)$", re.DOTALL)
+
+
+def expand_path(value: str) -> str:
+    """``~`` and environment variables expanded; ``${...}`` interpolations are left alone."""
+    return os.path.expanduser(os.path.expandvars(value)) if "~" in value[:1] or "$" in value else value
+
+
+def expand_paths(node: Any, key: str = "") -> Any:
+    """A plain config tree with every path value (by key name, see PATH_KEY) expanded."""
+    if isinstance(node, dict):
+        return {k: expand_paths(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_paths(v, key) for v in node]
+    if isinstance(node, str) and PATH_KEY.search(key):
+        return expand_path(node)
+    return node
+
+
+def expand_overrides(argv: Iterable[str]) -> list[str]:
+    """Command-line overrides with ``~`` and ``$VARS`` expanded in their values.
+
+    Hydra's override grammar rejects a bare ``~`` (``data.root=~/data``) with a lexer
+    traceback, and quoted values (``'data.root="$HOME/data"'``) reach Hydra unexpanded.
+    """
+    out = []
+    for arg in argv:
+        match = None if arg.startswith("-") else _OVERRIDE.match(arg)
+        if match is None:
+            out.append(arg)
+            continue
+        value = match["value"]
+        quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""
+        inner = value[1:-1] if quote else value
+        out.append(f"{match['key']}={quote}{expand_path(inner)}{quote}")
+    return out
+
+
+def compose_config(
+    overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_dir: Path = CONF_DIR
+) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run with, composed from the real YAML.
+
+    ``output_dir`` stands in for the run folder Hydra would make, so ``${hydra:...}``
+    interpolations resolve (paths.output_dir) and the config can be passed to ``train()``.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd() / "outputs")
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModule]:
+    """The data module and the LightningModule of ``cfg``, introduced to each other: the data
+    tells the network its classes, the network tells the data its preprocessing."""
+    data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
+    image_size = data.pop("image_size", None)
+    image_size_strict = data.pop("image_size_strict", True)
+    datamodule: ImageFolderDataModule = instantiate(data)
+    module = TransferLearningModule(
+        model=expand_paths(OmegaConf.to_container(cfg.model, resolve=True)),
+        strategy=cfg.strategy,
+        class_names=datamodule.discover(),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.get("scheduler"),
+        image_size=image_size,
+        image_size_strict=image_size_strict,
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+    )
+    datamodule.set_preprocessing(module.preprocessing)
+    return datamodule, module

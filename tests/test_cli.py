@@ -2,57 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from helpers import check_run, run_cli
 from transfer_learning.demo import CLASSES
 from transfer_learning.predict import Classifier
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            *(["--multirun"] if multirun else []),
-            f"paths.root_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path}/run",
-            "data.num_workers=0",
-            *overrides,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def check_run(tmp_path: Path, result: subprocess.CompletedProcess[str], strategy: str) -> dict:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Run summary" in result.stdout
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["strategy"] == strategy
-    for key in ("best val/acc", "test/acc", "test/f1"):
-        assert 0.0 <= summary[key] <= 1.0, key
-    checkpoint = Path(summary["best checkpoint"])
-    assert checkpoint.is_file() and checkpoint.parent == tmp_path / "run" / "checkpoints"
-    assert Image.open(summary["confusion matrix"]).size[0] > 100
-    with open(summary["CSV metrics"]) as f:
-        rows = list(csv.DictReader(f))
-    assert any(row.get("val/acc") for row in rows) and any(row.get("test/acc") for row in rows)
-    return summary
 
 
 def check_checkpoint_predicts(summary: dict, data_root: Path, image_size: int) -> Classifier:
@@ -135,6 +95,7 @@ def test_default_command_generates_the_demo_data_on_first_use(tmp_path):
     assert all(len(list((demo / c).glob("*.jpg"))) == 10 for c in CLASSES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -174,7 +135,7 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
     summary = check_run(tmp_path, result, "feature_extract")
     assert summary["model"] == "resnet18"
     trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
-    # Feature extraction: the body in the checkpoint is exactly the cached file's tensors.
+    # Feature extraction: the backbone in the checkpoint is exactly the cached file's tensors.
     assert torch.equal(trained["net.backbone.conv1.weight"], state["conv1.weight"])
     assert torch.equal(trained["net.backbone.layer3.0.bn1.running_var"], state["layer3.0.bn1.running_var"])
     check_checkpoint_predicts(summary, shapes_dir, 64)
@@ -199,23 +160,33 @@ def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_keeps_the_frozen_body_pretrained(tmp_path, shapes_dir):
-    """Real DDP (gloo): per-process batches exist, metrics reduce, the body stays pretrained."""
-    from transfer_learning.backbones import efficientnet_lite0
+def test_fast_dev_run_writes_no_checkpoint_and_links_only_files_that_exist(tmp_path, shapes_dir):
+    result = run_cli(tmp_path, "debug=fast_dev_run", f"data.root={shapes_dir}", "data.image_size=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best checkpoint"] == "(none saved)"
+    assert list((tmp_path / "run").rglob("*.ckpt")) == []
+    assert "CSV metrics" not in summary  # Lightning logs nothing in this mode
+    for key in ("output dir", "confusion matrix"):
+        assert Path(summary[key]).exists(), key
 
+
+@pytest.mark.slow
+def test_a_bare_tilde_on_the_command_line_is_the_home_folder(tmp_path, shapes_dir):
+    home = tmp_path / "home"
+    (home / "data").mkdir(parents=True)
+    (home / "data" / "birds").symlink_to(shapes_dir)
     result = run_cli(
         tmp_path,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        f"data.root={shapes_dir}",
-        "data.image_size=48",
-        "trainer.max_epochs=2",
+        "data=imagefolder",
+        "data.root=~/data/birds",
+        "data.image_size=32",
+        "trainer.max_epochs=1",
         "logger=csv",
+        env={"HOME": str(home)},
     )
     summary = check_run(tmp_path, result, "feature_extract")
-    assert "No training batches" not in result.stdout + result.stderr
-    trained = torch.load(summary["best checkpoint"], weights_only=True)["state_dict"]
-    pretrained = efficientnet_lite0(num_classes=5).backbone.state_dict()
-    assert all(torch.equal(trained[f"net.backbone.{k}"], v) for k, v in pretrained.items())
-    assert trained["net.head.weight"].shape == (5, 1280)
+    assert summary["classes"].startswith("5 (circle")
+    missing = run_cli(tmp_path, "data=imagefolder", "data.root=~/data/owls", env={"HOME": str(home)})
+    assert missing.returncode == 2 and "LexerNoViableAltException" not in missing.stderr
+    assert f"data.root={home}/data/owls does not exist" in missing.stdout + missing.stderr

@@ -29,9 +29,9 @@ def test_timm_weights_from_a_local_safetensors_file(tmp_path):
     path = tmp_path / "resnet10t.safetensors"
     save_file(source, str(path))
     net = timm_backbone("resnet10t", num_classes=4, weights=str(path))
-    body = net.backbone.state_dict()
-    assert not any(k.startswith("fc.") for k in body)
-    assert all(torch.equal(body[k], source[k]) for k in body)
+    weights = net.backbone.state_dict()
+    assert not any(k.startswith("fc.") for k in weights)
+    assert all(torch.equal(weights[k], source[k]) for k in weights)
 
 
 def test_timm_pretrained_weights_offline_are_a_clear_error(monkeypatch, tmp_path):

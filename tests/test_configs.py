@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from transfer_learning.config import CONF_DIR, compose_config
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def compose_train(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=False)
+    return compose_config(overrides)
 
 
 def targets(node) -> list[str]:
@@ -108,7 +102,7 @@ def test_bare_tilde_and_variables_in_command_line_overrides_are_expanded(monkeyp
 def test_path_values_written_in_yaml_or_quoted_are_expanded_when_built(monkeypatch, tmp_path, shapes_dir):
     import shutil
 
-    from transfer_learning.config import build, compose_config
+    from transfer_learning.config import build
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "weights"))

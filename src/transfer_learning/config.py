@@ -76,7 +76,6 @@ def compose_config(
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir or Path.cwd() / "outputs")
-        cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,6 @@ from transfer_learning.reporting import (
     save_confusion_table,
     write_summary,
 )
-
-log = logging.getLogger(__name__)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:

@@ -36,8 +36,11 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_identical(shapes_dir):
-    module, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
+@pytest.mark.parametrize("cached", [True, False])
+def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_identical(shapes_dir, cached):
+    module, datamodule = build(
+        shapes_dir, "strategy=feature_extract", f"strategy.cache_features={cached}", "scheduler=constant"
+    )
     backbone_before, head_before = _snapshot(module.net.backbone), _snapshot(module.net.head)
     modes = RecordModes()
     trainer(callbacks=[modes], max_steps=4).fit(module, datamodule)
@@ -56,7 +59,9 @@ def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_iden
 
 def test_naive_requires_grad_freezing_would_drift_batchnorm_statistics(shapes_dir):
     """Why the backbone stays in eval mode: frozen parameters alone still update running stats."""
-    module, datamodule = build(shapes_dir, "strategy=feature_extract", "scheduler=constant")
+    module, datamodule = build(
+        shapes_dir, "strategy=feature_extract", "strategy.cache_features=false", "scheduler=constant"
+    )
     module.net.unfreeze_backbone()
     module.net.backbone.requires_grad_(False)  # requires_grad=False only, the usual recipe
     module.net.train()

@@ -19,7 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.feature_cache import FeatureCache
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.strategies import FeatureExtraction
 
 # The repository's conf/ (the package is installed in editable mode from src/).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -98,6 +100,18 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
         image_size=image_size,
         image_size_strict=image_size_strict,
         label_smoothing=cfg.get("label_smoothing", 0.0),
+        channels_last=cfg.get("channels_last", True),
     )
     datamodule.set_preprocessing(module.preprocessing)
+    strategy = module.strategy
+    if isinstance(strategy, FeatureExtraction) and strategy.cache_features:
+        cache = FeatureCache(
+            directory=expand_path(str(cfg.paths.feature_cache_dir)),
+            backbone=module.net.backbone,
+            identity={"model": module.hparams["model"], "preprocessing": module.preprocessing.to_dict()},
+            bf16=strategy.bf16,
+            batch_size=max(datamodule.batch_size, 64),
+            num_workers=datamodule.num_workers,
+        )
+        datamodule.use_feature_cache(cache, views=strategy.cached_views, seed=cfg.get("seed") or 0)
     return datamodule, module

@@ -21,6 +21,7 @@ from torchvision.transforms import v2 as T
 
 from transfer_learning.demo import generate_shapes
 from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.feature_cache import CachedFeatures, FeatureCache
 from transfer_learning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.verify = verify_images
         self.generate = dict(generate) if generate else None
         self.preprocessing: Preprocessing | None = None
+        self.feature_cache: FeatureCache | None = None
+        self.cache_views, self.cache_seed = 1, 0
         self.datasets: dict[str, Dataset] = {}
         self._layout: dict[str, Path] | None = None
         self._classes: list[str] | None = None
@@ -194,15 +197,16 @@ class ImageFolderDataModule(L.LightningDataModule):
     # -- discovery -----------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Generate the demo data set, but only into the folder it was configured for: a
-        mistyped data.root must fail, not quietly become demo data."""
-        if self.generate is None or self.root.exists():
-            return
-        spec = dict(self.generate)
-        target = Path(spec.pop("root", self.root)).expanduser()
-        if target.absolute() == self.root.absolute():
-            log.info("Generating the demo data set in %s", self.root)
-            generate_shapes(self.root, **spec)
+        """Generate the demo data set, but only into the folder it was configured for (a
+        mistyped data.root must fail, not quietly become demo data); compute cached features."""
+        if self.generate is not None and not self.root.exists():
+            spec = dict(self.generate)
+            target = Path(spec.pop("root", self.root)).expanduser()
+            if target.absolute() == self.root.absolute():
+                log.info("Generating the demo data set in %s", self.root)
+                generate_shapes(self.root, **spec)
+        if self.feature_cache is not None and self.preprocessing is not None and not self.datasets:
+            self._cached()  # one process per node computes the files; the others wait, then load them
 
     def _find_layout(self) -> dict[str, Path]:
         if not self.root.is_dir():
@@ -265,9 +269,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         transform = None if train is None else build_transforms(self.preprocessing, train, self.augment)
         return ClassFolder(str(path), self._classes, transform=transform, loader=load_rgb)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+    def use_feature_cache(self, cache: FeatureCache, views: int = 1, seed: int = 0) -> None:
+        """Serve cached backbone features instead of images: ``views`` augmented views of each
+        training image (1: the exact evaluation transform), one exact view of val and test."""
+        self.feature_cache, self.cache_views, self.cache_seed = cache, views, seed
+
+    def _image_datasets(self, augment_train: bool = True) -> dict[str, Dataset]:
         if self.preprocessing is None:
             raise RuntimeError("set_preprocessing() must be called before setup(): the backbone decides it")
         self.discover()
@@ -279,12 +286,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             fractions = {k: v for k, v in self.fractions.items() if k == "val" or "test" not in self._layout}
             labels = self._folder(source, None).targets
             split = stratified_split(labels, fractions, self.seed, self.class_names)
-            train_set, eval_set = self._folder(source, True), self._folder(source, False)
+            train_set, eval_set = self._folder(source, augment_train), self._folder(source, False)
             datasets["train"] = Subset(train_set, split["train"])
             for name in fractions:
                 datasets[name] = Subset(eval_set, split[name])
         else:
-            datasets["train"] = self._folder(self._layout["train"], True)
+            datasets["train"] = self._folder(self._layout["train"], augment_train)
             datasets["val"] = self._folder(self._layout["val"], False)
         if "test" in self._layout:
             datasets["test"] = self._folder(self._layout["test"], False)
@@ -293,36 +300,76 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not datasets.get("test"):
             log.warning("No test split (no test/ folder and data.test_fraction=0): testing on val.")
             datasets["test"] = datasets["val"]
-        self.datasets = datasets
+        return datasets
+
+    def _cached(self) -> dict[str, Dataset]:
+        """Every split as cached features, computed first where no cache file matches."""
+        assert self.feature_cache is not None and self.preprocessing is not None
+        views = self.cache_views
+        images = self._image_datasets(augment_train=views > 1)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        exact = {"eval": self.preprocessing.to_dict()}
+        out: dict[str, Dataset] = {}
+        for name, dataset in images.items():
+            if name == "test" and dataset is images["val"]:
+                out[name] = out["val"]
+                continue
+            files, labels = samples(dataset)
+            augmented = name == "train" and views > 1
+            train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
+            transform = train if augmented else exact
+            out[name] = self.feature_cache.get(
+                name, dataset, files, labels, transform=transform,
+                views=views if augmented else 1, seed=self.cache_seed, device=device,
+            )  # fmt: skip
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.datasets = self._cached() if self.feature_cache is not None else self._image_datasets()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Cached training features with several views: epoch ``epoch`` reads view ``epoch % views``."""
+        train = self.datasets.get("train")
+        if isinstance(train, CachedFeatures):
+            train.set_epoch(epoch)
 
     def split_sizes(self) -> dict[str, int]:
         return {name: len(ds) for name, ds in self.datasets.items()}  # type: ignore[arg-type]
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
-        trainer = self.trainer
-        world_size = trainer.world_size if trainer is not None else 1
-        sampler = None
-        if not train and world_size > 1:
-            # Lightning's DistributedSampler pads shards to equal length by repeating samples;
-            # evaluation must count every sample exactly once, so shards may differ by one.
-            sampler = UnrepeatedDistributedSampler(
-                dataset,
-                num_replicas=world_size,
-                rank=trainer.global_rank,  # type: ignore[union-attr]
-                shuffle=False,
+        if isinstance(dataset, CachedFeatures):  # rows of a tensor: workers would only add overhead
+            return DataLoader(
+                dataset, batch_size=self.batch_size, shuffle=train, sampler=self._eval_sampler(dataset, train)
             )
+        world_size = self.trainer.world_size if self.trainer is not None else 1
         per_process = len(dataset) // world_size  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
-            sampler=sampler,
+            sampler=self._eval_sampler(dataset, train),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             # A last batch of one sample breaks BatchNorm in training mode.
             drop_last=train and per_process > self.batch_size,
+        )
+
+    def _eval_sampler(self, dataset: Dataset, train: bool) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, evaluation shards that may differ by one sample: Lightning's
+        DistributedSampler would pad them to equal length by repeating samples, and those would
+        be counted twice. Training keeps Lightning's sampler."""
+        trainer = self.trainer
+        if train or trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            shuffle=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -333,3 +380,13 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def samples(dataset: Dataset) -> tuple[list[str], list[int]]:
+    """File paths and labels of an ImageFolder or a Subset of one, in dataset order."""
+    if isinstance(dataset, Subset):
+        base: Any = dataset.dataset
+        pairs = [base.samples[i] for i in dataset.indices]
+    else:
+        pairs = list(dataset.samples)  # type: ignore[attr-defined]
+    return [p for p, _ in pairs], [int(label) for _, label in pairs]

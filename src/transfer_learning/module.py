@@ -22,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from transfer_learning.feature_cache import bf16_pays, is_convolutional
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.strategies import Strategy
@@ -88,6 +89,7 @@ class TransferLearningModule(L.LightningModule):
         image_size: int | None = None,
         image_size_strict: bool = True,
         label_smoothing: float = 0.0,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -100,6 +102,7 @@ class TransferLearningModule(L.LightningModule):
                 "image_size": image_size,
                 "image_size_strict": image_size_strict,
                 "label_smoothing": label_smoothing,
+                "channels_last": channels_last,
             }
         )
         self.class_names = list(class_names)
@@ -110,6 +113,10 @@ class TransferLearningModule(L.LightningModule):
             self.net.preprocessing, image_size, strict=image_size_strict
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # channels_last: the memory layout fast convolution kernels want (CPU and GPU).
+        self._channels_last = channels_last and is_convolutional(self.net.backbone)
+        if self._channels_last:
+            self.net.backbone.to(memory_format=torch.channels_last)
         n = len(class_names)
         self.train_acc = MulticlassAccuracy(n, average="micro")
         self.val_metrics = classification_metrics(n, "val/")
@@ -123,11 +130,37 @@ class TransferLearningModule(L.LightningModule):
     # -- forward and steps -----------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        """Class logits of images, or of cached backbone features (a 2-D batch: head only)."""
+        if x.ndim == 2:
+            return self.net.head(x)
+        if self.net.backbone_frozen:
+            return self.net.head(self._frozen_features(x))
+        return self.net(self._memory_format(x))
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
+
+    def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone as pure inference (bf16 where it pays); float32 features leave it,
+        so the head, the loss and the optimizer state stay float32."""
+        with (
+            torch.inference_mode(),
+            torch.autocast(x.device.type, torch.bfloat16, enabled=self._bf16(x.device)),
+        ):
+            features = self.net.forward_features(self._memory_format(x)).float()
+        return features.clone()  # a normal tensor again: the head's backward may save it
+
+    def _bf16(self, device: torch.device) -> bool:
+        choice = getattr(self.strategy, "bf16", False)
+        return bf16_pays(device) if choice is None else bool(choice)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits, aux = self.net.forward_with_aux(x)
+        aux: list[torch.Tensor] = []
+        if x.ndim == 2 or self.net.backbone_frozen:
+            logits = self(x)
+        else:
+            logits, aux = self.net.forward_with_aux(self._memory_format(x))
         loss = self.criterion(logits, y)
         for aux_logits in aux:
             loss = loss + self.net.aux_loss_weight * self.criterion(aux_logits, y)
@@ -161,6 +194,11 @@ class TransferLearningModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # drop values from the sanity-check run
+
+    def on_train_epoch_start(self) -> None:
+        set_epoch = getattr(getattr(self.trainer, "datamodule", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)  # which cached view this epoch reads
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_loss)

@@ -40,8 +40,23 @@ class FeatureExtraction(Strategy):
 
     name = "feature_extract"
 
-    def __init__(self, head_lr: float = 1e-2) -> None:
+    def __init__(
+        self,
+        head_lr: float = 1e-2,
+        cache_features: bool = True,
+        cached_views: int = 1,
+        bf16: bool | None = None,
+    ) -> None:
+        """``cache_features``: run the frozen backbone once per image and train the head on
+        stored features (``cached_views`` augmented views per training image; 1 is exact).
+        ``bf16``: autocast the backbone's forward pass to bfloat16; None decides from the
+        hardware (GPUs and CPUs with AVX-512 BF16 or AMX)."""
         self.head_lr = _positive("head_lr", head_lr)
+        if cached_views < 1:
+            raise ConfigError(f"strategy.cached_views={cached_views}: at least one view per image.")
+        self.cache_features = bool(cache_features)
+        self.cached_views = int(cached_views)
+        self.bf16 = bf16
 
     def prepare(self, net: Network) -> None:
         net.drop_aux()

@@ -33,6 +33,28 @@ def test_ddp_on_two_cpu_processes_keeps_the_frozen_backbone_pretrained(tmp_path,
     pretrained = efficientnet_lite0(num_classes=5).backbone.state_dict()
     assert all(torch.equal(trained[f"net.backbone.{k}"], v) for k, v in pretrained.items())
     assert trained["net.head.weight"].shape == (5, 1280)
+    # One process computed the feature cache; the other waited and read the same files.
+    output = result.stdout + result.stderr
+    for split in ("train", "val", "test"):
+        assert output.count(f"Caching {split} features: 1 view") == 1, split
+    assert len(list((tmp_path / "data" / ".feature_cache").glob("*.npy"))) == 3
+    assert summary["feature cache"].startswith("3 built, 0 reused")
+
+
+@pytest.mark.slow
+def test_ddp_with_and_without_the_feature_cache_gives_the_same_test_numbers(tmp_path, shapes_dir):
+    """Cached features under DDP are the features the backbone computes on the fly."""
+    common = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.root={shapes_dir}",
+              "data.image_size=64", "data.augment.enabled=false", "strategy.bf16=false",
+              "trainer.max_epochs=2", "logger=csv"]  # fmt: skip
+    cached = check_run(tmp_path, run_cli(tmp_path, *common), "feature_extract")
+    uncached_dir = tmp_path / "uncached"
+    uncached_dir.mkdir()
+    result = run_cli(uncached_dir, *common, "strategy.cache_features=false")
+    uncached = check_run(uncached_dir, result, "feature_extract")
+    assert uncached.get("feature cache") is None
+    for key in ("best val/acc", "test/acc", "test/f1"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-6), key
 
 
 @pytest.mark.slow

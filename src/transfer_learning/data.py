@@ -27,7 +27,12 @@ from transfer_learning.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "test": ("test",), "train": ("train",)}
-DEFAULT_AUGMENT: dict[str, Any] = {"scale": (0.35, 1.0), "hflip": 0.5, "trivial_augment": False}
+DEFAULT_AUGMENT: dict[str, Any] = {
+    "enabled": True,
+    "scale": (0.35, 1.0),
+    "hflip": 0.5,
+    "trivial_augment": False,
+}
 
 
 def is_image(path: Path) -> bool:
@@ -116,7 +121,7 @@ def stratified_split(
 def build_transforms(p: Preprocessing, train: bool, augment: Mapping[str, Any]) -> T.Compose:
     interpolation = InterpolationMode(p.interpolation)
     finish = [T.ToDtype(torch.float32, scale=True), T.Normalize(p.mean, p.std)]
-    if not train:
+    if not train or not augment.get("enabled", True):
         return T.Compose(
             [T.ToImage(), T.Resize(p.resize_size, interpolation, antialias=True),
              T.CenterCrop(p.crop_size), *finish]
@@ -340,19 +345,17 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
-        if isinstance(dataset, CachedFeatures):  # rows of a tensor: workers would only add overhead
-            return DataLoader(
-                dataset, batch_size=self.batch_size, shuffle=train, sampler=self._eval_sampler(dataset, train)
-            )
         world_size = self.trainer.world_size if self.trainer is not None else 1
         per_process = len(dataset) // world_size  # type: ignore[arg-type]
+        # Cached features are rows of a tensor: loader workers would only add overhead.
+        workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
             sampler=self._eval_sampler(dataset, train),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             # A last batch of one sample breaks BatchNorm in training mode.
             drop_last=train and per_process > self.batch_size,

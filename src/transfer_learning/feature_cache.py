@@ -26,7 +26,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,12 @@ class FeatureCache:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._weights: str | None = None
+        self.reused: set[Path] = set()
+        self.built: set[Path] = set()
+
+    def report(self) -> str:
+        """For the run summary: how many cache files this run computed and how many it reused."""
+        return f"{len(self.built)} built, {len(self.reused - self.built)} reused ({self.directory})"
 
     def _uses_bf16(self, device: torch.device) -> bool:
         return bf16_pays(device) if self.bf16 is None else self.bf16
@@ -174,8 +180,10 @@ class FeatureCache:
         path = self.path(split, files, labels, transform, views, seed, device)
         if path.is_file():
             log.info("Feature cache hit for %s (%d images): %s", split, len(labels), path)
+            self.reused.add(path)
         else:
             self._build(path, split, images, views, seed, device)
+            self.built.add(path)
         return CachedFeatures(self._load(path), labels)
 
     def _build(
@@ -199,9 +207,10 @@ class FeatureCache:
                         images, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                         generator=generator, worker_init_fn=_seed_worker(seed + view),
                     )  # fmt: skip
-                    torch.manual_seed(seed + view)  # the augmentations of view `view` (no workers)
                     desc = f"Caching {split} features" + (f" (view {view + 1}/{views})" if views > 1 else "")
-                    batches = [forward(x).cpu() for x, _ in tqdm(loader, desc=desc, leave=False)]
+                    with torch.random.fork_rng(devices=[]):  # the run's own random stream stays as it was
+                        torch.manual_seed(seed + view)  # the augmentations of view `view` (no workers)
+                        batches = [forward(x).cpu() for x, _ in tqdm(loader, desc=desc, leave=False)]
                     chunks.append(torch.cat(batches))
         finally:
             self.backbone.to(backbone_device)
@@ -230,7 +239,8 @@ class FeatureCache:
 
 
 def _seed_worker(seed: int) -> Callable[[int], None]:
-    def init(worker_id: int) -> None:
-        torch.manual_seed(seed * 1000 + worker_id)
+    return partial(_seed, seed)
 
-    return init
+
+def _seed(seed: int, worker_id: int) -> None:
+    torch.manual_seed(seed * 1000 + worker_id)

@@ -47,6 +47,7 @@ def build_summary(
         "input size": module.preprocessing.crop_size,
         "classes": f"{len(names)} ({shorten(names)})",
         "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
+        "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
         "epochs run": trainer.current_epoch,
         "best val/acc": number(best_score) if best_score is not None else fit_metrics.get("val/acc"),
         **{k: v for k, v in test_metrics.items() if k != "test/loss"},

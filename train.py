@@ -12,11 +12,12 @@ from omegaconf import DictConfig
 
 from transfer_learning.config import expand_overrides
 from transfer_learning.errors import find_user_error
-from transfer_learning.train import train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from transfer_learning.train import train  # torch, Lightning: not needed for --help
+
     try:
         metrics = train(cfg)
     except Exception as exc:

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -18,10 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from transfer_learning.data import ImageFolderDataModule
-from transfer_learning.feature_cache import FeatureCache
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.strategies import FeatureExtraction
+if TYPE_CHECKING:  # torch and Lightning load when something is built, not for `train.py --help`
+    from transfer_learning.data import ImageFolderDataModule
+    from transfer_learning.module import TransferLearningModule
 
 # The repository's conf/ (the package is installed in editable mode from src/).
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -87,6 +86,10 @@ def compose_config(
 def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModule]:
     """The data module and the LightningModule of ``cfg``, introduced to each other: the data
     tells the network its classes, the network tells the data its preprocessing."""
+    from transfer_learning.feature_cache import FeatureCache
+    from transfer_learning.module import TransferLearningModule
+    from transfer_learning.strategies import FeatureExtraction
+
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
     image_size = data.pop("image_size", None)
     image_size_strict = data.pop("image_size_strict", True)
@@ -114,4 +117,6 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
             num_workers=datamodule.num_workers,
         )
         datamodule.use_feature_cache(cache, views=strategy.cached_views, seed=cfg.get("seed") or 0)
+    if cfg.get("compile"):
+        module.net.backbone.compile()  # in place: checkpoint keys stay the same
     return datamodule, module

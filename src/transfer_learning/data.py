@@ -165,7 +165,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self,
         root: str,
         batch_size: int = 32,
-        num_workers: int = 2,
+        num_workers: int | str = "auto",
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 42,
@@ -176,7 +176,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        # "auto": one loader worker per core this process may use, at most 8.
+        self.num_workers = min(8, len(os.sched_getaffinity(0))) if num_workers == "auto" else int(num_workers)
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be "

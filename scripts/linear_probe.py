@@ -95,7 +95,7 @@ def main() -> None:
     print(f"\n{'':<34}{'val/acc':>9}{'test/acc':>10}")
     for name, val, test in rows:
         print(f"{name:<34}{val:>9.4f}{test:>10.4f}")
-    gap = 100 * (reference["test/acc"] - summary["test/acc"])
+    gap = round(100 * (reference["test/acc"] - summary["test/acc"]), 1) + 0.0  # no "-0.0"
     print(f"test accuracy gap: {gap:+.1f} points (positive: the probe is ahead)")
 
 

@@ -39,7 +39,11 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
 @pytest.mark.parametrize("cached", [True, False])
 def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_identical(shapes_dir, cached):
     module, datamodule = build(
-        shapes_dir, "strategy=feature_extract", f"strategy.cache_features={cached}", "scheduler=constant"
+        shapes_dir,
+        "strategy=feature_extract",
+        f"strategy.cache_features={cached}",
+        "strategy.head_lr=0.02",
+        "scheduler=constant",
     )
     backbone_before, head_before = _snapshot(module.net.backbone), _snapshot(module.net.head)
     modes = RecordModes()
@@ -53,7 +57,7 @@ def test_feature_extraction_trains_only_the_head_and_keeps_the_backbone_bit_iden
     assert modes.backbone_training == [False] * 4 and not any(modes.norms_training)
 
     (group,) = module.trainer.optimizers[0].param_groups
-    assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)
+    assert group["name"] == "head" and group["lr"] == pytest.approx(0.02)
     assert {id(p) for p in group["params"]} == {id(p) for p in module.net.head.parameters()}
 
 
@@ -192,4 +196,4 @@ def test_resuming_feature_extraction_keeps_the_backbone_frozen_and_the_groups(tm
     assert _changed(head_after_one_epoch, resumed.net.head.state_dict()) == {"weight", "bias"}
     assert modes.backbone_training == [False] * len(modes.backbone_training)
     (group,) = second.optimizers[0].param_groups
-    assert group["name"] == "head" and group["lr"] == pytest.approx(1e-2)
+    assert group["name"] == "head" and group["lr"] == pytest.approx(0.1)  # conf/strategy/feature_extract.yaml

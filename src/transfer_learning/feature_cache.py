@@ -233,7 +233,7 @@ class FeatureCache:
         except (ValueError, OSError):
             available = 0
         if available and array.nbytes < IN_MEMORY_SHARE * available:
-            return torch.from_numpy(np.ascontiguousarray(array))
+            return torch.from_numpy(np.array(array))  # a writable copy in memory
         log.info("Feature cache %s (%.1f GB) is memory-mapped", path, array.nbytes / 1e9)
         return torch.from_numpy(array)  # read-only mapping: pages load on demand
 

@@ -1,0 +1,197 @@
+"""Feature extraction and fine-tuning: this template against the plain PyTorch loop.
+
+`python scripts/benchmark.py [--model efficientnet_lite0] [--epochs 10] [--data ROOT]` runs, on
+the same data, backbone and number of epochs, each as a whole process (imports included, as a
+user experiences it):
+
+  (a) the classic hand-written loop: requires_grad=False on the backbone (feature extraction) or
+      everything trainable (fine-tuning), a replaced head, SGD with momentum, torchvision
+      ImageFolder with RandomResizedCrop + flip, NCHW, float32;
+  (b) `python train.py data=imagefolder ...` with `strategy=feature_extract` twice (the second
+      run finds the feature cache) and `strategy=finetune trainer.precision=bf16-mixed`
+      (channels_last is on by default).
+
+It prints wall time, training images/s, final validation accuracy and peak memory of each, and
+the speed ratios of (b) to (a). Without --data it writes a small data set of generated shapes
+(60 training and 16 validation images per class, 5 classes) under data/benchmark_shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ (a) the plain loop
+
+
+def plain_loop(strategy: str, data: Path, epochs: int, image_size: int, model: str) -> dict[str, Any]:
+    """The loop people write by hand. Runs in its own process (see main)."""
+    import torch
+    from hydra.utils import instantiate
+    from torch import nn
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from transfer_learning.config import compose_config
+
+    torch.manual_seed(0)
+    train_set = ImageFolder(str(data / "train"))
+    net = instantiate(compose_config([f"model={model}"]).model, num_classes=len(train_set.classes))
+    p = net.preprocessing
+    normalize = T.Normalize(p.mean, p.std)
+    train_set.transform = T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    val_set = ImageFolder(
+        str(data / "val"),
+        transform=T.Compose([T.Resize(round(image_size * p.resize_size / p.crop_size)),
+                             T.CenterCrop(image_size), T.ToTensor(), normalize]),
+    )  # fmt: skip
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=2)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=32, num_workers=2)
+    if strategy == "feature_extract":
+        for parameter in net.backbone.parameters():
+            parameter.requires_grad = False
+        optimizer = torch.optim.SGD(net.head.parameters(), lr=1e-2, momentum=0.9)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    accuracies = []
+    for _ in range(epochs):
+        net.train()
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            criterion(net(x), y).backward()
+            optimizer.step()
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val_loader:
+                correct += int((net(x).argmax(1) == y).sum())
+        accuracies.append(correct / len(val_set))
+    return {"val_acc": accuracies[-1], "best_val_acc": max(accuracies), "train_images": len(train_set)}
+
+
+# ------------------------------------------------------------------------------ timing harness
+
+
+def timed(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Wall seconds, peak resident memory (MB, the process and the children it waited for)
+    and output of one whole process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PROJECT_ROOT", None)
+    with tempfile.TemporaryFile("w+") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{text[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, text
+
+
+def template_result(text: str) -> dict[str, Any]:
+    """Validation accuracy of a `train.py` run, from the summary and CSV files it names."""
+    marker = next(line for line in text.splitlines() if line.strip().startswith("output dir"))
+    run = Path(marker.split(maxsplit=2)[2])
+    summary = json.loads((run / "summary.json").read_text())
+    with open(run / "csv" / "metrics.csv") as f:
+        vals = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    train_images = int(summary["images train/val/test"].split("/")[0])
+    return {"val_acc": vals[-1], "best_val_acc": summary["best val/acc"], "train_images": train_images}
+
+
+def make_data(root: Path) -> Path:
+    from transfer_learning.demo import generate_shapes
+
+    generate_shapes(root / "train", images_per_class=60, image_size=160, seed=0)
+    generate_shapes(root / "val", images_per_class=16, image_size=160, seed=1)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="efficientnet_lite0", help="a file of conf/model/")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--plain", choices=["feature_extract", "finetune"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    data = (args.data or make_data(Path("data/benchmark_shapes"))).absolute()
+    if args.plain:
+        result = plain_loop(args.plain, data, args.epochs, args.image_size, args.model)
+        print("RESULT " + json.dumps(result))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="benchmark-"))  # fresh logs and a cold feature cache
+    python = sys.executable
+    plain = [python, str(Path(__file__).resolve()), f"--data={data}", f"--epochs={args.epochs}",
+             f"--image-size={args.image_size}", f"--model={args.model}", "--plain"]  # fmt: skip
+    template = [python, str(REPO / "train.py"), "data=imagefolder", f"data.root={data}",
+                f"model={args.model}", f"trainer.max_epochs={args.epochs}",
+                f"data.image_size={args.image_size}"]  # fmt: skip
+    runs = [
+        ("(a) plain loop, feature extraction", [*plain, "feature_extract"], "plain"),
+        ("(b) feature_extract, first run", [*template, "strategy=feature_extract"], "template"),
+        ("(b) feature_extract, cache hit", [*template, "strategy=feature_extract"], "template"),
+    ]
+    if not args.skip_finetune:
+        runs += [
+            ("(a) plain loop, fine-tuning", [*plain, "finetune"], "plain"),
+            (
+                "(b) finetune, bf16-mixed",
+                [*template, "strategy=finetune", "trainer.precision=bf16-mixed"],
+                "template",
+            ),
+        ]
+    rows = []
+    for name, command, kind in runs:
+        print(f"running {name} ...", flush=True)
+        seconds, memory, text = timed(command, work)
+        if kind == "plain":
+            result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+        else:
+            result = template_result(text)
+        rows.append({"name": name, "seconds": seconds, "memory": memory, **result})
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.model}, {args.image_size} px, "
+          f"{args.epochs} epochs, {rows[0]['train_images']} training images")  # fmt: skip
+    print(f"{'run':<38}{'wall s':>8}{'img/s':>8}{'val acc':>9}{'best':>7}{'peak MB':>9}{'vs (a)':>8}")
+    baseline = {
+        "feature": rows[0]["seconds"],
+        "fine": next((r["seconds"] for r in rows if "plain loop, fine" in r["name"]), 0),
+    }
+    for r in rows:
+        images_per_s = r["train_images"] * args.epochs / r["seconds"]
+        base = baseline["feature" if "feature" in r["name"] else "fine"]
+        ratio = f"{base / r['seconds']:.2f}x" if base and not r["name"].startswith("(a)") else ""
+        print(f"{r['name']:<38}{r['seconds']:>8.1f}{images_per_s:>8.1f}{r['val_acc']:>9.3f}"
+              f"{r['best_val_acc']:>7.3f}{r['memory']:>9.0f}{ratio:>8}")  # fmt: skip
+    print(f"cache hit vs first run: {rows[1]['seconds'] / rows[2]['seconds']:.2f}x faster")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

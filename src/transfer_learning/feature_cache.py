@@ -51,7 +51,11 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def bf16_pays(device: torch.device) -> bool:
+def use_bf16(choice: bool | None, device: torch.device) -> bool:
+    """``choice`` when set; None: bf16 where the hardware pays for it (GPUs with bf16, CPUs with
+    AVX-512 BF16 or AMX)."""
+    if choice is not None:
+        return bool(choice)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_has_bf16()
@@ -151,9 +155,6 @@ class FeatureCache:
         """For the run summary: how many cache files this run computed and how many it reused."""
         return f"{len(self.built)} built, {len(self.reused - self.built)} reused ({self.directory})"
 
-    def _uses_bf16(self, device: torch.device) -> bool:
-        return bf16_pays(device) if self.bf16 is None else self.bf16
-
     def path(self, split: str, files: Sequence[str], labels: Sequence[int], transform: dict[str, Any],
              views: int, seed: int, device: torch.device) -> Path:  # fmt: skip
         if self._weights is None:
@@ -164,7 +165,7 @@ class FeatureCache:
             "transform": transform,
             "views": views,
             "seed": seed,
-            "dtype": "bfloat16" if self._uses_bf16(device) else "float32",
+            "dtype": "bfloat16" if use_bf16(self.bf16, device) else "float32",
             "files": file_identity(files),
             "labels": list(labels),
         }
@@ -191,7 +192,7 @@ class FeatureCache:
     ) -> None:
         from tqdm.auto import tqdm
 
-        bf16 = self._uses_bf16(device)
+        bf16 = use_bf16(self.bf16, device)
         log.info(
             "Caching %s features: %d view(s) of %d images, %s, to %s",
             split, views, len(images), "bf16" if bf16 else "float32", path,  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from transfer_learning.feature_cache import bf16_pays, is_convolutional
+from transfer_learning.feature_cache import is_convolutional, use_bf16
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.strategies import Strategy
@@ -151,8 +151,7 @@ class TransferLearningModule(L.LightningModule):
         return features.clone()  # a normal tensor again: the head's backward may save it
 
     def _bf16(self, device: torch.device) -> bool:
-        choice = getattr(self.strategy, "bf16", False)
-        return bf16_pays(device) if choice is None else bool(choice)
+        return use_bf16(getattr(self.strategy, "bf16", False), device)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

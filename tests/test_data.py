@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from transfer_learning.data import ImageFolderDataModule, load_rgb, stratified_split
+from transfer_learning.data import ImageFolderDataModule, load_rgb, samples, stratified_split
 from transfer_learning.demo import CLASSES, generate_shapes
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.preprocessing import Preprocessing
@@ -60,15 +60,11 @@ def ready(root: Path, **kwargs) -> ImageFolderDataModule:
 
 def paths(dataset) -> list[str]:
     """The file of every sample in a dataset or a Subset of one, in dataset order."""
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.samples[i][0] for i in dataset.indices]
-    return [path for path, _ in dataset.samples]
+    return samples(dataset)[0]
 
 
 def samples_of(dataset) -> list[tuple[str, int]]:
-    if isinstance(dataset, Subset):
-        return [dataset.dataset.samples[i] for i in dataset.indices]
-    return list(dataset.samples)
+    return list(zip(*samples(dataset), strict=True))
 
 
 def class_of(path: str) -> str:

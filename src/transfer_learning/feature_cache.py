@@ -92,7 +92,7 @@ def weights_digest(module: nn.Module) -> str:
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")  # no copy: a buffer
     return digest.hexdigest()
 
 

@@ -315,6 +315,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         images = self._image_datasets(augment_train=views > 1)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         exact = {"eval": self.preprocessing.to_dict()}
+        train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
         out: dict[str, Dataset] = {}
         for name, dataset in images.items():
             if name == "test" and dataset is images["val"]:
@@ -322,7 +323,6 @@ class ImageFolderDataModule(L.LightningDataModule):
                 continue
             files, labels = samples(dataset)
             augmented = name == "train" and views > 1
-            train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
             transform = train if augmented else exact
             out[name] = self.feature_cache.get(
                 name, dataset, files, labels, transform=transform,

@@ -65,20 +65,27 @@ def is_convolutional(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
+def infer_features(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, bf16: bool, channels_last: bool
+) -> torch.Tensor:
+    """A frozen backbone's forward pass as pure inference: no autograd, channels_last when asked,
+    bf16 autocast when ``bf16``; float32 features come out (head, loss and optimizer stay fp32)."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(images.device.type, torch.bfloat16, enabled=bf16):
+        return forward(images).float()
+
+
 @contextlib.contextmanager
 def fast_inference(backbone: nn.Module, device: torch.device, bf16: bool) -> Iterator[Callable]:
-    """The backbone as a function for inference: eval mode, no autograd, channels_last for
-    convolutional networks, bf16 autocast when ``bf16``. Its float32 features come out."""
+    """The backbone as a function of a batch on any device, in eval mode, through
+    :func:`infer_features` (channels_last for convolutional networks)."""
     was_training = backbone.training
     backbone.eval()
     channels_last = is_convolutional(backbone)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            return backbone(images).float()
+        return infer_features(backbone, images.to(device, non_blocking=True), bf16, channels_last)
 
     try:
         yield forward
@@ -206,7 +213,7 @@ class FeatureCache:
                     generator = torch.Generator().manual_seed(seed + view)
                     loader = DataLoader(
                         images, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                        generator=generator, worker_init_fn=_seed_worker(seed + view),
+                        generator=generator, worker_init_fn=partial(_seed_worker, seed + view),
                     )  # fmt: skip
                     desc = f"Caching {split} features" + (f" (view {view + 1}/{views})" if views > 1 else "")
                     with torch.random.fork_rng(devices=[]):  # the run's own random stream stays as it was
@@ -239,9 +246,5 @@ class FeatureCache:
         return torch.from_numpy(array)  # read-only mapping: pages load on demand
 
 
-def _seed_worker(seed: int) -> Callable[[int], None]:
-    return partial(_seed, seed)
-
-
-def _seed(seed: int, worker_id: int) -> None:
+def _seed_worker(seed: int, worker_id: int) -> None:
     torch.manual_seed(seed * 1000 + worker_id)

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from transfer_learning.feature_cache import is_convolutional, use_bf16
+from transfer_learning.feature_cache import infer_features, is_convolutional, use_bf16
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.strategies import Strategy
@@ -141,13 +141,8 @@ class TransferLearningModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone as pure inference (bf16 where it pays); float32 features leave it,
-        so the head, the loss and the optimizer state stay float32."""
-        with (
-            torch.inference_mode(),
-            torch.autocast(x.device.type, torch.bfloat16, enabled=self._bf16(x.device)),
-        ):
-            features = self.net.forward_features(self._memory_format(x)).float()
+        """The frozen backbone as pure inference, as the feature cache runs it."""
+        features = infer_features(self.net.forward_features, x, self._bf16(x.device), self._channels_last)
         return features.clone()  # a normal tensor again: the head's backward may save it
 
     def _bf16(self, device: torch.device) -> bool:

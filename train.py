@@ -3,33 +3,23 @@
 Configs live in conf/; every option can be overridden on the command line (Hydra).
 """
 
-import logging
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
 
 from transfer_learning.config import expand_overrides
-from transfer_learning.errors import find_user_error
+from transfer_learning.sweeps import run_task
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a multirun; returns the optimised metric for sweepers."""
     from transfer_learning.train import train  # torch, Lightning: not needed for --help
 
-    try:
-        metrics = train(cfg)
-    except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is None:
-            raise
-        logging.getLogger("train").error(
-            "%s\n(Outputs written so far are kept in %s)", user_error, cfg.paths.output_dir
-        )
-        sys.exit(2)
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return float(value) if value is not None else None
+    return run_task(cfg, train)
 
 
 if __name__ == "__main__":
@@ -37,4 +27,7 @@ if __name__ == "__main__":
     # sweep folders (and inherited by DDP worker processes, which re-run this command).
     os.environ.setdefault("PROJECT_ROOT", os.getcwd())
     sys.argv = expand_overrides(sys.argv)
+    # conf/hydra/launcher/submitit_*.yaml set this template's defaults on top of the submitit
+    # plugin's schema of the same name; Hydra validates them against it and says so each time.
+    warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
     main()

@@ -95,3 +95,69 @@ def check_run(tmp_path: Path, result: subprocess.CompletedProcess[str], strategy
         rows = list(csv.DictReader(f))
     assert any(row.get("val/acc") for row in rows) and any(row.get("test/acc") for row in rows)
     return summary
+
+
+def train_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python train.py <args>` exactly as typed in ``cwd``: no path is overridden, so the outputs
+    land under ``cwd/logs`` where a user's would."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    environment.pop("PROJECT_ROOT", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def sweep_dirs(cwd: Path) -> list[Path]:
+    """The multirun folders under ``cwd/logs``, oldest first."""
+    return sorted((cwd / "logs" / "train" / "multiruns").iterdir())
+
+
+def read_sweep_table(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "sweep_results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def read_wandb_run(run_dir: Path) -> dict[str, Any]:
+    """An offline W&B run read back with wandb's own reader (`wandb leet inspect --json`): the
+    run record (last one: tags, group, name), the merged config, every history row, the
+    artifacts, the tables the run logged (by key) and the staged files they refer to (by path)."""
+    (log_file,) = run_dir.glob("run-*.wandb")
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    result = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--json", str(log_file)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    run: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    artifacts: list[dict[str, Any]] = []
+    for line in result.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        kind = record.get("type")
+        if kind == "run":
+            run = record["run"]
+            config.update(run.get("config", {}).get("update", {}))
+        elif kind == "config":
+            config.update(record["config"].get("update", {}))
+        elif kind == "history":
+            history.append(record["history"]["item"])
+        elif kind == "artifact":
+            artifacts.append(record["artifact"])
+    # Tables travel as run_table artifacts (with the pictures they show), staged until synced.
+    tables, files = {}, {}
+    for artifact in artifacts:
+        for entry in artifact.get("manifest", {}).get("contents", []):
+            files[entry["path"]] = Path(entry["local_path"])
+            if artifact.get("type") == "run_table" and entry["path"].endswith(".table.json"):
+                tables[entry["path"].removesuffix(".table.json")] = json.loads(
+                    Path(entry["local_path"]).read_text()
+                )
+    return {"run": run, "config": config, "history": history, "tables": tables, "artifacts": artifacts,
+            "files": files}  # fmt: skip

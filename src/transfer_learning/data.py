@@ -197,6 +197,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.feature_cache: FeatureCache | None = None
         self.cache_views, self.cache_seed = 1, 0
         self.datasets: dict[str, Dataset] = {}
+        self.split_files: dict[str, tuple[list[str], list[int]]] = {}
         self._layout: dict[str, Path] | None = None
         self._classes: list[str] | None = None
 
@@ -306,6 +307,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not datasets.get("test"):
             log.warning("No test split (no test/ folder and data.test_fraction=0): testing on val.")
             datasets["test"] = datasets["val"]
+        # Each split's image files and labels, in dataset order (also the cached features' order).
+        self.split_files = {name: samples(ds) for name, ds in datasets.items()}
         return datasets
 
     def _cached(self) -> dict[str, Dataset]:

@@ -36,14 +36,115 @@ def wandb_mode() -> str:
     return "online" if wandb_logged_in() else "offline"
 
 
-def wandb_logger(**kwargs: Any) -> WandbLogger:
-    """A WandbLogger that runs offline (never prompting for a login) unless W&B is set up."""
+class TemplateWandbLogger(WandbLogger):
+    """Lightning's WandbLogger plus this template's switch for the best-checkpoint artifact."""
+
+    def __init__(self, *, checkpoint_artifact: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint_artifact = checkpoint_artifact
+
+
+def wandb_logger(**kwargs: Any) -> TemplateWandbLogger:
+    """A WandbLogger that runs offline (never prompting for a login) unless W&B is set up.
+
+    In a multirun every job joins one group named after the sweep folder, and is named after
+    its job number and overrides, so W&B shows the jobs of a sweep side by side."""
     mode = wandb_mode()
     if mode != "online" and "WANDB_MODE" not in os.environ:
         log.info("No W&B login found: logging offline. Upload later with `wandb sync <run dir>`.")
     os.environ.setdefault("WANDB_SILENT", "true")
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(offline=mode in ("offline", "dryrun"), mode=mode, **kwargs)
+    identity = _sweep_identity(kwargs.get("name"))
+    if identity:  # a multirun job: its own name, and the sweep's group unless one is set
+        kwargs["name"] = identity["name"]
+        kwargs["group"] = kwargs.get("group") or identity["group"]
+    kwargs["tags"] = list(kwargs.get("tags") or [])
+    return TemplateWandbLogger(offline=mode in ("offline", "dryrun"), mode=mode, **kwargs)
+
+
+def _sweep_identity(name: str | None) -> dict[str, str]:
+    """W&B group and run name of a multirun job; nothing for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra = HydraConfig.get()
+    sweep = Path(str(hydra.sweep.dir))
+    job = f"{name or hydra.job.name}-{hydra.job.num}"
+    overrides = hydra.job.override_dirname
+    return {"group": f"{sweep.parent.parent.name}-{sweep.name}", "name": f"{job} {overrides}".strip()}
+
+
+def add_tags(loggers: Sequence[Logger], tags: Sequence[str]) -> None:
+    """Tags the run itself knows (strategy, model), added to the configured ones."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger.experiment is not None:
+            run = logger.experiment
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))
+
+
+def log_table(loggers: Sequence[Logger], key: str, rows: Sequence[dict[str, Any]], images: str = "") -> None:
+    """Rows as a W&B table; the column named ``images`` holds image file paths shown as pictures."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or not rows:
+            continue
+        import wandb
+
+        columns = list(rows[0])
+        data = [[_image(row[c]) if c == images else row[c] for c in columns] for row in rows]
+        logger.experiment.log({key: wandb.Table(columns=list[str | int](columns), data=data)})
+
+
+def _image(path: str, size: int = 160) -> Any:
+    import wandb
+    from PIL import Image
+
+    with Image.open(path) as image:
+        thumbnail = image.convert("RGB")
+        thumbnail.thumbnail((size, size))
+    return wandb.Image(thumbnail, caption=Path(path).name)
+
+
+def log_confusion_matrix(
+    loggers: Sequence[Logger], key: str, matrix: Any, class_names: Sequence[str]
+) -> None:
+    """W&B's interactive confusion matrix, from the counts (true classes down)."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        y_true: list[int] = []
+        preds: list[int] = []
+        for i, row in enumerate(matrix.tolist()):
+            for j, count in enumerate(row):
+                y_true += [i] * int(count)
+                preds += [j] * int(count)
+        plot = wandb.plot.confusion_matrix(
+            y_true=y_true, preds=preds, class_names=list(class_names), title="Test confusion matrix"
+        )
+        logger.experiment.log({key: plot})
+
+
+def log_checkpoint(loggers: Sequence[Logger], path: str, metadata: dict[str, Any]) -> None:
+    """The best checkpoint as a W&B model artifact, where the logger's ``checkpoint_artifact`` is on."""
+    for logger in loggers:
+        if isinstance(logger, TemplateWandbLogger) and logger.checkpoint_artifact and path:
+            import wandb
+
+            run = logger.experiment
+            artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
+            artifact.add_file(path, name=Path(path).name)
+            run.log_artifact(artifact, aliases=["best"])
+
+
+def log_facts(loggers: Sequence[Logger], facts: dict[str, Any]) -> None:
+    """Run facts (parameter counts, batch sizes) as hyperparameters, and in the W&B summary."""
+    for logger in loggers:
+        logger.log_hyperparams({"run": facts})
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(facts)
 
 
 def logger_locations(loggers: Sequence[Logger]) -> dict[str, str]:

@@ -36,8 +36,10 @@ def build_summary(
     fit_metrics: Mapping[str, float | None],
     test_metrics: Mapping[str, float | None],
     output_dir: Path,
+    facts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     checkpoint = best_checkpoint(trainer)
+    facts = facts or {}
     best_score = checkpoint.best_model_score if checkpoint else None
     names = module.class_names
     return {
@@ -46,6 +48,8 @@ def build_summary(
         "strategy": module.strategy.name,
         "input size": module.preprocessing.crop_size,
         "classes": f"{len(names)} ({shorten(names)})",
+        "parameters": _parameters(facts) if facts else None,
+        "batch size": _batch(facts) if facts else None,
         "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
         "epochs run": trainer.current_epoch,
@@ -54,6 +58,26 @@ def build_summary(
         "best checkpoint": (checkpoint.best_model_path if checkpoint else "") or "(none saved)",
         "output dir": str(output_dir),
     }
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def _parameters(facts: Mapping[str, Any]) -> str:
+    return (
+        f"{_count(facts['params/total'])} total, {_count(facts['params/trainable'])} trainable, "
+        f"{_count(facts['params/frozen'])} frozen"
+    )
+
+
+def _batch(facts: Mapping[str, Any]) -> str:
+    processes = facts["devices"] * facts["num_nodes"]
+    accumulate = facts["accumulate_grad_batches"]
+    if processes == 1 and accumulate == 1:
+        return str(facts["batch/per_device"])
+    steps = f" x {accumulate} accumulated" if accumulate > 1 else ""
+    return f"{facts['batch/per_device']} per device x {processes} devices{steps} = {facts['batch/effective']}"
 
 
 def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:

@@ -46,11 +46,15 @@ class FeatureExtraction(Strategy):
         cache_features: bool = True,
         cached_views: int = 1,
         bf16: bool | None = None,
+        backbone_lr: float | None = None,
     ) -> None:
         """``cache_features``: run the frozen backbone once per image and train the head on
         stored features (``cached_views`` augmented views per training image; 1 is exact).
         ``bf16``: autocast the backbone's forward pass to bfloat16; None decides from the
-        hardware (GPUs and CPUs with AVX-512 BF16 or AMX)."""
+        hardware (GPUs and CPUs with AVX-512 BF16 or AMX). ``backbone_lr`` has no effect (nothing
+        in the backbone trains); it is accepted so that one search space (hparams_search=optuna)
+        can sweep both strategies."""
+        del backbone_lr
         self.head_lr = _positive("head_lr", head_lr)
         if cached_views < 1:
             raise ConfigError(f"strategy.cached_views={cached_views}: at least one view per image.")

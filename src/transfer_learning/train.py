@@ -12,8 +12,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
 from transfer_learning.config import build, expand_path
-from transfer_learning.loggers import close_loggers, log_picture, logger_locations
+from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.loggers import (
+    add_tags,
+    close_loggers,
+    log_checkpoint,
+    log_confusion_matrix,
+    log_facts,
+    log_picture,
+    log_table,
+    logger_locations,
+)
+from transfer_learning.module import TransferLearningModule
 from transfer_learning.reporting import (
     best_checkpoint,
     build_summary,
@@ -42,10 +54,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
+    facts = run_facts(module, datamodule, trainer)
     status = "failed"
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        if trainer.is_global_zero:
+            log_facts(loggers, facts)
+            add_tags(loggers, [module.strategy.name, model_name])
         with warnings.catch_warnings():
             # A frozen backbone in eval mode is this template's intent, not the accident Lightning warns of.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -57,17 +74,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
-        model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
         summary = build_summary(
-            trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir
+            trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
         )
         if trainer.is_global_zero:
-            matrix, names = module.test_confusion_matrix, module.class_names
-            assert matrix is not None
-            picture = save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
-            save_confusion_table(matrix, names, output_dir / "confusion_matrix.csv")
-            log_picture(loggers, "test/confusion_matrix", picture)
-            summary["confusion matrix"] = str(picture)
+            summary.update(_report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics))
             summary.update(logger_locations(loggers))
             write_summary(summary, output_dir / "summary.json")
             print(format_summary(summary), flush=True)
@@ -75,3 +86,40 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {**fit_metrics, **test_metrics, "best_checkpoint": best_path, "summary": summary}
     finally:
         close_loggers(loggers, status)
+
+
+def _report(
+    cfg: DictConfig,
+    module: TransferLearningModule,
+    datamodule: ImageFolderDataModule,
+    loggers: list[Logger],
+    output_dir: Path,
+    best_path: str,
+    test_metrics: dict[str, float | None],
+) -> dict[str, str]:
+    """Rank zero, after testing: the confusion matrix, per-class metrics and the worst validation
+    images, as files in the run folder and (with W&B) as pictures and tables."""
+    matrix, names = module.test_confusion_matrix, module.class_names
+    assert matrix is not None
+    picture = save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
+    save_confusion_table(matrix, names, output_dir / "confusion_matrix.csv")
+    log_picture(loggers, "test/confusion_matrix", picture)
+    log_confusion_matrix(loggers, "test/confusion_matrix_plot", matrix, names)
+    per_class = per_class_metrics(matrix, names)
+    write_rows(per_class, output_dir / "per_class_metrics.csv")
+    log_table(loggers, "test/per_class", per_class)
+    where = {
+        "confusion matrix": f"{picture}  (counts: confusion_matrix.csv, per class: per_class_metrics.csv)"
+    }
+    limit = int(cfg.get("worst_samples") or 0)
+    if limit > 0:
+        files, labels = datamodule.split_files["val"]
+        worst = worst_samples(files, labels, predict_split(module, datamodule, "val"), names, limit)
+        where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
+        log_table(
+            loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
+        )
+    log_checkpoint(
+        loggers, best_path, {"class_names": names, **{k: v for k, v in test_metrics.items() if v is not None}}
+    )
+    return where

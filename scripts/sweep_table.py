@@ -1,0 +1,34 @@
+"""The results table of a sweep folder, rebuilt from its jobs' job.json files: for a sweep that is
+still running (submitit, SLURM) or was interrupted. Writes sweep_results.csv and .md there too.
+
+    python scripts/sweep_table.py logs/train/multiruns/<date> [--metric val/acc_best] [--mode max]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transfer_learning.sweeps import metric_mode, summarize_sweep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument(
+        "--metric", default="val/acc_best", help="the column to sort by (default val/acc_best)"
+    )
+    parser.add_argument("--mode", choices=("max", "min"), help="default: min for losses, else max")
+    args = parser.parse_args()
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a folder (expected logs/<task>/multiruns/<date>)")
+    _, text = summarize_sweep(
+        args.sweep_dir.resolve(), args.metric, args.mode or metric_mode(None, args.metric)
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""What a finished run is measured by beyond the headline metrics: parameter counts and batch
+sizes, per-class precision/recall/F1, and the validation images the model gets most wrong."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.feature_cache import CachedFeatures
+from transfer_learning.module import TransferLearningModule
+
+
+def run_facts(module: TransferLearningModule, datamodule: ImageFolderDataModule, trainer: L.Trainer) -> dict:
+    """Parameter counts (what the strategy trains) and the batch arithmetic of this run."""
+    params = list(module.net.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    processes = trainer.num_devices * trainer.num_nodes
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return {
+        "params/total": total,
+        "params/trainable": trainable,
+        "params/frozen": total - trainable,
+        "batch/per_device": datamodule.batch_size,
+        "batch/effective": datamodule.batch_size * processes * accumulate,
+        "devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+        "accumulate_grad_batches": accumulate,
+    }
+
+
+def per_class_metrics(matrix: torch.Tensor, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support of each class, from a confusion matrix (true classes
+    down, predicted across). A class never predicted has precision 0; never present, recall 0."""
+    counts = matrix.detach().cpu().double()
+    hits = counts.diag()
+    predicted, support = counts.sum(dim=0), counts.sum(dim=1)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), torch.zeros_like(hits))
+    recall = torch.where(support > 0, hits / support.clamp(min=1), torch.zeros_like(hits))
+    denominator = precision + recall
+    f1 = torch.where(denominator > 0, 2 * precision * recall / denominator.clamp(min=1e-12), 0.0)
+    return [
+        {
+            "class": name,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    ]
+
+
+def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """A list of same-keyed dicts as CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@torch.inference_mode()
+def predict_split(
+    module: TransferLearningModule, datamodule: ImageFolderDataModule, split: str
+) -> torch.Tensor:
+    """Class probabilities of every sample of ``split`` in dataset order, on this process alone
+    (cached features when the run used them, else the evaluation transform of each image)."""
+    dataset = datamodule.datasets[split]
+    workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
+    loader = DataLoader(dataset, batch_size=max(datamodule.batch_size, 64), num_workers=workers)
+    was_training = module.training
+    module.eval()
+    probs = [module(x.to(module.device)).float().softmax(dim=-1).cpu() for x, _ in loader]
+    module.train(was_training)
+    return torch.cat(probs) if probs else torch.empty(0, len(module.class_names))
+
+
+def worst_samples(
+    files: Sequence[str], labels: Sequence[int], probs: torch.Tensor, class_names: Sequence[str], limit: int
+) -> list[dict[str, Any]]:
+    """Samples ordered worst first: lowest probability given to the true class (so confident
+    mistakes lead), at most ``limit`` of them."""
+    if limit <= 0 or len(files) == 0:
+        return []
+    true = torch.as_tensor(list(labels))
+    p_true = probs[torch.arange(len(true)), true]
+    confidence, predicted = probs.max(dim=1)
+    rows = []
+    for i in torch.argsort(p_true)[:limit].tolist():
+        rows.append(
+            {
+                "file": files[i],
+                "true": class_names[int(true[i])],
+                "predicted": class_names[int(predicted[i])],
+                "confidence": float(confidence[i]),
+                "p_true": float(p_true[i]),
+                "correct": bool(predicted[i] == true[i]),
+            }
+        )
+    return rows

@@ -1,0 +1,327 @@
+"""Running one job of ``python train.py`` (a run, or a job of a Hydra multirun) and summing up
+a sweep: which job won, which failed and why.
+
+Each multirun job writes ``job.json`` into its own folder; at the end of the sweep the
+:class:`SweepSummary` Hydra callback gathers them into ``sweep_results.csv`` and
+``sweep_results.md`` in the sweep folder and prints the table. Gathering files instead of
+return values works the same for every launcher (in-process, submitit on this machine or on
+SLURM) and every sweeper (Hydra's grid, Optuna). ``python scripts/sweep_table.py <sweep dir>``
+rebuilds the table of a sweep that is still running or was interrupted.
+
+Nothing here imports torch or Lightning at module level: Hydra loads the callback for every
+command, ``--help`` included.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_learning.errors import find_user_error
+
+log = logging.getLogger("train")
+
+JOB_FILE = "job.json"
+TABLE_NAME = "sweep_results"
+# The root train.py: DDP worker processes of a multirun job run it as a single run.
+ENTRY_POINT = Path(__file__).resolve().parents[2] / "train.py"
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _process_rank() -> int:
+    """This process's global rank as the launcher set it (SLURM tasks, torchrun), else 0."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def metric_mode(cfg: DictConfig | None, metric: str) -> str:
+    """ "max" or "min" for the optimised metric: the sweeper's direction when it has one,
+    else "min" for losses and errors and "max" for everything else."""
+    direction = OmegaConf.select(cfg, "hydra.sweeper.direction") if cfg is not None else None
+    if isinstance(direction, str):
+        return "min" if direction.lower().startswith("min") else "max"
+    return "min" if any(word in metric for word in ("loss", "error")) else "max"
+
+
+def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -> float | None:
+    """Run ``task(cfg)`` as ``train.py`` does and return the optimised metric for sweepers.
+
+    A single run stops with exit code 2 and one message on a user error (a bad path, a bad
+    setting), and raises anything else. A multirun job never takes the sweep down: it records
+    its error in ``job.json`` (the traceback goes to the job's log), returns None (Optuna marks
+    the trial failed) and the sweep goes on; the sweep summary lists it and the command exits
+    non-zero at the end.
+    """
+    metric = str(cfg.get("optimized_metric") or "")
+    multirun = in_multirun()
+    output_dir = Path(str(cfg.paths.output_dir))
+    started = time.time()
+    record: dict[str, Any] = {"status": "failed", "error": None, "metrics": {}}
+    try:
+        with isolated_job(output_dir) if multirun else _nothing():
+            metrics = task(cfg)
+        record.update(status="ok", metrics=_numbers(metrics))
+        record["epochs"] = (metrics.get("summary") or {}).get("epochs run")
+        record["best_checkpoint"] = metrics.get("best_checkpoint") or None
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        record["error"] = _one_line(str(user_error) if user_error else f"{type(exc).__name__}: {exc}")
+        if user_error is not None:
+            log.error("%s\n(Outputs written so far are kept in %s)", user_error, output_dir)
+            if not multirun:
+                sys.exit(2)
+        elif not multirun:
+            raise
+        else:
+            log.error("This job failed; the sweep goes on.\n%s", traceback.format_exc())
+    finally:
+        if multirun and _process_rank() == 0:
+            record.update(
+                wall_s=round(time.time() - started, 1),
+                output_dir=str(output_dir),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                # The scheduler's id of this job: SLURM's, or submitit's on this machine.
+                cluster_job_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
+            )
+            _write_job(cfg, record)
+    value = record["metrics"].get(metric)
+    return float(value) if value is not None else None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _write_job(cfg: DictConfig, record: dict[str, Any]) -> None:
+    hydra = HydraConfig.get()
+    record = {
+        "job": hydra.job.num,
+        "overrides": list(hydra.overrides.task),
+        "optimized_metric": str(cfg.get("optimized_metric") or ""),
+        **record,
+    }
+    path = Path(record["output_dir"]) / JOB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# -- DDP inside a multirun job ---------------------------------------------------------------
+
+
+@contextmanager
+def isolated_job(output_dir: Path) -> Iterator[None]:
+    """Keep one multirun job's DDP processes to that job.
+
+    Lightning starts DDP workers by re-running the command line with ``hydra.run.dir`` set to
+    the *run* folder: in a multirun that is ``-m`` and every swept value again, written to the
+    wrong folder. Here workers run ``train.py`` once, with this job's overrides, in this job's
+    folder. Lightning also leaves ``MASTER_PORT``, ``LOCAL_RANK`` and the process group behind,
+    and the next job in the same process would take them as its own (waiting forever for
+    workers that never start); they are removed after each job, so every job finds a free port.
+    """
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    overrides = list(HydraConfig.get().overrides.task)
+    environment = dict(os.environ)
+
+    def worker_command(local_rank: int) -> tuple[list[str], str]:
+        command = [sys.executable, str(ENTRY_POINT), *overrides]
+        command += [f"hydra.run.dir={_quoted(str(output_dir))}", f"hydra.job.name=ddp_process_{local_rank}"]
+        return [*command, "hydra.output_subdir=null"], str(HydraConfig.get().runtime.cwd)
+
+    original = subprocess_script._hydra_subprocess_cmd
+    subprocess_script._hydra_subprocess_cmd = worker_command
+    try:
+        yield
+    finally:
+        subprocess_script._hydra_subprocess_cmd = original
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string whatever characters the path holds."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# -- the sweep table -------------------------------------------------------------------------
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One record per job folder of the sweep (``job.json``); a job folder without one (still
+    running, or killed) gets a record that says so."""
+    records = []
+    for config in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
+        folder = config.parent.parent
+        job_file = folder / JOB_FILE
+        if job_file.is_file():
+            records.append(json.loads(job_file.read_text()))
+            continue
+        overrides = OmegaConf.to_container(OmegaConf.load(config))
+        number = folder.name
+        records.append(
+            {
+                "job": int(number) if number.isdigit() else number,
+                "overrides": overrides,
+                "status": "no result",
+                "error": "no job.json: still running, or killed before it finished",
+                "metrics": {},
+                "output_dir": str(folder),
+            }
+        )
+    return records
+
+
+def _varying(records: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Each job's overrides without those every job shares (they say nothing about the job)."""
+    sets = [list(r.get("overrides") or []) for r in records]
+    shared = set.intersection(*map(set, sets)) if len(sets) > 1 else set()
+    return [[o for o in overrides if o not in shared] for overrides in sets]
+
+
+def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Table rows sorted by ``metric`` (best first, ``mode`` max or min), failed jobs last; the
+    best job has ``best = "*"``."""
+
+    def value(record: Mapping[str, Any], key: str) -> float | None:
+        v = (record.get("metrics") or {}).get(key)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    rows = []
+    for record, overrides in zip(records, _varying(records), strict=True):
+        ok = record.get("status") == "ok"
+        rows.append(
+            {
+                "best": "",
+                "job": record.get("job"),
+                "overrides": " ".join(overrides) or "(none)",
+                metric: value(record, metric),
+                "test/acc": value(record, "test/acc"),
+                "epochs": record.get("epochs"),
+                "wall_s": round(float(record["wall_s"])) if record.get("wall_s") is not None else None,
+                "status": "ok" if ok else f"{record.get('status')}: {record.get('error')}",
+                "output_dir": record.get("output_dir"),
+            }
+        )
+    sign = -1.0 if mode == "max" else 1.0
+
+    def order(row: Mapping[str, Any]) -> tuple[int, float, Any]:
+        score = row[metric]
+        rank = 0 if row["status"] == "ok" and score is not None else 1 if row["status"] == "ok" else 2
+        return rank, sign * score if score is not None else 0.0, str(row["job"])
+
+    rows.sort(key=order)
+    if rows and rows[0]["status"] == "ok" and rows[0][metric] is not None:
+        rows[0]["best"] = "*"
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+def write_tables(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> tuple[Path, Path, str]:
+    """``sweep_results.csv`` and ``sweep_results.md`` in the sweep folder; returns both paths and
+    the Markdown text."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else ["best", "job", "overrides", "status", "output_dir"]
+    csv_path = sweep_dir / f"{TABLE_NAME}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    markdown = "\n".join(lines) + "\n"
+    md_path = sweep_dir / f"{TABLE_NAME}.md"
+    md_path.write_text(markdown)
+    return csv_path, md_path, markdown
+
+
+def summarize_sweep(sweep_dir: Path, metric: str, mode: str) -> tuple[list[dict[str, Any]], str]:
+    """Collect, sort and write the table of a sweep folder; return its rows and a printable text."""
+    rows = sweep_rows(collect(sweep_dir), metric, mode)
+    csv_path, md_path, markdown = write_tables(rows, sweep_dir)
+    failed = [r for r in rows if r["status"] != "ok"]
+    best = rows[0] if rows and rows[0]["best"] else None
+    bar = "=" * 72
+    text = [bar, f"  Sweep summary: {len(rows)} jobs, {len(failed)} failed, sorted by {metric} ({mode})", bar]
+    text.append(markdown.rstrip())
+    if best is not None:
+        text.append(f"best: job {best['job']} ({best['overrides']})  {metric}={_cell(best[metric])}")
+        text.append(f"      {best['output_dir']}")
+    text += [f"table: {md_path}  (and {csv_path.name})", bar]
+    return rows, "\n".join(text)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/hydra/default.yaml): the results table at the end of a multirun.
+
+    Exits with code 1 after the table when a job failed, so schedulers and CI notice."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).resolve()
+        metric = str(config.get("optimized_metric") or "val/acc_best")
+        rows, text = summarize_sweep(sweep_dir, metric, metric_mode(config, metric))
+        print(text, flush=True)
+        failed = [row for row in rows if row["status"] != "ok"]
+        if failed:
+            log.error(
+                "%d of %d sweep jobs failed (see the status column and each job's train.log).",
+                len(failed), len(rows),
+            )  # fmt: skip
+            sys.exit(1)

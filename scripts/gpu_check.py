@@ -3,14 +3,23 @@
 `python scripts/gpu_check.py --data DIR` trains the default backbone on DIR (generated demo
 shapes if missing) for a few epochs per setting and prints one table: validation accuracy,
 seconds per epoch (relative to 32-bit in the same process), and whether the frozen backbone stayed
-bit-identical. Not a test: it needs a GPU, which the test suite never does.
+bit-identical. With 2 or more GPUs (or --ddp yes) it also trains each strategy with DDP on
+two devices through `python train.py trainer=ddp trainer.devices=2` and checks the effective
+batch, the metrics and, for feature extraction, that the saved backbone is the pretrained one.
+Not a test: it needs a GPU, which the test suite never does.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -62,6 +71,44 @@ def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> d
     }
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One DDP run on two devices through the real command line (Lightning starts the second
+    process by re-running it), in a temporary folder; returns what its summary says."""
+    from transfer_learning.backbones import efficientnet_lite0
+
+    trainer = "trainer=ddp" if args.accelerator == "gpu" else "trainer=ddp_cpu"
+    with tempfile.TemporaryDirectory() as work:
+        command = [
+            sys.executable, str(ROOT / "train.py"), trainer, "trainer.devices=2",
+            f"trainer.precision={precision}", f"trainer.max_epochs={args.epochs}", f"strategy={strategy}",
+            "data=imagefolder", f"data.root={Path(data).resolve()}", f"data.image_size={args.image_size}",
+            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "logger=csv",
+            f"hydra.run.dir={work}/run", "worst_samples=0",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ})
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            return {"strategy": strategy, "precision": precision, "error": result.stderr[-1500:]}
+        summary = json.loads((Path(work) / "run" / "summary.json").read_text())
+        saved = torch.load(summary["best checkpoint"], weights_only=True, map_location="cpu")["state_dict"]
+        pretrained = efficientnet_lite0(num_classes=2).backbone.state_dict()
+        unchanged = all(torch.equal(saved[f"net.backbone.{k}"], v) for k, v in pretrained.items())
+        return {
+            "strategy": strategy,
+            "precision": precision,
+            "batch": summary["batch size"],
+            "val_acc": summary["best val/acc"],
+            "test_acc": summary["test/acc"],
+            "seconds": seconds,
+            "backbone_unchanged": unchanged,
+            "fp32": all(v.dtype == torch.float32 for v in saved.values() if v.is_floating_point()),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/demo_shapes")
@@ -71,10 +118,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--ddp", choices=("auto", "yes", "no"), default="auto", help="auto: with 2+ GPUs")
     args = parser.parse_args()
     generate_shapes(args.data, images_per_class=200, image_size=128)
     if args.accelerator == "gpu":
         print(torch.cuda.get_device_name(0), "torch", torch.__version__)
+    if args.ddp == "yes" or (args.ddp == "auto" and torch.cuda.device_count() >= 2):
+        ddp_main(args)
+        if args.ddp == "yes" and args.accelerator != "gpu":
+            return
     rows = [run(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
     print(
         f"\n{'strategy':<16} {'precision':<11} {'val/acc':>7} {'s/epoch':>8} {'vs 32':>6}  "
@@ -85,6 +137,20 @@ def main() -> None:
         print(
             f"{r['strategy']:<16} {r['precision']:<11} {r['val_acc']:>7.3f} {r['s_per_epoch']:>8.2f} "
             f"{r['s_per_epoch'] / base:>6.2f}  {r['backbone_unchanged']!s:<18}  {r['params_fp32']}"
+        )
+
+
+def ddp_main(args: argparse.Namespace) -> None:
+    rows = [run_ddp(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
+    header = f"{'strategy':<16} {'precision':<11} {'batch':<32} {'val/acc':>7} {'test/acc':>8} {'wall s':>7}"
+    print(f"\nDDP, 2 devices\n{header}  backbone unchanged  fp32 weights")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['strategy']:<16} {r['precision']:<11} FAILED\n{r['error']}")
+            continue
+        print(
+            f"{r['strategy']:<16} {r['precision']:<11} {r['batch']:<32} {r['val_acc']:>7.3f} "
+            f"{r['test_acc']:>8.3f} {r['seconds']:>7.1f}  {r['backbone_unchanged']!s:<18}  {r['fp32']}"
         )
 
 

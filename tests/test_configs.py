@@ -58,7 +58,7 @@ def test_every_config_option_composes_with_importable_targets(override):
 
 @pytest.mark.filterwarnings("ignore:You passed `Trainer\\(accelerator='cpu', precision='16-mixed'\\)`")
 @pytest.mark.parametrize("precision", ["32", "16-mixed", "bf16-mixed"])
-@pytest.mark.parametrize("trainer", ["default", "cpu", "ddp"])
+@pytest.mark.parametrize("trainer", ["default", "cpu", "ddp_cpu"])
 def test_trainer_configs_build_with_each_precision(trainer, precision, tmp_path):
     cfg = compose_train(f"trainer={trainer}", f"trainer.precision={precision}", "trainer.accelerator=cpu")
     cfg.trainer.default_root_dir = str(tmp_path)
@@ -66,8 +66,49 @@ def test_trainer_configs_build_with_each_precision(trainer, precision, tmp_path)
     # fp16 autocast is GPU-only: on a CPU, Lightning runs 16-mixed as bf16-mixed (with a warning).
     expected = {"32": "32-true", "16-mixed": "bf16-mixed", "bf16-mixed": "bf16-mixed"}[precision]
     assert built.precision == expected
-    if trainer == "ddp":
+    if trainer == "ddp_cpu":
         assert type(built.strategy).__name__ == "DDPStrategy" and built.num_devices == 2
+
+
+def test_cluster_trainers_say_what_they_run_on():
+    ddp, multinode = compose_train("trainer=ddp").trainer, compose_train("trainer=multinode").trainer
+    assert (ddp.strategy, ddp.accelerator, ddp.devices, ddp.num_nodes) == ("ddp", "gpu", "auto", 1)
+    assert (multinode.strategy, multinode.accelerator, multinode.num_nodes) == ("ddp", "gpu", 2)
+    ddp_cpu = compose_train("trainer=ddp_cpu").trainer
+    assert (ddp_cpu.strategy, ddp_cpu.accelerator, ddp_cpu.devices) == ("ddp", "cpu", 2)
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm"])
+def test_launcher_configs_set_every_field_of_the_submitit_plugin(launcher):
+    """conf/hydra/launcher/<name>.yaml replaces the plugin's config of the same name: it must set
+    every field the plugin defines (a plugin upgrade that adds one fails here) and no other."""
+    import dataclasses
+
+    from hydra_plugins.hydra_submitit_launcher import config as plugin
+
+    schema = plugin.LocalQueueConf if launcher == "submitit_local" else plugin.SlurmQueueConf
+    ours = OmegaConf.load(CONF_DIR / "hydra" / "launcher" / f"{launcher}.yaml")
+    assert set(ours) == {field.name for field in dataclasses.fields(schema)}
+    assert ours._target_ == schema._target_
+
+
+@pytest.mark.parametrize("strategy", ["feature_extract", "finetune"])
+def test_the_optuna_search_space_applies_to_both_strategies(strategy):
+    """Every searched parameter is a valid override with either strategy, and builds."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        search = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True).hydra.sweeper
+    assert search.sampler.seed is not None and search.direction == "maximize"
+    trial = [f"{key}=0.001" for key in search.params if key != "strategy"]
+    cfg = compose_train("hparams_search=optuna", f"strategy={strategy}", *trial)
+    built = instantiate(cfg.strategy)
+    assert built.name == strategy and built.head_lr == pytest.approx(0.001)
+    assert cfg.optimizer.weight_decay == pytest.approx(0.001) and cfg.label_smoothing == pytest.approx(0.001)
+    if strategy == "finetune":
+        assert built.backbone_lr == pytest.approx(0.001)
 
 
 # -- paths: `~` and environment variables --------------------------------------------------------

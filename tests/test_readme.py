@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import REPO
 from transfer_learning.backbones.torchvision_models import torchvision_cache_file
@@ -36,19 +37,36 @@ SHRINK = [
 ]
 
 
-def readme_commands() -> list[str]:
-    """`python train.py` lines of the README's code blocks, without trailing comments."""
-    commands, in_block = [], False
+# Commands that need what this machine cannot have: a SLURM cluster.
+NEEDS_A_CLUSTER = ("hydra/launcher=submitit_slurm",)
+
+
+def readme_commands(runnable_here: bool = True) -> list[str]:
+    """`python train.py` commands of the README's code blocks (continuation lines joined),
+    without trailing comments."""
+    commands, in_block, pending = [], False, ""
     for line in (REPO / "README.md").read_text().splitlines():
         if line.startswith("```"):
             in_block = not in_block
-        elif in_block and line.startswith("python train.py"):
-            commands.append(re.sub(r"\s+#.*$", "", line).strip())
+        elif in_block and (pending or line.startswith("python train.py")):
+            pending += re.sub(r"\s+#.*$", "", line).strip()
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            commands.append(" ".join(pending.split()))
+            pending = ""
+    if runnable_here:
+        commands = [c for c in commands if not any(need in c for need in NEEDS_A_CLUSTER)]
     return commands
 
 
 def jobs(command: str) -> int:
-    """How many runs a command starts: the product of comma-separated sweep values."""
+    """How many runs a command starts: the product of comma-separated sweep values, or the
+    number of Optuna trials."""
+    if "hparams_search=optuna" in command:
+        return int(
+            re.findall(r"hydra\.sweeper\.n_trials=(\d+)", command + " " + " ".join(shrink(command)))[-1]
+        )
     if " -m " not in f"{command} ":
         return 1
     values = [arg.split("=", 1)[1] for arg in command.split()[3:] if "=" in arg]
@@ -68,11 +86,29 @@ def place_torchvision_weights(command: str) -> None:
             torch.save(get_model(name, weights=None).state_dict(), path)
 
 
+def shrink(command: str) -> list[str]:
+    """Overrides that shrink the work of a command (never its paths), and stand in for the GPUs
+    this machine lacks."""
+    extra = list(SHRINK)
+    gpus = torch.cuda.device_count()
+    if "trainer=gpu" in command and gpus == 0:
+        extra.append("trainer.accelerator=cpu")
+    if "trainer=ddp " in f"{command} " and gpus < 2:
+        extra += ["trainer.accelerator=cpu", "trainer.devices=2"]
+    if "hparams_search=optuna" in command:
+        extra.append("hydra.sweeper.n_trials=2")
+    return extra
+
+
 def test_the_readme_shows_the_commands_users_need():
-    commands = readme_commands()
+    commands = readme_commands(runnable_here=False)
     assert len(commands) >= 10
-    for needed in ("strategy=feature_extract", " -m ", "data.root=$HOME", "trainer=ddp", "ckpt_path="):
+    for needed in ("strategy=feature_extract", " -m ", "data.root=$HOME", "trainer=ddp", "ckpt_path=",
+                   "hparams_search=optuna", "hydra/launcher=submitit_local", "hydra/launcher=submitit_slurm",
+                   "trainer=ddp_cpu"):  # fmt: skip
         assert any(needed in c for c in commands), needed
+    slurm = next(c for c in commands if "submitit_slurm" in c)
+    assert "hydra.launcher.partition=" in slurm and "trainer.devices=4" in slurm  # joined lines
 
 
 @pytest.mark.slow
@@ -95,9 +131,7 @@ def test_every_readme_train_command_works_as_written(tmp_path):
         if "<date>" in line:  # the run folder of the latest run with a last.ckpt
             last = sorted((work / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))[-1]
             line = line.replace("<date>", last.parents[1].name)
-        extra = SHRINK + (
-            ["trainer.accelerator=cpu"] if "trainer=gpu" in line and not torch.cuda.is_available() else []
-        )
+        extra = shrink(line)
         result = subprocess.run(
             ["bash", "-c", f"{line} {' '.join(extra)}"],
             cwd=work,
@@ -119,3 +153,20 @@ def test_every_readme_train_command_works_as_written(tmp_path):
             for key, value in summary.items():  # every file or folder the summary names exists
                 if isinstance(value, str) and value.startswith("/"):
                     assert Path(value.split()[0]).exists(), (command, key, value)
+
+
+def test_the_cluster_commands_of_the_readme_compose(tmp_path):
+    """The SLURM command cannot run here; its overrides must at least be valid: Hydra composes
+    it and the SLURM launcher receives every field."""
+    for command in set(readme_commands(runnable_here=False)) - set(readme_commands()):
+        # --cfg shows one job's config: the first value of each swept override.
+        args = [re.sub(r"=([^,\[]+),\S+$", r"=\1", a) for a in command.split()[2:] if a != "-m"]
+        result = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), *args, "--cfg", "hydra"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+        assert launcher["_target_"].endswith("SlurmLauncher")
+        assert (launcher["partition"], launcher["gpus_per_node"], launcher["timeout_min"]) == ("gpu", 4, 240)
+        assert launcher["tasks_per_node"] == "${.gpus_per_node}"  # one task per GPU

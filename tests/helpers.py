@@ -161,3 +161,9 @@ def read_wandb_run(run_dir: Path) -> dict[str, Any]:
                 )
     return {"run": run, "config": config, "history": history, "tables": tables, "artifacts": artifacts,
             "files": files}  # fmt: skip
+
+
+def confusion_counts(run_dir: Path) -> list[list[int]]:
+    """The test confusion matrix a run saved (confusion_matrix.csv): true classes down."""
+    with open(run_dir / "confusion_matrix.csv") as f:
+        return [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 
-from helpers import check_run, run_cli, trainer
+from helpers import check_run, confusion_counts, run_cli, trainer
 from transfer_learning.config import build, compose_config
 from transfer_learning.demo import generate_shapes
 
@@ -78,8 +76,7 @@ def test_ddp_validation_and_test_count_every_sample_exactly_once(tmp_path):
     )  # fmt: skip
     summary = check_run(tmp_path, result, "feature_extract")
     assert summary["images train/val/test"] == "24/9/9"
-    with open(tmp_path / "run" / "confusion_matrix.csv") as f:
-        counts = [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+    counts = confusion_counts(tmp_path / "run")
     assert sum(map(sum, counts)) == 9 and [sum(row) for row in counts] == [3, 3, 3]
 
     # The same checkpoint on one device gives the same numbers.

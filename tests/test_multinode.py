@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, confusion_counts
 
 
 def free_port() -> int:
@@ -37,8 +37,7 @@ def data_args(shapes_dir: Path) -> list[str]:
 def check_two_process_run(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["batch size"] == "32 per device x 2 devices = 64"
-    with open(run_dir / "confusion_matrix.csv") as f:
-        counts = [[int(v) for v in line.split(",")[1:]] for line in list(f)[1:]]
+    counts = confusion_counts(run_dir)
     assert sum(map(sum, counts)) == int(summary["images train/val/test"].split("/")[2])
     return summary
 

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from helpers import REPO, read_sweep_table, read_wandb_run, sweep_dirs, train_cli
+from helpers import REPO, confusion_counts, read_sweep_table, read_wandb_run, sweep_dirs, train_cli
 from transfer_learning.config import compose_config
 from transfer_learning.errors import ConfigError
 from transfer_learning.sweeps import JOB_FILE, metric_mode, run_task, sweep_rows, write_tables
@@ -166,8 +166,7 @@ def test_ddp_inside_a_multirun_keeps_each_jobs_processes_in_that_jobs_folder(tmp
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in worker_log
         assert "Seed set to 42" in worker_log
         # Validation counted every image once across the two processes.
-        with open(job / "confusion_matrix.csv") as f:
-            counts = [[int(v) for v in line.split(",")[1:]] for line in list(f)[1:]]
+        counts = confusion_counts(job)
         assert sum(map(sum, counts)) == int(summary["images train/val/test"].split("/")[2])
 
 
@@ -296,3 +295,22 @@ def test_a_single_run_still_stops_on_errors(tmp_path):
         run_task(cfg, bad_setting)
     assert stop.value.code == 2
     assert not (tmp_path / JOB_FILE).exists()
+
+
+def test_the_sweep_table_script_rebuilds_the_table_of_an_unfinished_sweep(tmp_path):
+    """Job 0 finished, job 1 is still running (no job.json yet)."""
+    for number, overrides in enumerate((["lr=0.1", "seed=1"], ["lr=0.3", "seed=1"])):
+        hydra_dir = tmp_path / str(number) / ".hydra"
+        hydra_dir.mkdir(parents=True)
+        (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (tmp_path / "0" / JOB_FILE).write_text(json.dumps(records((0, ["lr=0.1", "seed=1"], "ok", 0.8))[0]))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sweep_table.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Sweep summary: 2 jobs, 0 failed, 1 without a result" in result.stdout
+    finished, running = read_sweep_table(tmp_path)
+    assert (finished["best"], finished["overrides"], finished[METRIC]) == ("*", "lr=0.1", "0.8")
+    assert running["status"].startswith("no result: no job.json: still running")
+    assert running["overrides"] == "lr=0.3" and running["output_dir"] == str(tmp_path / "1")

@@ -97,12 +97,18 @@ def log_table(loggers: Sequence[Logger], key: str, rows: Sequence[dict[str, Any]
 
 
 def _image(path: str, size: int = 160) -> Any:
+    """A thumbnail of an image file for a W&B table; None (an empty cell) if it cannot be read
+    any more: the run's results must not be lost to a file that changed after training."""
     import wandb
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        thumbnail = image.convert("RGB")
-        thumbnail.thumbnail((size, size))
+    try:
+        with Image.open(path) as image:
+            thumbnail = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        log.warning("W&B table: cannot show %s (%s)", path, exc)
+        return None
+    thumbnail.thumbnail((size, size))
     return wandb.Image(thumbnail, caption=Path(path).name)
 
 

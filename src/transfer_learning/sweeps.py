@@ -290,10 +290,12 @@ def summarize_sweep(sweep_dir: Path, metric: str, mode: str) -> tuple[list[dict[
     """Collect, sort and write the table of a sweep folder; return its rows and a printable text."""
     rows = sweep_rows(collect(sweep_dir), metric, mode)
     csv_path, md_path, markdown = write_tables(rows, sweep_dir)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = sum(r["status"].startswith("failed") for r in rows)
+    unfinished = sum(r["status"].startswith("no result") for r in rows)
     best = rows[0] if rows and rows[0]["best"] else None
     bar = "=" * 72
-    text = [bar, f"  Sweep summary: {len(rows)} jobs, {len(failed)} failed, sorted by {metric} ({mode})", bar]
+    counts = f"{len(rows)} jobs, {failed} failed" + (f", {unfinished} without a result" if unfinished else "")
+    text = [bar, f"  Sweep summary: {counts}, sorted by {metric} ({mode})", bar]
     text.append(markdown.rstrip())
     if best is not None:
         text.append(f"best: job {best['job']} ({best['overrides']})  {metric}={_cell(best[metric])}")

@@ -106,10 +106,10 @@ def _report(
     log_picture(loggers, "test/confusion_matrix", picture)
     log_confusion_matrix(loggers, "test/confusion_matrix_plot", matrix, names)
     per_class = per_class_metrics(matrix, names)
-    write_rows(per_class, output_dir / "per_class_metrics.csv")
     log_table(loggers, "test/per_class", per_class)
     where = {
-        "confusion matrix": f"{picture}  (counts: confusion_matrix.csv, per class: per_class_metrics.csv)"
+        "confusion matrix": str(picture),  # counts: confusion_matrix.csv
+        "per-class metrics": str(write_rows(per_class, output_dir / "per_class_metrics.csv")),
     }
     limit = int(cfg.get("worst_samples") or 0)
     if limit > 0:

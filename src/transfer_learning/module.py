@@ -22,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from transfer_learning.checkpoints import CheckpointError, check_compatible, safe_load
 from transfer_learning.feature_cache import infer_features, is_convolutional, use_bf16
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
@@ -254,13 +255,18 @@ class TransferLearningModule(L.LightningModule):
         checkpoint["arch_kwargs"] = self.net.arch_kwargs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         if "preprocessing" in checkpoint:
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str = "cpu") -> TransferLearningModule:
         """Rebuild from a checkpoint alone: no pretrained weights file or network needed."""
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = safe_load(path, map_location=map_location)
+        if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+            raise CheckpointError(
+                f"{path} is not a checkpoint of this template (no hyper_parameters/state_dict)."
+            )
         hparams = dict(checkpoint["hyper_parameters"])
         model_cfg = dict(hparams["model"], weights=None)
         if checkpoint.get("arch_kwargs"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from transfer_learning.data import build_transforms, load_rgb
+from transfer_learning.errors import TransferLearningError
 from transfer_learning.module import TransferLearningModule
 
 
@@ -58,8 +60,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("images", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    classifier = Classifier.from_checkpoint(args.checkpoint)
-    for path, pred in zip(args.images, classifier.predict(args.images), strict=True):
+    try:
+        classifier = Classifier.from_checkpoint(args.checkpoint)
+        predictions = classifier.predict(args.images)
+    except TransferLearningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for path, pred in zip(args.images, predictions, strict=True):
         print(f"{path}\t{pred.label}\t{pred.score:.3f}")
 
 

@@ -38,6 +38,8 @@ from transfer_learning.errors import find_user_error
 log = logging.getLogger("train")
 
 JOB_FILE = "job.json"
+# Exit code of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM, as shells do).
+PREEMPTED_EXIT_CODE = 143
 TABLE_NAME = "sweep_results"
 # The root train.py: DDP worker processes of a multirun job run it as a single run.
 ENTRY_POINT = Path(__file__).resolve().parents[2] / "train.py"
@@ -85,6 +87,10 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
         record["epochs"] = (metrics.get("summary") or {}).get("epochs run")
         record["best_checkpoint"] = metrics.get("best_checkpoint") or None
     except Exception as exc:
+        if type(exc).__name__ == "Preempted":  # checkpoints.Preempted; torch is not imported here
+            record.update(status="preempted", error=_one_line(str(exc)))
+            log.error("%s", exc)
+            raise SystemExit(PREEMPTED_EXIT_CODE) from None
         user_error = find_user_error(exc)
         record["error"] = _one_line(str(user_error) if user_error else f"{type(exc).__name__}: {exc}")
         if user_error is not None:

@@ -10,9 +10,17 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
+from transfer_learning.checkpoints import (
+    Preempted,
+    SafeCheckpointIO,
+    SaveOnPreemption,
+    check_compatible,
+    safe_load,
+)
 from transfer_learning.config import build, expand_path
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.loggers import (
@@ -49,11 +57,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
-    callbacks: list[Callback] = _instantiate_all(cfg.get("callbacks"))
+    preemption = SaveOnPreemption()
+    callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption]
     loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
+    )
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    if ckpt_path:  # before any training: readable, pickle-free, and this model's and classes'
+        saved = safe_load(ckpt_path).get("hyper_parameters") or {}
+        check_compatible(saved, dict(module.hparams), ckpt_path)
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = run_facts(module, datamodule, trainer)
     status = "failed"
@@ -66,7 +80,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with warnings.catch_warnings():
             # A frozen backbone in eval mode is this template's intent, not the accident Lightning warns of.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except SIGTERMException:
+                raise Preempted(preemption.saved) from None
         fit_metrics = {k: number(v) for k, v in trainer.callback_metrics.items()}
 
         checkpoint = best_checkpoint(trainer)

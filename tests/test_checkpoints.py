@@ -1,0 +1,168 @@
+"""Checkpoints: atomic writes, pickle-free reads on every path, preemption, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, build, run_cli, trainer
+from transfer_learning.checkpoints import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
+from transfer_learning.predict import Classifier
+
+
+class Trap:
+    """Unpickling this creates a file: the proof that a load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def crafted_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": Trap(marker)}}, path)
+    assert not marker.exists()
+    return path, marker
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(tmp_path, shapes_dir, monkeypatch):
+    module, datamodule = build(shapes_dir)
+    run = trainer(max_epochs=1, plugins=[SafeCheckpointIO()], default_root_dir=str(tmp_path))
+    run.fit(module, datamodule)
+    path = tmp_path / "last.ckpt"
+    run.save_checkpoint(path)
+    before, head = path.read_bytes(), module.net.head.weight.detach().clone()
+
+    def disk_full(fd):  # the bytes are written, the flush to disk fails: ENOSPC
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    module.net.head.weight.data += 1  # the next save would differ
+    with pytest.raises(OSError, match="No space left"):
+        run.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # untouched, and still a loadable checkpoint
+    assert torch.equal(safe_load(path)["state_dict"]["net.head.weight"], head)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []  # no debris
+
+
+def test_atomic_save_replaces_the_file_in_one_step(tmp_path):
+    path = tmp_path / "sub" / "x.ckpt"
+    atomic_save({"a": torch.ones(2)}, path)
+    atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(safe_load(path)["a"], torch.zeros(2))
+    assert [p.name for p in path.parent.iterdir()] == ["x.ckpt"]
+
+
+def test_checkpoint_errors_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*missing\.ckpt does not exist"):
+        safe_load(tmp_path / "missing.ckpt")
+    good = tmp_path / "good.ckpt"
+    atomic_save({"state_dict": {"w": torch.randn(64, 64)}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(
+        CheckpointError, match=r"cannot read checkpoint .*truncated\.ckpt .*truncated or corrupt"
+    ):
+        safe_load(truncated)
+
+
+def test_a_crafted_checkpoint_is_refused_by_the_python_api_even_when_forced(tmp_path, monkeypatch):
+    path, marker = crafted_checkpoint(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.ckpt"):
+        Classifier.from_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        SafeCheckpointIO().load_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_crafted_checkpoint_is_refused_on_resume_and_on_predict(tmp_path, shapes_dir):
+    path, marker = crafted_checkpoint(tmp_path)
+    forced = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    resume = run_cli(tmp_path, f"data.root={shapes_dir}", f"ckpt_path={path}", "logger=csv", env=forced)
+    assert resume.returncode == 2
+    output = resume.stdout + resume.stderr
+    assert f"refusing to load {path}" in output and "Traceback" not in output
+    image = next(shapes_dir.glob("circle/*.jpg"))
+    predict = subprocess.run(
+        [sys.executable, "-m", "transfer_learning.predict", str(path), str(image)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **forced},
+    )  # fmt: skip
+    assert predict.returncode == 2 and "refusing to load" in predict.stderr
+    assert "Traceback" not in predict.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_resuming_from_another_models_or_other_classes_checkpoint_says_so(tmp_path, shapes_dir):
+    first = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1",
+                    "logger=csv")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a").symlink_to(shapes_dir / "circle")
+    (other / "b").symlink_to(shapes_dir / "star")
+    result = run_cli(tmp_path, "data=imagefolder", f"data.root={other}", f"ckpt_path={checkpoint}",
+                     "logger=csv")  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        f"cannot resume from {checkpoint}: it was trained on 5 classes (circle, cross, square, star, "
+        "triangle), this data has 2 (a, b)"
+    ) in result.stdout + result.stderr
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "model=resnet18", "model.weights=null",
+                     f"ckpt_path={checkpoint}", "logger=csv")  # fmt: skip
+    assert result.returncode == 2
+    assert "it holds a efficientnet_lite0, this run builds a resnet18" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_path, shapes_dir):
+    """SIGTERM during fine-tuning (epochs of a few seconds): a fresh last.ckpt, the reason in
+    train.log, exit code 143; resuming from that checkpoint finishes the run."""
+    args = [f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8", "strategy=finetune",
+            "logger=csv", "trainer.max_epochs=40"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        f"hydra.run.dir={tmp_path}/run",
+        "data.num_workers=0",
+        *args,
+    ]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), process.communicate()[0][-3000:]
+    first = safe_load(last)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 143, output[-3000:]
+    saved = safe_load(last)
+    assert saved["global_step"] > first["global_step"]  # a new checkpoint, at the interrupted step
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "Received SIGTERM at epoch" in log and f"saved {last}" in log
+    assert f"Resume with: python train.py <same overrides> ckpt_path={last}" in log
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    resumed = run_cli(tmp_path, *args, "trainer.max_epochs=2", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["epochs run"] == 2

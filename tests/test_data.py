@@ -310,8 +310,8 @@ def test_corrupt_image_is_reported_before_training(tmp_path):
         module(tmp_path).discover()
     message = str(info.value)
     assert str(bad) in message
-    assert "data.verify_images=false" in message
-    assert "1 unreadable" in message
+    assert "data.on_bad_file=skip" in message
+    assert message.startswith("1 image file(s) cannot be decoded")
 
 
 def test_corrupt_image_without_verification_fails_when_loaded(tmp_path):
@@ -330,7 +330,7 @@ def test_corrupt_image_without_verification_fails_when_loaded(tmp_path):
     with pytest.raises(DataError) as info:
         dm.datasets[split][position]
     assert str(bad) in str(info.value)
-    assert "replace the file" in str(info.value)
+    assert "Replace it, or set data.on_bad_file=skip" in str(info.value)
 
 
 def test_train_and_val_with_different_classes(tmp_path):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -22,6 +20,16 @@ from torchvision.transforms import v2 as T
 from transfer_learning.demo import generate_shapes
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.feature_cache import CachedFeatures, FeatureCache
+from transfer_learning.images import (
+    Listing,
+    describe_bad,
+    identity,
+    is_hidden,
+    list_images,
+    load_rgb,
+    scan_cache_file,
+    scan_images,
+)
 from transfer_learning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -35,62 +43,44 @@ DEFAULT_AUGMENT: dict[str, Any] = {
 }
 
 
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode any image mode (grayscale, palette, RGBA, CMYK) to RGB, naming the file on failure."""
+def class_folders(
+    folder: Path, seen: set[tuple[int, int]] | None = None, boundaries: set[tuple[int, int]] | None = None
+) -> tuple[dict[str, list[Path]], Listing]:
+    """Class name -> image files (each real file once, hidden entries ignored), and what was
+    left out; clear errors for the usual mistakes."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as exc:
-        raise DataError(f"cannot read image {path}: {exc}. Delete or replace the file.") from exc
-
-
-def class_folders(folder: Path) -> dict[str, list[Path]]:
-    """Class name -> image files, with clear errors for the usual mistakes."""
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = sorted(p for p in folder.iterdir() if not is_hidden(p.name))
+    except PermissionError as exc:
+        raise DataError(
+            f"cannot read folder {folder}: permission denied. Fix its permissions (chmod)."
+        ) from exc
+    classes = [p for p in entries if p.is_dir()]
     if not classes:
         raise DataError(
             f"{folder} has no class folders. Expected ImageFolder layout: "
             f"{folder}/<class>/<image>.jpg, or {folder}/train/<class>/..., {folder}/val/<class>/..."
         )
-    found = {
-        c.name: sorted(
-            Path(d, f) for d, _, files in os.walk(c, followlinks=True) for f in files if is_image(Path(f))
+    seen = seen if seen is not None else set()
+    fences = {identity(folder), *(identity(c) for c in classes), *(boundaries or set())}
+    listing = Listing()
+    found = {}
+    for c in classes:
+        start = len(listing.files)
+        list_images(c, seen, listing, boundaries=fences - {identity(c)})
+        found[c.name] = sorted(listing.files[start:])
+    if listing.unreadable:
+        raise DataError(
+            f"cannot read folder(s) {', '.join(listing.unreadable)}: permission denied. Fix their "
+            "permissions (chmod -R u+rX) or move them out of data.root."
         )
-        for c in classes
-    }
     empty = [str(folder / name) for name, files in found.items() if not files]
     if empty:
         raise DataError(
             f"class folder(s) with no images: {', '.join(empty)}. Add images "
             f"({', '.join(IMG_EXTENSIONS)}) or remove the folder."
+            + (f" ({'; '.join(listing.notes())})" if listing.notes() else "")
         )
-    return found
-
-
-def verify_images(files: Sequence[Path], workers: int = 8) -> None:
-    """Open and verify every file; report all unreadable ones at once, before training."""
-
-    def bad(path: Path) -> str | None:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:
-            return f"{path} ({type(exc).__name__})"
-        return None
-
-    with ThreadPoolExecutor(workers) as pool:
-        failures = [msg for msg in pool.map(bad, files) if msg]
-    if failures:
-        listed = "\n  ".join(failures[:10])
-        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
-        raise DataError(
-            f"{len(failures)} unreadable image file(s):\n  {listed}{more}\n"
-            "Delete or replace them, or set data.verify_images=false to skip this check."
-        )
+    return found, listing
 
 
 def stratified_split(
@@ -140,15 +130,39 @@ def build_transforms(p: Preprocessing, train: bool, augment: Mapping[str, Any]) 
 
 
 class ClassFolder(ImageFolder):
-    """An ImageFolder whose classes are the ones discovery validated (hidden folders skipped,
-    the same list and label order in every split)."""
+    """An ImageFolder over the files discovery found and the scan passed (hidden entries and
+    symlink loops left out, each real file once), with the same classes and label order in
+    every split. A file that cannot be read any more during training follows
+    ``data.on_bad_file``: a clear error, or another sample in its place."""
 
-    def __init__(self, root: str, classes: Sequence[str], **kwargs: Any) -> None:
-        self._given_classes = list(classes)
+    def __init__(
+        self, root: str, files: Mapping[str, Sequence[Path]], on_bad_file: str = "error", **kwargs: Any
+    ) -> None:
+        self._files = {name: list(paths) for name, paths in files.items()}
+        self.on_bad_file = on_bad_file
         super().__init__(root, **kwargs)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+        names = list(self._files)
+        return names, {name: i for i, name in enumerate(names)}
+
+    def make_dataset(
+        self, directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        return [(str(path), class_to_idx[name]) for name, paths in self._files.items() for path in paths]
+
+    def __getitem__(self, index: int) -> Any:
+        for attempt in range(min(len(self.samples), 10)):
+            try:
+                return super().__getitem__((index + attempt) % len(self.samples))
+            except DataError as exc:
+                if self.on_bad_file != "skip":
+                    raise DataError(
+                        f"{exc} (it passed the check before training: changed since?). Replace it, "
+                        "or set data.on_bad_file=skip to train on without such files."
+                    ) from None
+                log.warning("Skipping %s", exc)
+        raise DataError(f"10 unreadable images in a row from {self.root}: is the folder still there?")
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -171,6 +185,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         seed: int = 42,
         augment: Mapping[str, Any] | None = None,
         verify_images: bool = True,
+        on_bad_file: str = "error",
+        scan_cache_dir: str | None = None,
         generate: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -192,6 +208,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         self.augment = {**DEFAULT_AUGMENT, **(augment or {})}
         self.verify = verify_images
+        if on_bad_file not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_file={on_bad_file!r}: use error (stop and list them) or skip.")
+        self.on_bad_file = on_bad_file
+        self.scan_cache_dir = Path(scan_cache_dir).expanduser() if scan_cache_dir else None
+        self.files: dict[Path, dict[str, list[Path]]] = {}  # split folder -> class -> files
+        self.left_out: dict[str, int] = {}  # why -> how many files
         self.generate = dict(generate) if generate else None
         self.preprocessing: Preprocessing | None = None
         self.feature_cache: FeatureCache | None = None
@@ -240,7 +262,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             return self._classes
         self.prepare_data()
         layout = self._find_layout()
-        found = {split: class_folders(folder) for split, folder in layout.items()}
+        seen: set[tuple[int, int]] = set()
+        fences = {identity(self.root), *(identity(folder) for folder in layout.values())}
+        walked = {split: class_folders(folder, seen, fences) for split, folder in layout.items()}
+        found = {split: classes for split, (classes, _) in walked.items()}
+        listing = Listing()
+        for _, part in walked.values():
+            listing.other_extensions.update(part.other_extensions)
+            listing.loops += part.loops
+            listing.repeated += part.repeated
+        for note in listing.notes():
+            log.warning("%s: %s", self.root, note)
+        if listing.other_extensions:
+            self.left_out["unsupported extension"] = sum(listing.other_extensions.values())
         reference = next(iter(found))
         names = list(found[reference])
         for split, classes in found.items():
@@ -257,9 +291,34 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"{layout[reference]} has one class folder ({names[0]}); a classifier needs two or more."
             )
         if self.verify:
-            verify_images([f for classes in found.values() for files in classes.values() for f in files])
+            found = {split: self._scan(classes) for split, classes in found.items()}
+        self.files = {layout[split]: classes for split, classes in found.items()}
         self._layout, self._classes = layout, names
         return names
+
+    def _scan(self, classes: dict[str, list[Path]]) -> dict[str, list[Path]]:
+        """Decode every image; stop with the list of bad ones, or leave them out (on_bad_file)."""
+        files = [f for paths in classes.values() for f in paths]
+        cache = scan_cache_file(self.scan_cache_dir, self.root) if self.scan_cache_dir else None
+        result = scan_images(files, cache, workers=min(8, len(os.sched_getaffinity(0))))
+        if result.decoded:
+            log.info("Checked %d images by decoding them (%d known from the last scan)",
+                     result.decoded, result.total - result.decoded)  # fmt: skip
+        if not result.bad:
+            return classes
+        if self.on_bad_file == "error":
+            raise DataError(
+                f"{len(result.bad)} image file(s) cannot be decoded:\n{describe_bad(result.bad)}\n"
+                "Delete or replace them, or set data.on_bad_file=skip to train without them."
+            )
+        log.warning("Leaving out %d image file(s) that cannot be decoded (data.on_bad_file=skip):\n%s",
+                    len(result.bad), describe_bad(result.bad))  # fmt: skip
+        self.left_out["cannot be decoded"] = self.left_out.get("cannot be decoded", 0) + len(result.bad)
+        kept = {name: [f for f in paths if str(f) not in result.bad] for name, paths in classes.items()}
+        empty = [name for name, paths in kept.items() if not paths]
+        if empty:
+            raise DataError(f"class folder(s) {empty} have no readable image left after skipping bad files.")
+        return kept
 
     @property
     def class_names(self) -> list[str]:
@@ -274,7 +333,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         """``train=None``: no transform (used to read the labels for splitting)."""
         assert self.preprocessing is not None and self._classes is not None
         transform = None if train is None else build_transforms(self.preprocessing, train, self.augment)
-        return ClassFolder(str(path), self._classes, transform=transform, loader=load_rgb)
+        return ClassFolder(
+            str(path), self.files[path], on_bad_file=self.on_bad_file, transform=transform, loader=load_rgb
+        )
 
     def use_feature_cache(self, cache: FeatureCache, views: int = 1, seed: int = 0) -> None:
         """Serve cached backbone features instead of images: ``views`` augmented views of each

@@ -25,3 +25,12 @@ def find_user_error(exc: BaseException) -> TransferLearningError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def user_message(error: TransferLearningError) -> str:
+    """The error's message without the worker traceback a DataLoader wraps around it."""
+    text = str(error)
+    if "Original Traceback" in text:  # raised in a loader worker: the message is the last line
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+    return text

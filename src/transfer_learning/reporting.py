@@ -51,6 +51,7 @@ def build_summary(
         "parameters": _parameters(facts) if facts else None,
         "batch size": _batch(facts) if facts else None,
         "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
+        "files left out": ", ".join(f"{n} ({why})" for why, n in datamodule.left_out.items()) or None,
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
         "epochs run": trainer.current_epoch,
         "best val/acc": number(best_score) if best_score is not None else fit_metrics.get("val/acc"),

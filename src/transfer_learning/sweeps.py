@@ -33,7 +33,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.errors import find_user_error
+from transfer_learning.errors import find_user_error, user_message
 
 log = logging.getLogger("train")
 
@@ -92,9 +92,10 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
             log.error("%s", exc)
             raise SystemExit(PREEMPTED_EXIT_CODE) from None
         user_error = find_user_error(exc)
-        record["error"] = _one_line(str(user_error) if user_error else f"{type(exc).__name__}: {exc}")
+        message = user_message(user_error) if user_error else f"{type(exc).__name__}: {exc}"
+        record["error"] = _one_line(message)
         if user_error is not None:
-            log.error("%s\n(Outputs written so far are kept in %s)", user_error, output_dir)
+            log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
             if not multirun:
                 sys.exit(2)
         elif not multirun:

@@ -1,0 +1,270 @@
+"""Image files: finding them, decoding them the same way everywhere, and scanning them.
+
+* :func:`list_images` walks a class folder once per real file: hidden entries (``.*``,
+  ``__MACOSX``) are ignored at every level, symlink loops are detected instead of followed, a
+  file reached twice through links counts once, and files with other extensions are counted.
+* :func:`load_rgb` decodes any file the same way for training and prediction: EXIF
+  orientation applied, 16- and 32-bit images scaled to 8 bits (not clipped to white),
+  transparency composited onto white.
+* :func:`scan_images` decodes every image before training (in parallel), remembering the
+  result per file (size and modification time) so that a second run decodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from transfer_learning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Transparent pixels are shown on this background (what image viewers and browsers do).
+ALPHA_BACKGROUND = (255, 255, 255)
+HIDDEN_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files and folders, and the debris of archive tools and notebooks."""
+    return name.startswith(".") or name in HIDDEN_NAMES
+
+
+def is_image(path: Path | str) -> bool:
+    return Path(path).suffix.lower() in IMG_EXTENSIONS
+
+
+@dataclass
+class Listing:
+    """What a walk found and what it left out, and why."""
+
+    files: list[Path] = field(default_factory=list)
+    other_extensions: Counter[str] = field(default_factory=Counter)
+    loops: list[str] = field(default_factory=list)
+    repeated: int = 0  # files (or folders) reached again through a symlink: counted once
+    unreadable: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """One line per kind of file left out."""
+        out = []
+        if self.other_extensions:
+            kinds = ", ".join(f"{ext or '(none)'}: {n}" for ext, n in sorted(self.other_extensions.items()))
+            out.append(
+                f"left out {sum(self.other_extensions.values())} file(s) with unsupported extensions "
+                f"({kinds}); supported: {' '.join(IMG_EXTENSIONS)}"
+            )
+        if self.loops:
+            out.append(f"symlink loop(s) not followed: {'; '.join(self.loops[:5])}")
+        if self.repeated:
+            out.append(f"{self.repeated} file(s) or folder(s) reached twice through symlinks, counted once")
+        return out
+
+
+def identity(path: Path) -> tuple[int, int]:
+    """A file's or folder's identity on disk, the same through any symlink to it."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def list_images(
+    folder: Path,
+    seen: set[tuple[int, int]] | None = None,
+    listing: Listing | None = None,
+    boundaries: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+) -> Listing:
+    """Every image file under ``folder`` (following symlinks, each real file once), sorted.
+
+    A symlink back to a folder above (``loop -> ..``) or to one of ``boundaries`` (the data
+    root, the split and class folders: following it would label other classes' files as this
+    one) is reported, not followed."""
+    listing = listing if listing is not None else Listing()
+    seen = seen if seen is not None else set()
+
+    def walk(directory: Path, ancestors: tuple[tuple[int, int], ...]) -> None:
+        try:
+            # Real entries before symlinks: a file reached both ways is listed under its own name.
+            entries = sorted(os.scandir(directory), key=lambda e: (e.is_symlink(), e.name))
+        except PermissionError:
+            listing.unreadable.append(str(directory))
+            return
+        for entry in entries:
+            if is_hidden(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                key = identity(path)
+            except OSError:  # a dangling symlink, or a loop the OS refuses to resolve
+                if entry.is_symlink():
+                    listing.loops.append(f"{path} -> {os.readlink(path)} (dangling or circular)")
+                continue
+            if is_dir:
+                if key in ancestors or key in boundaries:
+                    listing.loops.append(f"{path} -> {os.readlink(path) if entry.is_symlink() else path}")
+                elif key in seen:
+                    listing.repeated += 1
+                else:
+                    seen.add(key)
+                    walk(path, (*ancestors, key))
+            elif not is_image(path):
+                listing.other_extensions[path.suffix.lower()] += 1
+            elif key in seen:
+                listing.repeated += 1
+            else:
+                seen.add(key)
+                listing.files.append(path)
+
+    try:
+        root_key = identity(folder)
+    except OSError as exc:
+        raise DataError(f"cannot read folder {folder}: {exc.strerror}.") from exc
+    seen.add(root_key)
+    # A link to the folder itself or to any folder above it (`loop -> ..`) is a loop.
+    above = tuple(identity(parent) for parent in folder.resolve().parents)
+    walk(folder, (root_key, *above))
+    listing.files.sort()
+    return listing
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images scaled to 0..255 (PIL would clip them)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "I":  # 32-bit integers; 16-bit PNGs often arrive in this mode
+        top = 65535.0 if values.max(initial=0) <= 65535 else float(2**32 - 1)
+    else:  # "F": floats, taken as 0..1 unless larger values say otherwise
+        top = max(1.0, float(np.nanmax(values, initial=0.0)))
+    scaled = np.clip(np.nan_to_num(values) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: EXIF orientation applied, high bit depths scaled,
+    transparency composited onto :data:`ALPHA_BACKGROUND`."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode a file to RGB (see :func:`to_rgb`), naming the file on failure."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+# -- the scan ------------------------------------------------------------------------------
+
+
+@dataclass
+class ScanResult:
+    bad: dict[str, str]  # path -> reason
+    decoded: int  # files decoded by this scan (the others were known from the cache)
+    total: int
+
+
+def _fingerprint(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        image = load_rgb(path)
+    except DataError as exc:
+        cause = exc.__cause__
+        return f"{type(cause).__name__}: {cause}" if cause else str(exc)
+    if min(image.size) < 1:
+        return "empty image (0 pixels)"
+    return None
+
+
+def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: int = 8) -> ScanResult:
+    """Decode every file (as training will); the verdicts are cached by path, size and mtime."""
+    cache: dict[str, list] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    verdicts: dict[str, str | None] = {}
+    todo: list[Path] = []
+    fingerprints: dict[str, list[int]] = {}
+    for path in files:
+        key = str(path)
+        try:
+            fingerprints[key] = _fingerprint(path)
+        except OSError as exc:
+            verdicts[key] = f"cannot be opened: {exc.strerror}"
+            continue
+        known = cache.get(key)
+        if known is not None and known[:2] == fingerprints[key]:
+            verdicts[key] = known[2]
+        else:
+            todo.append(path)
+    if todo:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for path, problem in zip(todo, pool.map(_problem, todo), strict=True):
+                verdicts[str(path)] = problem
+    if cache_file is not None and todo:
+        cache.update({k: [*fingerprints[k], v] for k, v in verdicts.items() if k in fingerprints})
+        _write_json(cache_file, cache)
+    bad = {k: v for k, v in verdicts.items() if v is not None}
+    return ScanResult(bad=bad, decoded=len(todo), total=len(files))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only data folder: the scan simply runs again next time
+        log.info("Could not write the image scan cache %s: %s", path, exc)
+
+
+def scan_cache_file(folder: Path, root: Path) -> Path:
+    """The scan cache of data root ``root``, kept in ``folder``."""
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return folder / f"{digest}.json"
+
+
+def describe_bad(bad: dict[str, str], limit: int = 20) -> str:
+    lines = [f"  {path}: {reason}" for path, reason in sorted(bad.items())[:limit]]
+    if len(bad) > limit:
+        lines.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(lines)
+
+
+def iter_notes(listings: Iterable[Listing]) -> list[str]:
+    merged = Listing()
+    for listing in listings:
+        merged.other_extensions.update(listing.other_extensions)
+        merged.loops += listing.loops
+        merged.repeated += listing.repeated
+    return merged.notes()

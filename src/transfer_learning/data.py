@@ -191,6 +191,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size}: the batch size (per device) must be 1 or more.")
+        if num_workers != "auto" and (not str(num_workers).lstrip("-").isdigit() or int(num_workers) < 0):
+            raise ConfigError(
+                f"data.num_workers={num_workers}: use 0 (load in the main process), a positive number "
+                "of loader processes, or auto (one per core, at most 8)."
+            )
         self.batch_size = batch_size
         # "auto": one loader worker per core this process may use, at most 8.
         self.num_workers = min(8, len(os.sched_getaffinity(0))) if num_workers == "auto" else int(num_workers)

@@ -62,6 +62,10 @@ class Preprocessing:
         return cls(**data)
 
 
+# Below this, a network that downsamples by 32 sees less than one pixel in its last feature map.
+MIN_IMAGE_SIZE = 32
+
+
 def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bool = True) -> Preprocessing:
     """The input size rule: the weights' own size by default; ``requested`` (``data.image_size``)
     where the network can take it; otherwise a clear error, or, when the size is only a data
@@ -69,6 +73,18 @@ def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bo
     """
     if requested is None:
         return weights
+    if requested < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"data.image_size={requested}: too small to learn from. The backbones downsample by 32, "
+            f"so below {MIN_IMAGE_SIZE} px their last feature map is under one pixel and the features "
+            f"carry almost nothing (training ends near chance). Use {MIN_IMAGE_SIZE} px or more, or "
+            f"data.image_size=null for the weights' own size ({weights.crop_size})."
+        )
+    if requested < weights.crop_size // 3:
+        log.warning(
+            "data.image_size=%d is far below the %d px the weights were trained at: pretrained "
+            "features degrade at this size (expect lower accuracy).", requested, weights.crop_size,
+        )  # fmt: skip
     problem = weights.size_problem(requested)
     if problem is None:
         return weights.at_size(requested)

@@ -334,3 +334,30 @@ class SweepSummary(Callback):
                 len(failed), len(rows),
             )  # fmt: skip
             sys.exit(1)
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: a run or sweep folder that cannot be created stops the command with one
+    message naming the setting, before Hydra fails on it with a traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, setting: str) -> None:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            print(
+                f"Error: cannot write to {path} ({setting}): {exc.strerror or exc}. Point {setting} "
+                "(or paths.log_dir) at a writable folder.",
+                file=sys.stderr,
+            )
+            sys.exit(2)

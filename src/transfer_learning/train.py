@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -23,6 +25,7 @@ from transfer_learning.checkpoints import (
 )
 from transfer_learning.config import build, expand_path
 from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.errors import ConfigError
 from transfer_learning.loggers import (
     add_tags,
     close_loggers,
@@ -52,8 +55,40 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """Trainer settings that cannot work, stopped before anything is built."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch finds no GPU on this machine (CUDA "
+            f"available: False, torch {torch.__version__}). Use trainer=cpu (or trainer=ddp_cpu), or "
+            "run where a GPU and its driver are visible."
+        )
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and int(epochs) == 0:
+        raise ConfigError(
+            "trainer.max_epochs=0 trains nothing: the test would measure an untrained head. Set 1 or "
+            "more (or -1 with trainer.max_steps)."
+        )
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """Fail before training, not after the first epoch, when outputs cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to {folder} ({setting}): {exc.strerror or exc}. Point {setting} at a "
+            "writable folder, or fix its permissions."
+        ) from exc
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them)."""
+    check_trainer(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
@@ -65,6 +100,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    check_writable(output_dir, "hydra.run.dir")
+    checkpoint_callback = best_checkpoint(trainer)
+    if checkpoint_callback is not None and checkpoint_callback.dirpath:
+        check_writable(Path(checkpoint_callback.dirpath), "callbacks.model_checkpoint.dirpath")
     if ckpt_path:  # before any training: readable, pickle-free, and this model's and classes'
         saved = safe_load(ckpt_path).get("hyper_parameters") or {}
         check_compatible(saved, dict(module.hparams), ckpt_path)

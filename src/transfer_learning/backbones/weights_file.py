@@ -35,7 +35,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable file: report which one
-        raise WeightsError(f"cannot read weights file {file}: {exc}") from exc
+        raise WeightsError(
+            f"cannot read weights file {file} ({file.stat().st_size} bytes): it is not a PyTorch "
+            f"state_dict (torch.save, .pth/.pt) or a .safetensors file, or it is damaged "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). Download "
+            "it again, or point model.weights at the right file."
+        ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

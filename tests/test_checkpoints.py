@@ -166,3 +166,46 @@ def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["epochs run"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, shapes_dir):
+    """Fine-tuning with augmentation and shuffling: killed (SIGKILL, no chance to save) during
+    epoch 2 or later, resumed from last.ckpt, it ends where a run that was never stopped ends."""
+    args = [f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8", "strategy=finetune",
+            "logger=csv", "trainer.max_epochs=4", "worst_samples=0"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir()
+    killed.mkdir()
+    reference = run_cli(straight, *args)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    command = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={killed}",
+               f"hydra.run.dir={killed}/run",
+               "data.num_workers=0", *args]  # fmt: skip
+    process = subprocess.Popen(command, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if last.exists() and safe_load(last)["epoch"] >= 1:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # into the next epoch
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    interrupted_at = safe_load(last)
+    assert 1 <= interrupted_at["epoch"] < 4
+
+    resumed = run_cli(killed, *args, f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = safe_load(last)["state_dict"]
+    expected = safe_load(straight / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), key
+        else:
+            assert torch.equal(final[key], value), key
+    trained = interrupted_at["state_dict"]["net.head.weight"]
+    assert not torch.allclose(trained, expected["net.head.weight"])  # the resumed epochs did train

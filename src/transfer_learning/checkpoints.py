@@ -179,3 +179,65 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str =
             "trained with (its run folder's .hydra/config.yaml has them), or drop ckpt_path to start a "
             "new run."
         )
+
+
+class RandomState(Callback):
+    """Random number generator states (torch, CUDA, NumPy, Python) in every checkpoint, put back
+    when a run resumes, at the point where the uninterrupted run stood: the resumed run draws
+    the same shuffles and augmentations, so it ends with the same weights. Stored as tensors and
+    numbers only (the checkpoint stays loadable with ``weights_only=True``)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+        keys = np.asarray(keys)
+        version, python_state, python_gauss = random.getstate()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "position": position,
+                "has_gauss": has_gauss,
+                "gauss": gauss,
+            },
+            "python": {"version": version, "state": list(python_state), "gauss": python_gauss},
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored now, and again after a sanity check if one runs: the first training batch
+        # is drawn (and prefetched) before any epoch hook, right after these points.
+        self._pending = state_dict
+        self._restore()
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending = None
+
+    def _restore(self) -> None:
+        if self._pending is None:
+            return
+        import random
+
+        import numpy as np
+
+        state = self._pending
+        torch.set_rng_state(state["torch"])
+        numpy = state["numpy"]
+        np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                             numpy["has_gauss"], numpy["gauss"]))  # fmt: skip
+        python = state["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -25,7 +25,9 @@ def shorten(names: Sequence[str], limit: int = 8) -> str:
 
 
 def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
-    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)  # type: ignore[attr-defined]
+    """The checkpoint callback that keeps the best model (it monitors a metric); else any."""
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]  # type: ignore[attr-defined]
+    return next((c for c in callbacks if c.monitor), callbacks[0] if callbacks else None)
 
 
 def build_summary(

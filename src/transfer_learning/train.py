@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
 from transfer_learning.checkpoints import (
     Preempted,
+    RandomState,
     SafeCheckpointIO,
     SaveOnPreemption,
     check_compatible,
@@ -93,7 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     preemption = SaveOnPreemption()
-    callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption]
+    callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption, RandomState()]
     loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -14,9 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, build, run_cli, trainer
+from helpers import REPO, build, run_cli, train_cli, trainer
 from transfer_learning.checkpoints import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
 from transfer_learning.predict import Classifier
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 class Trap:
@@ -209,3 +215,35 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(
             assert torch.equal(final[key], value), key
     trained = interrupted_at["state_dict"]["net.head.weight"]
     assert not torch.allclose(trained, expected["net.head.weight"])  # the resumed epochs did train
+
+
+@pytest.mark.slow
+def test_ckpt_path_last_continues_the_latest_run_in_its_own_folder(tmp_path, shapes_dir):
+    data = ["data=imagefolder", f"data.root={shapes_dir}", "data.image_size=48", "data.num_workers=0",
+            "strategy=finetune", "data.batch_size=8"]  # fmt: skip
+    first = train_cli(tmp_path, *data, "trainer.max_epochs=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    best_before = max(float(r["val/acc_best"]) for r in read_metrics(run) if r["val/acc_best"])
+    (first_wandb,) = (run / "wandb").glob("offline-run-*")
+
+    again = train_cli(tmp_path, *data, "trainer.max_epochs=3", "ckpt_path=last")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert list((tmp_path / "logs" / "train" / "runs").iterdir()) == [run]  # no second folder
+    rows = read_metrics(run)
+    validations = [int(r["epoch"]) for r in rows if r["val/acc"]]
+    assert validations == [0, 1, 2]  # one history: each epoch once
+    assert sum(1 for r in rows if r["test/acc"]) == 1  # the first run's test is gone
+    assert float(next(r for r in rows if r["val/acc"] and r["epoch"] == "2")["val/acc_best"]) >= best_before
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs run"] == 3 and summary["output dir"] == str(run)
+    ids = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
+    assert ids == {first_wandb.name.rsplit("-", 1)[-1]}  # the W&B run resumed under its id
+    log = (run / "train.log").read_text()
+    assert log.count("Restoring states from the checkpoint path") >= 2  # both commands logged here
+
+    nothing = tmp_path / "empty"
+    nothing.mkdir()
+    missing = train_cli(nothing, *data, "ckpt_path=last")
+    assert missing.returncode == 2
+    assert "ckpt_path=last, but no run under" in missing.stderr

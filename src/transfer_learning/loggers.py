@@ -3,15 +3,19 @@ few things the training run asks of its loggers (where they write, a picture, cl
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,48 @@ def log_facts(loggers: Sequence[Logger], facts: dict[str, Any]) -> None:
             logger.experiment.summary.update(facts)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv (a resumed run in its own
+    folder) is continued instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class CSVLogger(LightningCSVLogger):
+    """CSV metrics in <run>/csv/metrics.csv; a resumed run appends to its history."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return cast(ExperimentWriter, self._experiment)
+
+    def drop_rows_after(self, step: int) -> None:
+        """Forget what was logged after ``step`` (the checkpoint a run resumes from; the
+        interrupted part of an epoch is logged again when it runs again) and the earlier test."""
+        path = Path(self.log_dir) / "metrics.csv"
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [
+            row
+            for row in rows
+            if (not row.get("step") or int(float(row["step"])) <= step)
+            and not any(row.get(k) for k in fields if k.startswith("test/"))  # the old run's test
+        ]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
 def logger_locations(loggers: Sequence[Logger]) -> dict[str, str]:
     """Where each logger wrote, for the run summary; only places that exist."""
     where = {}
@@ -164,7 +210,7 @@ def logger_locations(loggers: Sequence[Logger]) -> dict[str, str]:
             where["W&B run"] = (
                 f"{run_dir}  (offline: upload with `wandb sync {run_dir}`)" if offline else run.url
             )
-        elif isinstance(logger, CSVLogger):
+        elif isinstance(logger, LightningCSVLogger):
             metrics = Path(logger.log_dir) / "metrics.csv"
             if metrics.is_file():
                 where["CSV metrics"] = str(metrics)

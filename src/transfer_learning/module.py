@@ -125,6 +125,7 @@ class TransferLearningModule(L.LightningModule):
         # Sample-weighted mean losses, exact across processes with unequal shards.
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self._resumed_best: float | None = None
         self.test_confusion = MulticlassConfusionMatrix(n)
         self.test_confusion_matrix: torch.Tensor | None = None
 
@@ -189,6 +190,8 @@ class TransferLearningModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # drop values from the sanity-check run
+        if self._resumed_best is not None:  # a resumed run keeps its best-so-far
+            self.val_acc_best.update(torch.tensor(self._resumed_best))
 
     def on_train_epoch_start(self) -> None:
         set_epoch = getattr(getattr(self.trainer, "datamodule", None), "set_epoch", None)
@@ -252,10 +255,13 @@ class TransferLearningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["preprocessing"] = self.preprocessing.to_dict()
+        if self.val_acc_best.update_called:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
         checkpoint["arch_kwargs"] = self.net.arch_kwargs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        self._resumed_best = checkpoint.get("val_acc_best")
         if "preprocessing" in checkpoint:
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
 

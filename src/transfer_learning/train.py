@@ -28,6 +28,7 @@ from transfer_learning.config import build, expand_path
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
 from transfer_learning.loggers import (
+    CSVLogger,
     add_tags,
     close_loggers,
     log_checkpoint,
@@ -106,8 +107,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if checkpoint_callback is not None and checkpoint_callback.dirpath:
         check_writable(Path(checkpoint_callback.dirpath), "callbacks.model_checkpoint.dirpath")
     if ckpt_path:  # before any training: readable, pickle-free, and this model's and classes'
-        saved = safe_load(ckpt_path).get("hyper_parameters") or {}
-        check_compatible(saved, dict(module.hparams), ckpt_path)
+        saved = safe_load(ckpt_path)
+        check_compatible(saved.get("hyper_parameters") or {}, dict(module.hparams), ckpt_path)
+        if trainer.is_global_zero:  # resuming in the run's own folder: one history, from the checkpoint on
+            for logger in loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.drop_rows_after(int(saved.get("global_step", 0)))
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = run_facts(module, datamodule, trainer)
     status = "failed"

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
@@ -34,6 +34,9 @@ from transfer_learning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
+BALANCE = ("none", "weighted_loss", "weighted_sampler")
+# A training set whose largest class has this many times the images of its smallest is imbalanced.
+IMBALANCE_RATIO = 3.0
 SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "test": ("test",), "train": ("train",)}
 DEFAULT_AUGMENT: dict[str, Any] = {
     "enabled": True,
@@ -187,6 +190,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         verify_images: bool = True,
         on_bad_file: str = "error",
         scan_cache_dir: str | None = None,
+        drop_duplicates: bool = False,
+        balance: str = "none",
         generate: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -218,6 +223,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if on_bad_file not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_file={on_bad_file!r}: use error (stop and list them) or skip.")
         self.on_bad_file = on_bad_file
+        if balance not in BALANCE:
+            raise ConfigError(f"data.balance={balance!r}: use one of {', '.join(BALANCE)}.")
+        self.balance = balance
+        self.drop_duplicates = bool(drop_duplicates)
+        self.digests: dict[str, str] = {}  # file -> content hash, from the scan
+        self.train_class_counts: list[int] = []
         self.scan_cache_dir = Path(scan_cache_dir).expanduser() if scan_cache_dir else None
         self.files: dict[Path, dict[str, list[Path]]] = {}  # split folder -> class -> files
         self.left_out: dict[str, int] = {}  # why -> how many files
@@ -308,6 +319,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         files = [f for paths in classes.values() for f in paths]
         cache = scan_cache_file(self.scan_cache_dir, self.root) if self.scan_cache_dir else None
         result = scan_images(files, cache, workers=min(8, len(os.sched_getaffinity(0))))
+        self.digests.update(result.digests)
         if result.decoded:
             log.info("Checked %d images by decoding them (%d known from the last scan)",
                      result.decoded, result.total - result.decoded)  # fmt: skip
@@ -375,9 +387,67 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not datasets.get("test"):
             log.warning("No test split (no test/ folder and data.test_fraction=0): testing on val.")
             datasets["test"] = datasets["val"]
+        self._check_leakage(datasets)
+        self._check_balance(datasets["train"])
         # Each split's image files and labels, in dataset order (also the cached features' order).
         self.split_files = {name: samples(ds) for name, ds in datasets.items()}
         return datasets
+
+    def _check_leakage(self, datasets: dict[str, Dataset]) -> None:
+        """Validation or test images with the same bytes as a training image (copies, the same
+        photo saved twice) make the scores look better than they are: report the pairs, and
+        leave them out with data.drop_duplicates=true."""
+        if not self.digests:
+            return  # no scan, no hashes
+        train_files, _ = samples(datasets["train"])
+        in_train = {self.digests[f]: f for f in train_files if f in self.digests}
+        test_is_val = datasets.get("test") is datasets["val"]
+        for name in ("val", "test"):
+            dataset = datasets.get(name)
+            if dataset is None or (name == "test" and test_is_val):
+                continue
+            files, _ = samples(dataset)
+            leaks = [i for i, f in enumerate(files) if self.digests.get(f) in in_train]
+            if not leaks:
+                continue
+            pairs = "; ".join(f"{files[i]} = {in_train[self.digests[files[i]]]}" for i in leaks[:5])
+            more = f" (and {len(leaks) - 5} more)" if len(leaks) > 5 else ""
+            if self.drop_duplicates:
+                keep = sorted(set(range(len(files))) - set(leaks))
+                datasets[name] = Subset(dataset, keep)
+                if name == "val" and test_is_val:
+                    datasets["test"] = datasets["val"]
+                self.left_out[f"copy of a training image in {name}"] = len(leaks)
+                log.warning("Left %d %s image(s) out: copies of training images: %s%s",
+                            len(leaks), name, pairs, more)  # fmt: skip
+            else:
+                log.warning(
+                    "Leakage: %d %s image(s) have the same content as a training image, so %s scores "
+                    "overstate accuracy: %s%s. Remove the copies, or set data.drop_duplicates=true.",
+                    len(leaks), name, name, pairs, more,
+                )  # fmt: skip
+
+    def _check_balance(self, train: Dataset) -> None:
+        _, labels = samples(train)
+        counts = [labels.count(i) for i in range(len(self.class_names))]
+        self.train_class_counts = counts
+        low, high = min(counts), max(counts)
+        if self.balance == "none" and low > 0 and high / low >= IMBALANCE_RATIO:
+            names = self.class_names
+            log.warning(
+                "Imbalanced classes: %s has %d training images, %s only %d (%.1fx). A classifier "
+                "then favours the large classes; consider data.balance=weighted_loss or "
+                "data.balance=weighted_sampler.",
+                names[counts.index(high)], high, names[counts.index(low)], low, high / low,
+            )  # fmt: skip
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """Per-class weights of the training loss (data.balance=weighted_loss): inverse class
+        frequency, 1 on average over the samples."""
+        if self.balance != "weighted_loss" or not self.train_class_counts:
+            return None
+        counts = torch.tensor(self.train_class_counts, dtype=torch.float32).clamp(min=1)
+        return counts.sum() / (len(counts) * counts)
 
     def _cached(self) -> dict[str, Dataset]:
         """Every split as cached features, computed first where no cache file matches."""
@@ -421,17 +491,28 @@ class ImageFolderDataModule(L.LightningDataModule):
         per_process = len(dataset) // world_size  # type: ignore[arg-type]
         # Cached features are rows of a tensor: loader workers would only add overhead.
         workers = 0 if isinstance(dataset, CachedFeatures) else self.num_workers
+        sampler = self._balanced_sampler() if train else self._eval_sampler(dataset, train)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
-            sampler=self._eval_sampler(dataset, train),
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             # A last batch of one sample breaks BatchNorm in training mode.
             drop_last=train and per_process > self.batch_size,
         )
+
+    def _balanced_sampler(self) -> WeightedRandomSampler | None:
+        """data.balance=weighted_sampler: each class drawn equally often (with replacement).
+        Under DDP Lightning splits it across processes."""
+        if self.balance != "weighted_sampler":
+            return None
+        _, labels = self.split_files["train"]
+        counts = torch.bincount(torch.tensor(labels), minlength=len(self.class_names)).clamp(min=1)
+        weights = (1.0 / counts.double())[torch.tensor(labels)]
+        return WeightedRandomSampler(weights.tolist(), num_samples=len(labels), replacement=True)
 
     def _eval_sampler(self, dataset: Dataset, train: bool) -> UnrepeatedDistributedSampler | None:
         """Under DDP, evaluation shards that may differ by one sample: Lightning's

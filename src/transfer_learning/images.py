@@ -186,6 +186,7 @@ class ScanResult:
     bad: dict[str, str]  # path -> reason
     decoded: int  # files decoded by this scan (the others were known from the cache)
     total: int
+    digests: dict[str, str] = field(default_factory=dict)  # path -> content hash (readable files)
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -193,26 +194,32 @@ def _fingerprint(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _problem(path: Path) -> str | None:
+def _check(path: Path) -> tuple[str | None, str | None]:
+    """(problem or None, content hash or None) of one file."""
+    try:
+        digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}", None
     try:
         image = load_rgb(path)
     except DataError as exc:
         cause = exc.__cause__
-        return f"{type(cause).__name__}: {cause}" if cause else str(exc)
+        return (f"{type(cause).__name__}: {cause}" if cause else str(exc)), digest
     if min(image.size) < 1:
-        return "empty image (0 pixels)"
-    return None
+        return "empty image (0 pixels)", digest
+    return None, digest
 
 
 def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: int = 8) -> ScanResult:
-    """Decode every file (as training will); the verdicts are cached by path, size and mtime."""
+    """Decode every file (as training will) and hash its bytes; the results are cached by path,
+    size and modification time."""
     cache: dict[str, list] = {}
     if cache_file is not None and cache_file.is_file():
         try:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-    verdicts: dict[str, str | None] = {}
+    results: dict[str, tuple[str | None, str | None]] = {}
     todo: list[Path] = []
     fingerprints: dict[str, list[int]] = {}
     for path in files:
@@ -220,22 +227,23 @@ def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: 
         try:
             fingerprints[key] = _fingerprint(path)
         except OSError as exc:
-            verdicts[key] = f"cannot be opened: {exc.strerror}"
+            results[key] = (f"cannot be opened: {exc.strerror}", None)
             continue
         known = cache.get(key)
-        if known is not None and known[:2] == fingerprints[key]:
-            verdicts[key] = known[2]
+        if known is not None and len(known) == 4 and known[:2] == fingerprints[key]:
+            results[key] = (known[2], known[3])
         else:
             todo.append(path)
     if todo:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for path, problem in zip(todo, pool.map(_problem, todo), strict=True):
-                verdicts[str(path)] = problem
+            for path, result in zip(todo, pool.map(_check, todo), strict=True):
+                results[str(path)] = result
     if cache_file is not None and todo:
-        cache.update({k: [*fingerprints[k], v] for k, v in verdicts.items() if k in fingerprints})
+        cache.update({k: [*fingerprints[k], *v] for k, v in results.items() if k in fingerprints})
         _write_json(cache_file, cache)
-    bad = {k: v for k, v in verdicts.items() if v is not None}
-    return ScanResult(bad=bad, decoded=len(todo), total=len(files))
+    bad = {k: problem for k, (problem, _) in results.items() if problem is not None}
+    digests = {k: digest for k, (problem, digest) in results.items() if problem is None and digest}
+    return ScanResult(bad=bad, decoded=len(todo), total=len(files), digests=digests)
 
 
 def _write_json(path: Path, data: dict) -> None:

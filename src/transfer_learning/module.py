@@ -114,6 +114,7 @@ class TransferLearningModule(L.LightningModule):
             self.net.preprocessing, image_size, strict=image_size_strict
         )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_criterion = self.criterion  # class-weighted with data.balance=weighted_loss
         # channels_last: the memory layout fast convolution kernels want (CPU and GPU).
         self._channels_last = channels_last and is_convolutional(self.net.backbone)
         if self._channels_last:
@@ -157,9 +158,9 @@ class TransferLearningModule(L.LightningModule):
             logits = self(x)
         else:
             logits, aux = self.net.forward_with_aux(self._memory_format(x))
-        loss = self.criterion(logits, y)
+        loss = self.train_criterion(logits, y)
         for aux_logits in aux:
-            loss = loss + self.net.aux_loss_weight * self.criterion(aux_logits, y)
+            loss = loss + self.net.aux_loss_weight * self.train_criterion(aux_logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
@@ -175,6 +176,12 @@ class TransferLearningModule(L.LightningModule):
         return logits
 
     def on_fit_start(self) -> None:
+        weights = getattr(getattr(self.trainer, "datamodule", None), "loss_weights", lambda: None)()
+        if weights is not None:
+            smoothing = self.hparams["label_smoothing"]
+            self.train_criterion = nn.CrossEntropyLoss(
+                weight=weights.to(self.device), label_smoothing=smoothing
+            )
         if self.net.backbone_frozen and not self.net.pretrained and self.trainer.is_global_zero:
             log.warning(
                 "\n%s\n  The frozen backbone is RANDOM (model.weights=null): only the head trains, on\n"

@@ -198,3 +198,25 @@ def test_a_run_with_on_bad_file_skip_completes_and_counts_them(tmp_path):
     output = stopped.stdout + stopped.stderr
     assert "3 image file(s) cannot be decoded" in output and "Traceback" not in output
     assert not list((second / "run").glob("checkpoints/*"))  # stopped before any training
+
+
+def test_a_bad_file_in_a_loader_worker_reaches_the_user_as_one_message(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from transfer_learning.errors import find_user_error, user_message
+
+    build_corpus(tmp_path)
+    for name in ("truncated.jpg", "empty.jpg", "notes.jpg"):
+        (tmp_path / "a" / name).unlink()
+    dm = module(tmp_path)
+    dm.setup()
+    files, _ = samples(dm.datasets["val"])
+    Path(files[0]).write_bytes(b"broken after the scan")
+    with pytest.raises(Exception) as raised:
+        next(iter(DataLoader(dm.datasets["val"], batch_size=2, num_workers=1)))
+    error = find_user_error(raised.value)
+    assert isinstance(error, DataError)
+    assert "Original Traceback" in str(error)  # how torch hands over a worker's exception
+    message = user_message(error)
+    assert message.startswith(f"cannot read image {files[0]}") and "Traceback" not in message
+    assert message.endswith("or set data.on_bad_file=skip to train on without such files.")

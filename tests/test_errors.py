@@ -112,3 +112,28 @@ def test_predict_names_a_missing_or_non_image_file(tmp_path, shapes_dir):
         assert result.returncode == 2
         assert f"error: cannot read image {path}" in result.stderr and message in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_class_folder_is_not_called_empty(tmp_path, monkeypatch):
+    """chmod 000 does not stop root (this suite may run as root): the permission error is
+    raised where the folder is listed, as the OS would."""
+    import os
+
+    from transfer_learning.data import class_folders
+    from transfer_learning.demo import generate_shapes
+
+    root = generate_shapes(tmp_path / "data", images_per_class=2, image_size=32, classes=("circle", "star"))
+    locked = root / "star"
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.path.abspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(Exception) as error:
+        class_folders(root)
+    message = str(error.value)
+    assert message.startswith(f"cannot read folder(s) {locked}: permission denied")
+    assert "no images" not in message and "chmod" in message

@@ -32,5 +32,6 @@ def user_message(error: TransferLearningError) -> str:
     text = str(error)
     if "Original Traceback" in text:  # raised in a loader worker: the message is the last line
         last = text.rstrip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if last.startswith(type(error).__name__ + ":") else last
+        name, _, rest = last.partition(": ")
+        text = rest if rest and name.rsplit(".", 1)[-1] == type(error).__name__ else last
     return text

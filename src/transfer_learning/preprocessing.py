@@ -80,13 +80,13 @@ def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bo
             f"carry almost nothing (training ends near chance). Use {MIN_IMAGE_SIZE} px or more, or "
             f"data.image_size=null for the weights' own size ({weights.crop_size})."
         )
-    if requested < weights.crop_size // 3:
-        log.warning(
-            "data.image_size=%d is far below the %d px the weights were trained at: pretrained "
-            "features degrade at this size (expect lower accuracy).", requested, weights.crop_size,
-        )  # fmt: skip
     problem = weights.size_problem(requested)
     if problem is None:
+        if requested < weights.crop_size // 3:
+            log.warning(
+                "data.image_size=%d is far below the %d px the weights were trained at: pretrained "
+                "features degrade at this size (expect lower accuracy).", requested, weights.crop_size,
+            )  # fmt: skip
         return weights.at_size(requested)
     if strict:
         raise ConfigError(

@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from transfer_learning.errors import ConfigError
+
 if TYPE_CHECKING:  # torch and Lightning load when something is built, not for `train.py --help`
     from transfer_learning.data import ImageFolderDataModule
     from transfer_learning.module import TransferLearningModule
@@ -62,6 +64,20 @@ def expand_overrides(argv: Iterable[str]) -> list[str]:
         inner = value[1:-1] if quote else value
         out.append(f"{match['key']}={quote}{expand_path(inner)}{quote}")
     return out
+
+
+def check_writable(folder: Path, setting: str) -> None:
+    """Fail before training, not after the first epoch, when outputs cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to {folder} ({setting}): {exc.strerror or exc}. Point {setting} at a "
+            "writable folder, or fix its permissions."
+        ) from exc
 
 
 def compose_config(

@@ -33,7 +33,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.errors import find_user_error, user_message
+from transfer_learning.config import check_writable
+from transfer_learning.errors import ConfigError, find_user_error, user_message
 
 log = logging.getLogger("train")
 
@@ -348,16 +349,8 @@ class OutputFolderCheck(Callback):
 
     @staticmethod
     def _check(folder: str, setting: str) -> None:
-        path = Path(folder)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            print(
-                f"Error: cannot write to {path} ({setting}): {exc.strerror or exc}. Point {setting} "
-                "(or paths.log_dir) at a writable folder.",
-                file=sys.stderr,
-            )
+            check_writable(Path(folder), setting)
+        except ConfigError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
             sys.exit(2)

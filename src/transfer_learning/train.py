@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from transfer_learning.checkpoints import (
     check_compatible,
     safe_load,
 )
-from transfer_learning.config import build, expand_path
+from transfer_learning.config import build, check_writable, expand_path
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
 from transfer_learning.loggers import (
@@ -72,20 +71,6 @@ def check_trainer(cfg: DictConfig) -> None:
             "trainer.max_epochs=0 trains nothing: the test would measure an untrained head. Set 1 or "
             "more (or -1 with trainer.max_steps)."
         )
-
-
-def check_writable(folder: Path, setting: str) -> None:
-    """Fail before training, not after the first epoch, when outputs cannot be written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to {folder} ({setting}): {exc.strerror or exc}. Point {setting} at a "
-            "writable folder, or fix its permissions."
-        ) from exc
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -95,6 +95,14 @@ class Network(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()
 
+    def blocks(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """The backbone's trainable parts in depth order, input side first: its children, with
+        any child that holds most of the parameters (torchvision's ``features``, ViT's
+        ``encoder.layers``, timm's ``blocks``) opened up into its own children. Every backbone
+        parameter is in exactly one block; the blocks are what layer-wise learning rates and
+        block-by-block unfreezing act on."""
+        return [(name, list(module.parameters())) for name, module in backbone_blocks(self.backbone)]
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """Newly initialised parameters: the head and any auxiliary heads."""
         yield from self.head.parameters()
@@ -137,3 +145,34 @@ class Network(nn.Module):
                 if isinstance(module, nn.modules.batchnorm._NormBase):
                     module.eval()
         return self
+
+
+def _size(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def backbone_blocks(backbone: nn.Module, share: float = 0.5) -> list[tuple[str, nn.Module]]:
+    """Depth-ordered blocks of a backbone (see :meth:`Network.blocks`): children with parameters;
+    a child holding more than ``share`` of them is replaced by its own children, recursively.
+    Parameters registered directly on a module that is opened up (ViT's class token and position
+    embedding) form a block of their own, placed first."""
+    total = _size(backbone)
+    blocks: list[tuple[str, nn.Module]] = []
+
+    def expand(prefix: str, module: nn.Module) -> None:
+        own = [p for p in module.parameters(recurse=False)]
+        children = [(n, c) for n, c in module.named_children() if _size(c) > 0]
+        big = total > 0 and _size(module) > share * total
+        if (big and len(children) > 1) or (big and len(children) == 1 and not own):
+            if own:
+                holder = nn.Module()
+                for i, parameter in enumerate(own):
+                    holder.register_parameter(f"p{i}", parameter)
+                blocks.append((f"{prefix}(own)" if prefix else "(own)", holder))
+            for name, child in children:
+                expand(f"{prefix}.{name}" if prefix else name, child)
+        elif _size(module) > 0:
+            blocks.append((prefix or "backbone", module))
+
+    expand("", backbone)
+    return blocks

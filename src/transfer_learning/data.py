@@ -284,11 +284,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         fences = {identity(self.root), *(identity(folder) for folder in layout.values())}
         walked = {split: class_folders(folder, seen, fences) for split, folder in layout.items()}
         found = {split: classes for split, (classes, _) in walked.items()}
-        listing = Listing()
-        for _, part in walked.values():
-            listing.other_extensions.update(part.other_extensions)
-            listing.loops += part.loops
-            listing.repeated += part.repeated
+        listing = Listing.merged(part for _, part in walked.values())
         for note in listing.notes():
             log.warning("%s: %s", self.root, note)
         if listing.other_extensions:

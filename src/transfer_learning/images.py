@@ -54,6 +54,17 @@ class Listing:
     repeated: int = 0  # files (or folders) reached again through a symlink: counted once
     unreadable: list[str] = field(default_factory=list)
 
+    @classmethod
+    def merged(cls, listings: Iterable[Listing]) -> Listing:
+        """What several walks left out, together (their files are not merged)."""
+        out = cls()
+        for listing in listings:
+            out.other_extensions.update(listing.other_extensions)
+            out.loops += listing.loops
+            out.repeated += listing.repeated
+            out.unreadable += listing.unreadable
+        return out
+
     def notes(self) -> list[str]:
         """One line per kind of file left out."""
         out = []
@@ -267,12 +278,3 @@ def describe_bad(bad: dict[str, str], limit: int = 20) -> str:
     if len(bad) > limit:
         lines.append(f"  ... and {len(bad) - limit} more")
     return "\n".join(lines)
-
-
-def iter_notes(listings: Iterable[Listing]) -> list[str]:
-    merged = Listing()
-    for listing in listings:
-        merged.other_extensions.update(listing.other_extensions)
-        merged.loops += listing.loops
-        merged.repeated += listing.repeated
-    return merged.notes()

@@ -37,6 +37,7 @@ from transfer_learning.loggers import (
     log_table,
     logger_locations,
 )
+from transfer_learning.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.module import TransferLearningModule
 from transfer_learning.reporting import (
     best_checkpoint,
@@ -76,6 +77,7 @@ def check_trainer(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them)."""
     check_trainer(cfg)
+    check_tune_lr(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
@@ -101,6 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = run_facts(module, datamodule, trainer)
     status = "failed"
+    tuned: dict[str, str] = {}  # the LR finder's summary entries (tune_lr=true)
     try:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
@@ -111,6 +114,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # A frozen backbone in eval mode is this template's intent, not the accident Lightning warns of.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             try:
+                if cfg.get("tune_lr"):  # sets the strategy's rates before fit builds the optimizer
+                    steps = int(cfg.get("tune_lr_steps", 100))
+                    tuned = tune_learning_rate(trainer, module, datamodule, output_dir, loggers, steps)
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             except SIGTERMException:
                 raise Preempted(preemption.saved) from None
@@ -124,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = build_summary(
             trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
         )
+        summary.update(tuned)
         if trainer.is_global_zero:
             summary.update(_report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics))
             summary.update(logger_locations(loggers))

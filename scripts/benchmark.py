@@ -14,6 +14,14 @@ user experiences it):
 It prints wall time, training images/s, final validation accuracy and peak memory of each, and
 the speed ratios of (b) to (a). Without --data it writes a small data set of generated shapes
 (60 training and 16 validation images per class, 5 classes) under data/benchmark_shapes.
+
+`--frozen-epoch` measures instead, in one process, one training epoch of
+`strategy=feature_extract strategy.cache_features=false strategy.bf16=false` (the baseline: the
+backbone's float32 forward pass only),
+the frozen first epoch of `strategy=gradual_unfreeze`, and a `strategy=finetune` epoch (forward
+and backward through everything), each `--repeats` times interleaved (the fastest counts), and
+prints each epoch's time as a ratio of the baseline's (fastest against fastest, and the median
+of the ratios within a round, which a busy machine disturbs less).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +94,60 @@ def plain_loop(strategy: str, data: Path, epochs: int, image_size: int, model: s
     return {"val_acc": accuracies[-1], "best_val_acc": max(accuracies), "train_images": len(train_set)}
 
 
+# ------------------------------------------------------------------------------ frozen epochs
+
+
+def frozen_epoch(data: Path, image_size: int, model: str, repeats: int) -> None:
+    """One training epoch per strategy, timed from its start to its end by a callback."""
+    import lightning as L
+    import torch
+
+    from transfer_learning.config import build, compose_config
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.seconds = time.perf_counter() - self.start
+            trainer.should_stop = True  # epoch 0 only (gradual_unfreeze's frozen epoch)
+
+    variants = {
+        "feature_extract, no cache (baseline)": [
+            "strategy=feature_extract",
+            "strategy.cache_features=false",
+            "strategy.bf16=false",
+        ],
+        "gradual_unfreeze, frozen epoch 0": ["strategy=gradual_unfreeze"],
+        "finetune (everything trains)": ["strategy=finetune"],
+    }
+    best: dict[str, float] = {}
+    rounds: list[dict[str, float]] = []
+    for round_ in range(repeats):
+        rounds.append({})
+        for name, overrides in variants.items():
+            cfg = compose_config([
+                "data=imagefolder", f"data.root={data}", f"data.image_size={image_size}", f"model={model}",
+                "trainer.max_epochs=2", "scheduler=constant", *overrides,
+            ])  # fmt: skip
+            datamodule, module = build(cfg)
+            timer = EpochTimer()
+            L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[timer]).fit(module, datamodule)  # fmt: skip
+            best[name] = min(best.get(name, float("inf")), timer.seconds)
+            rounds[-1][name] = timer.seconds
+            print(f"round {round_ + 1}: {name}: {timer.seconds:.2f} s", flush=True)
+    images = len(datamodule.datasets["train"])  # type: ignore[arg-type]
+    print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {model}, "
+          f"{image_size} px, {images} training images, fastest of {repeats}")  # fmt: skip
+    print(f"{'one training epoch':<40}{'seconds':>9}{'vs baseline':>13}{'median of rounds':>18}")
+    baseline = next(iter(best))
+    for name, seconds in best.items():
+        paired = statistics.median(r[name] / r[baseline] for r in rounds)  # same round, same load
+        print(f"{name:<40}{seconds:>9.2f}{seconds / best[baseline]:>12.2f}x{paired:>17.2f}x")
+
+
 # ------------------------------------------------------------------------------ timing harness
 
 
@@ -134,9 +197,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--frozen-epoch", action="store_true", help="time a gradual_unfreeze frozen epoch")
+    parser.add_argument("--repeats", type=int, default=2, help="with --frozen-epoch")
     parser.add_argument("--plain", choices=["feature_extract", "finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = (args.data or make_data(Path("data/benchmark_shapes"))).absolute()
+    if args.frozen_epoch:
+        frozen_epoch(data, args.image_size, args.model, args.repeats)
+        return
     if args.plain:
         result = plain_loop(args.plain, data, args.epochs, args.image_size, args.model)
         print("RESULT " + json.dumps(result))

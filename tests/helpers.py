@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
+from torch.nn.modules.batchnorm import _NormBase
 
 from transfer_learning.config import build as build_from_config
 from transfer_learning.config import compose_config
@@ -41,6 +42,56 @@ def build(
     )
     datamodule, module = build_from_config(cfg)
     return module, datamodule
+
+
+class RecordTraining(Callback):
+    """At every training batch (after the module's own hooks have set the epoch up): each param
+    group's learning rate, and per backbone block whether all its parameters require gradients,
+    whether all its modules are in training mode, and the mode of each of its BatchNorm layers.
+    After every epoch: a copy of each block's parameters and buffers (BatchNorm statistics)."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, Any]] = []
+        self.after_epoch: list[dict[str, list[Any]]] = []
+
+    @staticmethod
+    def _blocks(pl_module: L.LightningModule) -> list[tuple[str, Any]]:
+        from transfer_learning.network import backbone_blocks
+
+        return backbone_blocks(pl_module.net.backbone)  # type: ignore[attr-defined]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        blocks = self._blocks(pl_module)
+        self.batches.append({
+            "epoch": trainer.current_epoch,
+            "batch": batch_idx,
+            "lr": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups},
+            "grad": {n: all(p.requires_grad for p in m.parameters()) for n, m in blocks},
+            "train": {n: all(x.training for x in m.modules()) for n, m in blocks},
+            "norm_train": {n: [x.training for x in m.modules() if isinstance(x, _NormBase)]
+                           for n, m in blocks},
+        })  # fmt: skip
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.after_epoch.append(snapshot(pl_module))
+
+    def epochs(self) -> list[dict[str, Any]]:
+        """The first batch of each epoch."""
+        return [b for b in self.batches if b["batch"] == 0]
+
+
+def snapshot(pl_module: L.LightningModule) -> dict[str, list[Any]]:
+    """Each backbone block's parameters and buffers, copied."""
+    return {
+        n: [t.detach().clone() for t in [*m.parameters(), *m.buffers()]]
+        for n, m in RecordTraining._blocks(pl_module)
+    }
+
+
+def same(a: list[Any], b: list[Any]) -> bool:
+    import torch
+
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def trainer(callbacks: Sequence[Callback] = (), **kwargs: Any) -> L.Trainer:

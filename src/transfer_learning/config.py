@@ -104,7 +104,7 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
     tells the network its classes, the network tells the data its preprocessing."""
     from transfer_learning.feature_cache import FeatureCache
     from transfer_learning.module import TransferLearningModule
-    from transfer_learning.strategies import FeatureExtraction
+    from transfer_learning.strategies import FeatureExtraction, LinearProbeFineTune
 
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
     image_size = data.pop("image_size", None)
@@ -123,16 +123,23 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
     )
     datamodule.set_preprocessing(module.preprocessing)
     strategy = module.strategy
-    if isinstance(strategy, FeatureExtraction) and strategy.cache_features:
-        cache = FeatureCache(
+
+    def feature_cache(bf16: bool | None) -> FeatureCache:
+        return FeatureCache(
             directory=expand_path(str(cfg.paths.feature_cache_dir)),
             backbone=module.net.backbone,
             identity={"model": module.hparams["model"], "preprocessing": module.preprocessing.to_dict()},
-            bf16=strategy.bf16,
+            bf16=bf16,
             batch_size=max(datamodule.batch_size, 64),
             num_workers=datamodule.num_workers,
         )
-        datamodule.use_feature_cache(cache, views=strategy.cached_views, seed=cfg.get("seed") or 0)
+
+    if isinstance(strategy, FeatureExtraction) and strategy.cache_features:
+        datamodule.use_feature_cache(
+            feature_cache(strategy.bf16), views=strategy.cached_views, seed=cfg.get("seed") or 0
+        )
+    elif isinstance(strategy, LinearProbeFineTune):
+        datamodule.use_probe_cache(feature_cache(bf16=False))  # the probe wants exact float32 features
     if cfg.get("compile"):
         module.net.backbone.compile()  # in place: checkpoint keys stay the same
     return datamodule, module

@@ -235,6 +235,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.generate = dict(generate) if generate else None
         self.preprocessing: Preprocessing | None = None
         self.feature_cache: FeatureCache | None = None
+        self.probe_cache: FeatureCache | None = None
+        self._probe: dict[str, Dataset] = {}
+        self._warned: set[str] = set()
         self.cache_views, self.cache_seed = 1, 0
         self.datasets: dict[str, Dataset] = {}
         self.split_files: dict[str, tuple[list[str], list[int]]] = {}
@@ -252,8 +255,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             if target.absolute() == self.root.absolute():
                 log.info("Generating the demo data set in %s", self.root)
                 generate_shapes(self.root, **spec)
+        # One process per node computes the cached features; the others wait, then load them.
         if self.feature_cache is not None and self.preprocessing is not None and not self.datasets:
-            self._cached()  # one process per node computes the files; the others wait, then load them
+            self._features()
+        if self.probe_cache is not None and self.preprocessing is not None:
+            self.probe_features()
 
     def _find_layout(self) -> dict[str, Path]:
         if not self.root.is_dir():
@@ -389,6 +395,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.split_files = {name: samples(ds) for name, ds in datasets.items()}
         return datasets
 
+    def _warn_once(self, message: str, *args: Any) -> None:
+        """A data warning, logged once however often the splits are rebuilt."""
+        text = message % args
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning(text)
+
     def _check_leakage(self, datasets: dict[str, Dataset]) -> None:
         """Validation or test images with the same bytes as a training image (copies, the same
         photo saved twice) make the scores look better than they are: report the pairs, and
@@ -414,10 +427,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                 if name == "val" and test_is_val:
                     datasets["test"] = datasets["val"]
                 self.left_out[f"copy of a training image in {name}"] = len(leaks)
-                log.warning("Left %d %s image(s) out: copies of training images: %s%s",
+                self._warn_once("Left %d %s image(s) out: copies of training images: %s%s",
                             len(leaks), name, pairs, more)  # fmt: skip
             else:
-                log.warning(
+                self._warn_once(
                     "Leakage: %d %s image(s) have the same content as a training image, so %s scores "
                     "overstate accuracy: %s%s. Remove the copies, or set data.drop_duplicates=true.",
                     len(leaks), name, name, pairs, more,
@@ -430,7 +443,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         low, high = min(counts), max(counts)
         if self.balance == "none" and low > 0 and high / low >= IMBALANCE_RATIO:
             names = self.class_names
-            log.warning(
+            self._warn_once(
                 "Imbalanced classes: %s has %d training images, %s only %d (%.1fx). A classifier "
                 "then favours the large classes; consider data.balance=weighted_loss or "
                 "data.balance=weighted_sampler.",
@@ -445,11 +458,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         counts = torch.tensor(self.train_class_counts, dtype=torch.float32).clamp(min=1)
         return counts.sum() / (len(counts) * counts)
 
-    def _cached(self) -> dict[str, Dataset]:
-        """Every split as cached features, computed first where no cache file matches."""
-        assert self.feature_cache is not None and self.preprocessing is not None
-        views = self.cache_views
-        images = self._image_datasets(augment_train=views > 1)
+    def use_probe_cache(self, cache: FeatureCache) -> None:
+        """LP-FT: the images train as images, and :meth:`probe_features` serves the exact
+        features of the training and validation images for the linear probe before that."""
+        self.probe_cache = cache
+
+    def probe_features(self) -> dict[str, CachedFeatures]:
+        """Cached features of the training and validation images under the evaluation transform
+        (computed first where no cache file matches)."""
+        assert self.probe_cache is not None, "use_probe_cache() first"
+        if not self._probe:
+            images = self._image_datasets(augment_train=False)
+            self._probe = self._cached(self.probe_cache, {k: images[k] for k in ("train", "val")}, views=1)
+        return self._probe  # type: ignore[return-value]
+
+    def _cached(self, cache: FeatureCache, images: dict[str, Dataset], views: int) -> dict[str, Dataset]:
+        """Every split of ``images`` as cached features, computed first where no file matches."""
+        assert self.preprocessing is not None
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         exact = {"eval": self.preprocessing.to_dict()}
         train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
@@ -461,16 +486,21 @@ class ImageFolderDataModule(L.LightningDataModule):
             files, labels = samples(dataset)
             augmented = name == "train" and views > 1
             transform = train if augmented else exact
-            out[name] = self.feature_cache.get(
+            out[name] = cache.get(
                 name, dataset, files, labels, transform=transform,
                 views=views if augmented else 1, seed=self.cache_seed, device=device,
             )  # fmt: skip
         return out
 
+    def _features(self) -> dict[str, Dataset]:
+        assert self.feature_cache is not None
+        images = self._image_datasets(augment_train=self.cache_views > 1)
+        return self._cached(self.feature_cache, images, self.cache_views)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        self.datasets = self._cached() if self.feature_cache is not None else self._image_datasets()
+        self.datasets = self._features() if self.feature_cache is not None else self._image_datasets()
 
     def set_epoch(self, epoch: int) -> None:
         """Cached training features with several views: epoch ``epoch`` reads view ``epoch % views``."""

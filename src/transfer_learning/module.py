@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -26,7 +28,7 @@ from transfer_learning.checkpoints import CheckpointError, check_compatible, saf
 from transfer_learning.feature_cache import infer_features, is_convolutional, use_bf16
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
-from transfer_learning.strategies import Strategy
+from transfer_learning.strategies import LinearProbeFineTune, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,29 @@ def warmup_cosine(
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    pct_start: float = 0.25,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+) -> LambdaLR:
+    """The one-cycle policy (Smith; fastai's ``fit_one_cycle``) as one multiplier on every group's
+    rate: cosine from ``1/div_factor`` up to 1 over the first ``pct_start`` of the steps, then
+    cosine down to ``1/(div_factor * final_div_factor)``. Unlike torch's ``OneCycleLR``, which
+    sets every group to one ``max_lr``, it keeps the ratios between param groups."""
+    warmup = max(1, int(total_steps * pct_start))
+    low, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return low + (1 - low) * 0.5 * (1 - math.cos(math.pi * step / warmup))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
 
@@ -129,6 +154,12 @@ class TransferLearningModule(L.LightningModule):
         self._resumed_best: float | None = None
         self.test_confusion = MulticlassConfusionMatrix(n)
         self.test_confusion_matrix: torch.Tensor | None = None
+        # The scheduler's learning rate of each param group, before the strategy's factor
+        # (Strategy.lr_scale: gradual unfreezing's ramps); None until the first training batch.
+        self._base_lrs: list[float] | None = None
+        self._saved_base_lrs: list[float] | None = None
+        self._lr_progress = 0.0
+        self.probe_result: dict[str, float] | None = None
 
     # -- forward and steps -----------------------------------------------------------------
 
@@ -175,7 +206,23 @@ class TransferLearningModule(L.LightningModule):
         metrics.update(logits, y)
         return logits
 
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.strategy.changes_what_trains and isinstance(strategy, DDPStrategy):
+            # Frozen stages get no gradients in some epochs: DDP must not wait for them.
+            kwargs = strategy._ddp_kwargs
+            if not kwargs.get("find_unused_parameters"):
+                log.info(
+                    "DDP: find_unused_parameters=True (strategy=%s freezes by epoch)", self.strategy.name
+                )
+                kwargs["find_unused_parameters"] = True
+
     def on_fit_start(self) -> None:
+        problem = self.strategy.check_epochs(int(self.trainer.max_epochs or -1))
+        if problem and self.trainer.is_global_zero:
+            log.warning(problem)
+        if isinstance(self.strategy, LinearProbeFineTune) and self.trainer.ckpt_path is None:
+            self._linear_probe()
         weights = getattr(getattr(self.trainer, "datamodule", None), "loss_weights", lambda: None)()
         if weights is not None:
             smoothing = self.hparams["label_smoothing"]
@@ -204,6 +251,39 @@ class TransferLearningModule(L.LightningModule):
         set_epoch = getattr(getattr(self.trainer, "datamodule", None), "set_epoch", None)
         if set_epoch is not None:
             set_epoch(self.current_epoch)  # which cached view this epoch reads
+        self.strategy.on_epoch_start(self.net, self.current_epoch)  # what trains this epoch
+        self._scale_lrs(float(self.current_epoch))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._scale_lrs(self._progress(batch_idx))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer and scheduler steps: the next batch's rates, so that the learning
+        # rate monitor (which logs before this module's batch hook) shows what the step will use.
+        self._scale_lrs(self._progress(batch_idx + 1))
+
+    def _linear_probe(self) -> None:
+        """LP-FT's first phase: the head fitted on frozen features before fine-tuning starts.
+        Every process fits the same head from the same cached features; rank zero's is kept."""
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        assert isinstance(self.strategy, LinearProbeFineTune)
+        features = datamodule.probe_features()
+        device = self.net.head.weight.device
+        train, val = ((f.features[0].to(device), torch.as_tensor(f.labels, device=device))
+                      for f in (features["train"], features["val"]))  # fmt: skip
+        result = self.strategy.fit_probe(self.net.head, train, val)
+        state = self.trainer.strategy.broadcast(
+            {k: v.detach().clone() for k, v in self.net.head.state_dict().items()}
+        )
+        self.net.head.load_state_dict(state)
+        self.probe_result = result
+        if self.trainer.is_global_zero:
+            log.info(
+                "Linear probe (LP-FT): head fitted on %d cached feature vectors, L2 %.0e chosen on val "
+                "(val acc %.4f, val loss %.4f, train acc %.4f); fine-tuning everything next.",
+                len(train[1]), result["weight_decay"], result["val_acc"], result["val_loss"],
+                result["train_acc"],
+            )  # fmt: skip
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_loss)
@@ -237,6 +317,7 @@ class TransferLearningModule(L.LightningModule):
     # -- optimisation ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
+        self._base_lrs = None  # a new optimizer (the LR finder builds its own first)
         groups = self.strategy.param_groups(self.net)
         optimizer = instantiate(self.hparams["optimizer"])(groups)
         if not (self.hparams["scheduler"] or {}).get("_target_"):  # scheduler=constant
@@ -258,6 +339,51 @@ class TransferLearningModule(L.LightningModule):
             kwargs["total_steps"] = int(total or 0)
         return {"scheduler": factory(optimizer, **kwargs), **lightning}
 
+    # The strategy's per-group factor (Strategy.lr_scale) sits on top of the schedule: each group
+    # trains at base * factor, and the scheduler only ever sees and steps the base rates, so
+    # every torch scheduler (chainable or closed-form) composes with it, and checkpoints keep
+    # the bases for resuming.
+
+    def _progress(self, batch_idx: int) -> float:
+        batches = self.trainer.num_training_batches
+        fraction = batch_idx / batches if batches and math.isfinite(batches) else 0.0
+        return self.current_epoch + fraction
+
+    def _lr_groups(self) -> list[dict[str, Any]] | None:
+        if not self.strategy.changes_what_trains or not self.trainer.optimizers:
+            return None  # no factors: the optimizer's rates are the schedule's
+        groups = self.trainer.optimizers[0].param_groups
+        if self._base_lrs is None:
+            saved, self._saved_base_lrs = self._saved_base_lrs, None
+            self._base_lrs = saved if saved and len(saved) == len(groups) else [g["lr"] for g in groups]
+        return groups
+
+    def _scale_lrs(self, progress: float) -> None:
+        groups = self._lr_groups()
+        if groups is None:
+            return
+        self._lr_progress = progress
+        assert self._base_lrs is not None
+        for group, base in zip(groups, self._base_lrs, strict=True):
+            group["lr"] = base * self.strategy.lr_scale(group["name"], progress)
+
+    @contextlib.contextmanager
+    def _unscaled_lrs(self) -> Iterator[None]:
+        groups = self._lr_groups()
+        if groups is None:
+            yield
+            return
+        assert self._base_lrs is not None
+        for group, base in zip(groups, self._base_lrs, strict=True):
+            group["lr"] = base
+        yield
+        self._base_lrs = [g["lr"] for g in groups]
+        self._scale_lrs(self._lr_progress)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        with self._unscaled_lrs():
+            super().lr_scheduler_step(scheduler, metric)
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -265,10 +391,13 @@ class TransferLearningModule(L.LightningModule):
         if self.val_acc_best.update_called:
             checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
         checkpoint["arch_kwargs"] = self.net.arch_kwargs
+        if self._base_lrs is not None:  # the optimizer state holds base * factor
+            checkpoint["base_lrs"] = list(self._base_lrs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         self._resumed_best = checkpoint.get("val_acc_best")
+        self._saved_base_lrs = checkpoint.get("base_lrs")
         if "preprocessing" in checkpoint:
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
 

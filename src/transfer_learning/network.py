@@ -57,6 +57,7 @@ class Network(nn.Module):
         self.arch_kwargs = dict(arch_kwargs or {})
         self._backbone_frozen = False
         self._norm_stats_frozen = False
+        self._frozen_blocks: list[nn.Module] = []  # the lowest blocks while unfreezing gradually
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -123,6 +124,7 @@ class Network(nn.Module):
         BatchNorm statistics and dropout stay as pretrained."""
         self.backbone.requires_grad_(False)
         self._backbone_frozen, self._norm_stats_frozen = True, False
+        self._frozen_blocks = []
         self.train(self.training)
 
     def unfreeze_backbone(self, freeze_norm_stats: bool = False) -> None:
@@ -130,6 +132,25 @@ class Network(nn.Module):
         pretrained (those layers stay in eval mode) while their affine weights still train."""
         self.requires_grad_(True)
         self._backbone_frozen, self._norm_stats_frozen = False, freeze_norm_stats
+        self._frozen_blocks = []
+        self.train(self.training)
+
+    def freeze_lowest_blocks(self, count: int, freeze_norm_stats: bool = False) -> None:
+        """Gradual unfreezing: the ``count`` blocks nearest the input (see :meth:`blocks`) get no
+        gradients and stay in eval mode (pretrained BatchNorm statistics, no dropout); the blocks
+        above them and the heads train. Frozen blocks form the bottom of the network, so autograd
+        records nothing for them: they cost a forward pass and no backward work. ``count`` equal to
+        the number of blocks freezes the whole backbone (auxiliary heads are kept, unlike
+        :meth:`freeze_backbone`: they train once the backbone does)."""
+        blocks = backbone_blocks(self.backbone)
+        if not 0 <= count <= len(blocks):
+            raise ValueError(f"count={count}: the backbone has {len(blocks)} blocks.")
+        self.requires_grad_(True)
+        for _, module in blocks[:count]:
+            module.requires_grad_(False)
+        self._frozen_blocks = [module for _, module in blocks[:count]]
+        self._backbone_frozen = count == len(blocks)
+        self._norm_stats_frozen = freeze_norm_stats
         self.train(self.training)
 
     @property
@@ -140,7 +161,11 @@ class Network(nn.Module):
         super().train(mode)
         if mode and self._backbone_frozen:
             self.backbone.eval()
-        elif mode and self._norm_stats_frozen:
+            return self
+        if mode:
+            for block in self._frozen_blocks:
+                block.eval()
+        if mode and self._norm_stats_frozen:
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._NormBase):
                     module.eval()

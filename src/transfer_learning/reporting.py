@@ -55,12 +55,20 @@ def build_summary(
         "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
         "files left out": ", ".join(f"{n} ({why})" for why, n in datamodule.left_out.items()) or None,
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
+        "linear probe": _probe(module.probe_result),
         "epochs run": trainer.current_epoch,
         "best val/acc": number(best_score) if best_score is not None else fit_metrics.get("val/acc"),
         **{k: v for k, v in test_metrics.items() if k != "test/loss"},
         "best checkpoint": (checkpoint.best_model_path if checkpoint else "") or "(none saved)",
         "output dir": str(output_dir),
     }
+
+
+def _probe(result: Mapping[str, float] | None) -> str | None:
+    """LP-FT: how the head started fine-tuning."""
+    if not result:
+        return None
+    return f"val acc {result['val_acc']:.4f} before fine-tuning (L2 {result['weight_decay']:.0e})"
 
 
 def _count(n: int) -> str:

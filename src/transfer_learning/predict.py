@@ -1,74 +1,619 @@
-"""Predict with a trained checkpoint: `python -m transfer_learning.predict CKPT IMAGE...`."""
+"""Predict with a trained checkpoint.
+
+Usage: ``python -m transfer_learning.predict CKPT PATH... [--output preds.csv|preds.json]
+[--top-k K] [--batch-size N] [--device auto|cpu|cuda] [--threshold P] [--num-workers N]``
+
+* ``PATH`` is an image file, a folder (every image file under it, sorted; hidden entries left
+  out) or a glob pattern (``'photos/**/*.jpg'``, expanded here when no such path exists). Each
+  real file is predicted once.
+* The checkpoint alone is enough: it carries the network, the class names and the preprocessing.
+* One line per image on stdout: path, top-1 class, its probability, then the other top-k classes.
+  ``--output`` also writes every probability to a CSV or JSON file (chosen by its suffix).
+* A file that cannot be read (missing, not an image, truncated) is reported on stderr and in the
+  output file, and skipped. Exit status: 0 when every input was predicted, 1 when some were
+  bad (the others are still written), 2 for a usage error (an unreadable checkpoint, say).
+* Out-of-distribution heuristic: an image whose top probability is below a threshold is marked
+  ``uncertain``. Images far from the training data often, not always, get a low top
+  probability; a confident wrong answer is still possible. ``--threshold P`` sets it; without
+  it, ``<checkpoint stem>.threshold.json`` next to the checkpoint (written by the evaluation
+  command, key ``max_softmax_threshold``) is used when it exists, else nothing is flagged.
+
+In Python::
+
+    classifier = Classifier.from_checkpoint("best.ckpt", device="auto")
+    classifier.predict(["a.jpg", pil_image, chw_tensor], top_k=3)  # one Prediction per input
+    predictions, errors = classifier.predict_files(["photos/", "more/*.png"])  # bad files skipped
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import json
+import logging
+import math
+import os
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import to_pil_image
+from tqdm import tqdm
 
-from transfer_learning.data import build_transforms, load_rgb
-from transfer_learning.errors import TransferLearningError
+from transfer_learning.data import build_transforms
+from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
+from transfer_learning.images import Listing, identity, is_image, list_images, load_rgb, to_rgb
 from transfer_learning.module import TransferLearningModule
+
+Input: TypeAlias = str | Path | Image.Image | torch.Tensor
+THRESHOLD_KEY = "max_softmax_threshold"
+GLOB_CHARACTERS = frozenset("*?[")
+OUTPUT_FORMATS = (".csv", ".json")
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One image's classes: ``label`` (top-1) and its probability ``score``, every class's
+    probability, the ``top_k`` (class, probability) pairs best first, whether the top
+    probability is below the confidence threshold (``uncertain``), and where the image came
+    from (``source``: its path, or ``<image N>`` / ``<tensor N>`` for in-memory inputs)."""
+
     label: str
     score: float
     probabilities: dict[str, float]
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+    uncertain: bool = False
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """An input that was skipped: the path (or pattern) as given, and why. ``kind``: ``file``,
+    ``folder`` (no image files in it, or unreadable) or ``pattern`` (a glob matching nothing)."""
+
+    source: str
+    reason: str
+    kind: str = "file"
+
+    def message(self) -> str:
+        if self.kind == "file":
+            return f"cannot read image {self.source}: {self.reason}"
+        return f"{self.source}: {self.reason}"
+
+
+# -- finding the files ---------------------------------------------------------------------
+
+
+def has_glob(text: str) -> bool:
+    return any(c in GLOB_CHARACTERS for c in text)
+
+
+def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[BadInput], Listing]:
+    """The image files that ``paths`` name, in order, each real file once: files as given (any
+    extension: they are decoded to find out), folders walked recursively and glob patterns
+    expanded (both keep image extensions only and leave hidden entries out). Returns the files,
+    the inputs that name nothing usable, and what was left out (:meth:`Listing.notes`)."""
+    files: list[Path] = []
+    bad: list[BadInput] = []
+    walks: list[Listing] = [Listing()]  # the first one: files left out of glob matches
+    seen: set[tuple[int, int]] = set()
+
+    def add(path: Path, given: str, matched: bool) -> bool:
+        """Whether ``path`` (named, or ``matched`` by a pattern) holds images or was seen before."""
+        if matched and identity(path.parent) in seen:  # a folder walked already holds it
+            return True
+        if not path.is_dir():
+            if matched and not is_image(path):
+                walks[0].other_extensions[path.suffix.lower()] += 1
+                return False
+            try:
+                key = identity(path)
+            except OSError as exc:  # a dangling symlink matched by a pattern
+                bad.append(BadInput(given, exc.strerror or str(exc)))
+                return True
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+            return True
+        if identity(path) in seen:  # walked already (`photos photos/sub`, or `photos/**`)
+            return True
+        try:
+            listing = list_images(path, seen=seen)
+        except DataError as exc:
+            bad.append(BadInput(given, problem(exc), "folder"))
+            return True
+        walks.append(listing)
+        files.extend(listing.files)
+        bad.extend(BadInput(folder, "cannot be read (permission denied)", "folder")
+                   for folder in listing.unreadable)  # fmt: skip
+        found = bool(listing.files or listing.repeated or listing.unreadable)
+        if not found and not matched:
+            bad.append(BadInput(given, "no image files in this folder", "folder"))
+        return found
+
+    for item in paths:
+        text = str(item)
+        path = Path(text)
+        if path.exists():
+            add(path, text, matched=False)
+        elif has_glob(text) and not os.path.lexists(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            found = [add(Path(match), match, matched=True) for match in matches]
+            if not any(found):
+                bad.append(BadInput(text, "no image file matches this pattern", "pattern"))
+        else:  # missing, or a dangling symlink
+            bad.append(BadInput(text, "No such file or directory"))
+    left_out = Listing.merged(walks)
+    left_out.repeated = 0  # a file named twice (or reached through a link) is simply predicted once
+    return files, bad, left_out
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def check_tensor(tensor: torch.Tensor) -> None:
+    """An image tensor: (C, H, W) with 1, 3 or 4 channels, uint8 or floating point."""
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(
+            f"expected an image tensor of shape (C, H, W) with C in 1, 3, 4, got {tuple(tensor.shape)}"
+        )
+    if not (tensor.is_floating_point() or tensor.dtype == torch.uint8):
+        raise ValueError(f"expected a uint8 or floating point image tensor, got {tensor.dtype}")
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """A CHW image tensor (1, 3 or 4 channels) as a PIL image: uint8 values 0..255, or floating
+    point values 0..1 (rounded to 8 bits, as a file would hold them; outside 0..1 clipped)."""
+    check_tensor(tensor)
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        tensor = (tensor.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return to_pil_image(tensor)
+
+
+def describe(source: Input, index: int) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    return f"<{'image' if isinstance(source, Image.Image) else 'tensor'} {index}>"
+
+
+def problem(exc: BaseException) -> str:
+    """Why a file could not be decoded, in one line."""
+    cause = exc.__cause__ if isinstance(exc, DataError) and exc.__cause__ else exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+class _Images(Dataset):
+    """The inputs, each decoded and preprocessed as for validation; a file that fails gives its
+    reason instead of a tensor (so a loader worker never raises)."""
+
+    def __init__(self, inputs: Sequence[Input], transform: Any) -> None:
+        self.inputs = inputs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.inputs[index]
+        try:
+            if isinstance(item, Image.Image):
+                image = to_rgb(item)
+            elif isinstance(item, torch.Tensor):
+                image = to_rgb(tensor_to_image(item))
+            else:
+                image = load_rgb(item)
+            if min(image.size) < 1:
+                return index, None, "empty image (0 pixels)"
+            return index, self.transform(image), None
+        except Exception as exc:
+            return index, None, problem(exc)
+
+
+def _collate(
+    batch: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    failed = [(i, reason or "unknown error") for i, x, reason in batch if x is None]
+    stacked = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], stacked, failed
+
+
+# -- the classifier ------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda (or cuda:N).") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu.")
+    return resolved
+
+
+def threshold_file(checkpoint: str | Path) -> Path:
+    """Where the evaluation command leaves the confidence threshold: next to the checkpoint."""
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.threshold.json")
+
+
+def check_threshold(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(
+            f"{where}: the confidence threshold must be a probability in [0, 1], got {value!r}."
+        )
+    return float(value)
+
+
+def read_threshold(checkpoint: str | Path) -> float | None:
+    """The ``max_softmax_threshold`` of ``<checkpoint stem>.threshold.json``, or None without one."""
+    path = threshold_file(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        value = data[THRESHOLD_KEY]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path} is not a threshold file ({type(exc).__name__}: {exc}); it needs "
+            f'{{"{THRESHOLD_KEY}": P}}. Fix or delete it, or pass --threshold.'
+        ) from exc
+    return check_threshold(value, str(path))
 
 
 class Classifier:
-    """A checkpoint turned into a callable: images in, class names and probabilities out."""
+    """A checkpoint turned into a callable: images in, class names and probabilities out.
 
-    def __init__(self, module: TransferLearningModule) -> None:
+    ``threshold``: a top probability below it marks a prediction ``uncertain`` (a heuristic for
+    inputs unlike the training data); None flags nothing."""
+
+    def __init__(self, module: TransferLearningModule, threshold: float | None = None) -> None:
         self.module = module.eval()
-        self.class_names = module.class_names
+        self.class_names = list(module.class_names)
         self.transform = build_transforms(module.preprocessing, train=False, augment={})
+        self.threshold = check_threshold(threshold, "threshold")
+        self.threshold_from = "given" if self.threshold is not None else ""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Classifier:
-        return cls(TransferLearningModule.load_for_inference(path, map_location=device))
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", threshold: float | str | None = "auto"
+    ) -> Classifier:
+        """Load ``path`` on ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``: the GPU when
+        there is one). ``threshold="auto"`` reads ``<stem>.threshold.json`` next to the
+        checkpoint when it exists; a number sets it; None flags nothing."""
+        resolved = resolve_device(device)
+        if threshold == "auto":
+            value = read_threshold(path)
+        elif isinstance(threshold, str):
+            raise ValueError(f"threshold must be a probability, None or 'auto', got {threshold!r}")
+        else:
+            value = threshold
+        # The training-time hint about small input sizes says nothing useful when predicting.
+        size_log = logging.getLogger("transfer_learning.preprocessing")
+        level = size_log.level
+        size_log.setLevel(logging.ERROR)
+        try:
+            module = TransferLearningModule.load_for_inference(path, map_location="cpu")
+        finally:
+            size_log.setLevel(level)
+        classifier = cls(module.to(resolved), threshold=value)
+        if threshold == "auto" and value is not None:
+            classifier.threshold_from = threshold_file(path).name
+        return classifier
 
-    @torch.inference_mode()
-    def predict(self, images: Sequence[str | Path | Image.Image]) -> list[Prediction]:
-        device = next(self.module.parameters()).device
-        batch = torch.stack(
-            [self.transform(img if isinstance(img, Image.Image) else load_rgb(str(img))) for img in images]
-        )
-        probs = self.module(batch.to(device)).softmax(dim=-1).cpu()
-        out = []
-        for row in probs:
-            best = int(row.argmax())
-            out.append(
-                Prediction(
-                    label=self.class_names[best],
-                    score=float(row[best]),
-                    probabilities={n: float(p) for n, p in zip(self.class_names, row, strict=True)},
+    def _run(
+        self, inputs: Sequence[Input], batch_size: int, top_k: int, num_workers: int, progress: bool
+    ) -> Iterator[tuple[int, Prediction | BadInput]]:
+        """(index, prediction or problem) of every input, in batches (in input order per batch)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}.")
+        if top_k < 1:
+            raise ConfigError(f"top-k must be at least 1, got {top_k}.")
+        if num_workers < 0:
+            raise ConfigError(f"the number of loader workers cannot be negative, got {num_workers}.")
+        for i, item in enumerate(inputs):
+            if not isinstance(item, str | Path | Image.Image | torch.Tensor):
+                raise TypeError(
+                    f"input {i}: expected a path, a PIL image or a tensor, got {type(item).__name__}"
                 )
-            )
-        return out
+            if isinstance(item, torch.Tensor):
+                check_tensor(item)
+        if not inputs:
+            return
+        device = self.device
+        k = min(top_k, len(self.class_names))
+        loader = DataLoader(
+            _Images(inputs, self.transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
+        )
+        bar = tqdm(
+            total=len(inputs), desc="predict", unit="img", file=sys.stderr, leave=False,
+            disable=not progress or not sys.stderr.isatty(),
+        )  # fmt: skip
+        with bar, torch.inference_mode():
+            for indices, batch, failed in loader:
+                for i, reason in failed:
+                    yield i, BadInput(describe(inputs[i], i), reason)
+                if batch is not None:
+                    logits = self.module(batch.to(device, non_blocking=True))
+                    probs = logits.float().softmax(dim=-1).cpu()
+                    top = probs.topk(k, dim=-1)
+                    for i, row, values, classes in zip(indices, probs, top.values, top.indices, strict=True):
+                        yield i, self._prediction(describe(inputs[i], i), row, values, classes)
+                bar.update(len(indices) + len(failed))
+
+    def _prediction(
+        self, source: str, row: torch.Tensor, values: torch.Tensor, classes: torch.Tensor
+    ) -> Prediction:
+        ranked = [(self.class_names[c], v) for v, c in zip(values.tolist(), classes.tolist(), strict=True)]
+        label, score = ranked[0]
+        return Prediction(
+            label=label,
+            score=score,
+            probabilities=dict(zip(self.class_names, row.tolist(), strict=True)),
+            top_k=ranked,
+            uncertain=self.threshold is not None and score < self.threshold,
+            source=source,
+        )
+
+    def predict(
+        self,
+        images: Sequence[Input],
+        batch_size: int = 32,
+        top_k: int = 1,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """One :class:`Prediction` per input, in order. An input is a path, a PIL image or a
+        CHW image tensor (uint8 0..255, or float 0..1): tensors and PIL images go through the
+        same decoding and preprocessing as files (to RGB, resize, crop, normalise), so a
+        picture gives the same probabilities whichever way it comes. An input that cannot be
+        read raises :class:`DataError` (see :meth:`predict_files` to skip it instead)."""
+        results: list[Prediction | None] = [None] * len(images)
+        for i, result in self._run(images, batch_size, top_k, num_workers, progress):
+            if isinstance(result, BadInput):
+                raise DataError(result.message())
+            results[i] = result
+        return [r for r in results if r is not None]
+
+    def predict_files(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 32,
+        top_k: int = 1,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> tuple[list[Prediction], list[BadInput]]:
+        """Files, folders and glob patterns (see :func:`expand_paths`): the predictions of the
+        images that could be read, in order, and the inputs that were skipped, with why."""
+        files, bad, _ = expand_paths(paths)
+        predictions, failed = self.predict_listed(files, batch_size, top_k, num_workers, progress)
+        return predictions, bad + failed
+
+    def predict_listed(
+        self, files: Sequence[Path], batch_size: int, top_k: int, num_workers: int, progress: bool
+    ) -> tuple[list[Prediction], list[BadInput]]:
+        """:meth:`predict_files` on files already found (:func:`expand_paths`)."""
+        results: list[Prediction | BadInput | None] = [None] * len(files)
+        for i, result in self._run(files, batch_size, top_k, num_workers, progress):
+            results[i] = result
+        predictions = [r for r in results if isinstance(r, Prediction)]
+        return predictions, [r for r in results if isinstance(r, BadInput)]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("images", nargs="+", type=Path)
+# -- output --------------------------------------------------------------------------------
+
+
+def _number(p: float) -> float:
+    """A float32 probability with the 9 significant digits that keep it exact."""
+    return float(f"{p:.9g}")
+
+
+def terminal_line(prediction: Prediction, threshold: float | None) -> str:
+    """``path  label  probability  [other top-k]  [UNCERTAIN]``, tab separated."""
+    fields = [prediction.source, prediction.label, f"{prediction.score:.3f}"]
+    if len(prediction.top_k) > 1:
+        fields.append("then " + ", ".join(f"{n} {p:.3f}" for n, p in prediction.top_k[1:]))
+    if prediction.uncertain:
+        fields.append(f"UNCERTAIN (top probability < {threshold:.3f})")
+    return "\t".join(fields)
+
+
+def csv_columns(class_names: Sequence[str], top_k: int) -> list[str]:
+    ranks = [f"top{r}_{part}" for r in range(1, top_k + 1) for part in ("label", "prob")]
+    return ["file", "label", "score", "uncertain", *ranks, *(f"prob_{n}" for n in class_names), "error"]
+
+
+def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
+              class_names: Sequence[str], top_k: int) -> None:  # fmt: skip
+    """One row per image; then one row per skipped input, with only ``file`` and ``error``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=csv_columns(class_names, top_k))
+        writer.writeheader()
+        for p in predictions:
+            row: dict[str, Any] = {"file": p.source, "label": p.label, "score": f"{p.score:.9g}",
+                                   "uncertain": str(p.uncertain).lower(), "error": ""}  # fmt: skip
+            for rank, (name, prob) in enumerate(p.top_k, start=1):
+                row[f"top{rank}_label"], row[f"top{rank}_prob"] = name, f"{prob:.9g}"
+            row.update({f"prob_{n}": f"{v:.9g}" for n, v in p.probabilities.items()})
+            writer.writerow(row)
+        for b in bad:
+            writer.writerow({"file": b.source, "error": b.reason})
+
+
+def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
+               header: dict[str, Any]) -> None:  # fmt: skip
+    data = {
+        **header,
+        "predictions": [
+            {
+                "file": p.source,
+                "label": p.label,
+                "score": _number(p.score),
+                "uncertain": p.uncertain,
+                "top_k": [{"label": n, "prob": _number(v)} for n, v in p.top_k],
+                "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
+            }
+            for p in predictions
+        ],
+        "errors": [{"file": b.source, "error": b.reason} for b in bad],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not (0 <= value <= 1) or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m transfer_learning.predict",
+        description="\n\n".join(  # the module doc, less its usage line (argparse prints one)
+            part
+            for part in (__doc__ or "").split("\n\nIn Python")[0].split("\n\n")
+            if not part.startswith("Usage")
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit status: 0 all predicted, 1 some inputs skipped (listed on stderr), 2 usage error.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py (.ckpt)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    parser.add_argument(
+        "--output", "-o", type=Path, metavar="FILE", help="also write the results to a .csv or .json file"
+    )
+    parser.add_argument(
+        "--top-k", type=positive_int, default=1, metavar="K", help="classes per image (default 1)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)"
+    )
+    parser.add_argument(
+        "--device", default="auto", metavar="DEVICE", help="auto (GPU when there is one), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--threshold", type=probability, default=None, metavar="P",
+        help="mark images whose top probability is below P as uncertain (default: the value in "
+        "<checkpoint stem>.threshold.json next to the checkpoint, if any; 0 turns it off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--num-workers", type=int, default=None, metavar="N",
+        help="image decoding processes (default: none for a few batches, else up to 4)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
+        parser.error(f"--output {args.output}: use a .csv or .json file name")
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error("--num-workers cannot be negative")
+    return args
+
+
+def auto_workers(n_files: int, batch_size: int) -> int:
+    if n_files <= 2 * batch_size:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command; returns its exit status (argparse exits with 2 on bad arguments)."""
+    args = parse_args(argv)
+    if not args.checkpoint.is_file():
+        print(
+            f"error: checkpoint {args.checkpoint} does not exist (train.py writes them to "
+            "logs/train/runs/<date>/checkpoints/).",
+            file=sys.stderr,
+        )
+        return 2
+    if not zipfile.is_zipfile(args.checkpoint):
+        print(
+            f"error: cannot read checkpoint {args.checkpoint}: not a complete PyTorch archive "
+            "(a truncated copy, or another kind of file).",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        classifier = Classifier.from_checkpoint(args.checkpoint)
-        predictions = classifier.predict(args.images)
+        classifier = Classifier.from_checkpoint(
+            args.checkpoint,
+            device=args.device,
+            threshold="auto" if args.threshold is None else args.threshold,
+        )
+        files, bad, listing = expand_paths(args.paths)
+        for note in listing.notes():
+            print(f"note: {note}", file=sys.stderr)
+        workers = (
+            args.num_workers if args.num_workers is not None else auto_workers(len(files), args.batch_size)
+        )
+        predictions, failed = classifier.predict_listed(files, args.batch_size, args.top_k, workers, True)
     except TransferLearningError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    for path, pred in zip(args.images, predictions, strict=True):
-        print(f"{path}\t{pred.label}\t{pred.score:.3f}")
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        return 2
+    bad += failed
+    threshold = classifier.threshold if classifier.threshold else None
+    for prediction in predictions:
+        print(terminal_line(prediction, threshold), flush=False)
+    sys.stdout.flush()
+    for b in bad:
+        print(f"error: {b.message()}", file=sys.stderr)
+    if args.output is not None:
+        k = min(args.top_k, len(classifier.class_names))
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            if args.output.suffix.lower() == ".csv":
+                write_csv(args.output, predictions, bad, classifier.class_names, k)
+            else:
+                header = {"checkpoint": str(args.checkpoint), "classes": classifier.class_names,
+                          "threshold": threshold, "top_k": k}  # fmt: skip
+                write_json(args.output, predictions, bad, header)
+        except OSError as exc:
+            print(f"error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    uncertain = sum(p.uncertain for p in predictions)
+    summary = f"{len(predictions)} image(s) predicted on {classifier.device.type}"
+    if threshold is not None:
+        origin = f", from {classifier.threshold_from}" if classifier.threshold_from != "given" else ""
+        summary += f", {uncertain} uncertain (top probability < {threshold:.3f}{origin})"
+    if bad:
+        summary += f", {len(bad)} input(s) skipped"
+    if args.output is not None:
+        summary += f"; wrote {args.output}"
+    print(summary, file=sys.stderr)
+    return 1 if bad or not predictions else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

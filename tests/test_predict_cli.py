@@ -1,0 +1,308 @@
+"""`python -m transfer_learning.predict` and `Classifier`: folders, globs and bad files, batched
+inference, top-k, CSV/JSON output, the Python API's inputs, and the uncertainty threshold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from helpers import run_cli
+from transfer_learning.errors import DataError
+from transfer_learning.module import TransferLearningModule
+from transfer_learning.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
+
+CLASSES = ["circle", "cross", "square", "star", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
+    """One tiny model trained once (48 px, one epoch) for every test here."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    result = run_cli(
+        tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1", "logger=csv",
+        "worst_samples=0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    return Path(summary["best checkpoint"])
+
+
+def mixed_folder(root: Path, shapes_dir: Path) -> dict[str, list[Path]]:
+    """A folder of good images (one nested, one hidden) and bad files, plus images for a glob."""
+    photos = root / "photos"
+    (photos / "nested").mkdir(parents=True)
+    (photos / ".hidden").mkdir()
+    good = [photos / "a_star.jpg", photos / "b_circle.jpg", photos / "nested" / "c_square.jpg"]
+    for path, name in zip(good, ("star", "circle", "square"), strict=True):
+        shutil.copy(shapes_dir / name / "0001.jpg", path)
+    shutil.copy(shapes_dir / "cross" / "0001.jpg", photos / ".hidden" / "skipped.jpg")
+    (photos / "x.jpg").write_text("not an image")  # a text file named like a JPEG
+    data = (shapes_dir / "triangle" / "0002.jpg").read_bytes()
+    (photos / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (photos / "empty.png").write_bytes(b"")
+    (photos / "notes.txt").write_text("left out, not an error: folders hold other files")
+    extra = root / "extra"
+    extra.mkdir()
+    globbed = [extra / "d_triangle.jpg", extra / "e_cross.jpg"]
+    for path, name in zip(globbed, ("triangle", "cross"), strict=True):
+        shutil.copy(shapes_dir / name / "0003.jpg", path)
+    bad = [photos / "x.jpg", photos / "truncated.jpg", photos / "empty.png"]
+    return {"good": good, "globbed": globbed, "bad": bad}
+
+
+def module_probabilities(checkpoint: Path, files: list[Path]) -> torch.Tensor:
+    """The checkpoint's own probabilities, computed without predict.py: the module on the
+    validation preprocessing of each file."""
+    from transfer_learning.data import build_transforms
+
+    module = TransferLearningModule.load_for_inference(checkpoint)
+    transform = build_transforms(module.preprocessing, train=False, augment={})
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in files])
+    with torch.no_grad():
+        return module(x).softmax(-1)
+
+
+# -- no checkpoint needed ------------------------------------------------------------------
+
+
+def test_paths_expand_to_each_real_image_once_and_name_what_matches_nothing(tmp_path, shapes_dir):
+    made = mixed_folder(tmp_path, shapes_dir)
+    photos = tmp_path / "photos"
+    os.symlink(made["good"][0], tmp_path / "link.jpg")
+    files, bad, listing = expand_paths(
+        [photos, tmp_path / "link.jpg", str(tmp_path / "extra" / "*.jpg"), str(tmp_path / "none*.png"),
+         tmp_path / "missing.jpg", made["globbed"][0]]
+    )  # fmt: skip
+    good_in_folder = sorted([*made["good"], *made["bad"]])  # the bad ones have image extensions
+    assert files == [*good_in_folder, *made["globbed"]]  # the link and the repeat counted once
+    assert [(b.source, b.reason) for b in bad] == [
+        (str(tmp_path / "none*.png"), "no image file matches this pattern"),
+        (str(tmp_path / "missing.jpg"), "No such file or directory"),
+    ]
+    assert listing.other_extensions == {".txt": 1}
+    # A pattern keeps image files only, as a folder walk does; matching none is an error.
+    (tmp_path / "extra" / "list.txt").write_text("left out")
+    files, bad, listing = expand_paths([str(tmp_path / "extra" / "*"), str(tmp_path / "extra" / "*.txt")])
+    assert files == made["globbed"] and listing.other_extensions == {".txt": 2}
+    assert [b.message() for b in bad] == [
+        f"{tmp_path / 'extra' / '*.txt'}: no image file matches this pattern"
+    ]
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    assert [b.message() for b in expand_paths([empty])[1]] == [f"{empty}: no image files in this folder"]
+
+
+def test_image_tensors_become_the_same_picture(shapes_dir):
+    image = Image.open(shapes_dir / "star" / "0001.jpg").convert("RGB")
+    as_uint8 = pil_to_tensor(image)
+    assert np.array_equal(np.asarray(tensor_to_image(as_uint8)), np.asarray(image))
+    assert np.array_equal(np.asarray(tensor_to_image(as_uint8 / 255.0)), np.asarray(image))
+    for wrong in (torch.zeros(2, 8, 8), torch.zeros(1, 3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="expected"):
+            tensor_to_image(wrong)
+
+
+# -- with a trained checkpoint -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
+    tmp_path, shapes_dir, checkpoint, capsys
+):
+    made = mixed_folder(tmp_path, shapes_dir)
+    missing = tmp_path / "missing.jpg"
+    pattern = str(tmp_path / "extra" / "*.jpg")
+    args = [
+        str(checkpoint),
+        str(tmp_path / "photos"),
+        str(missing),
+        pattern,
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    expected_files = [*sorted(made["good"]), *made["globbed"]]
+    reference = module_probabilities(checkpoint, expected_files)
+
+    assert main([*args, "--output", str(tmp_path / "preds.csv")]) == 1
+    printed = capsys.readouterr()
+    with open(tmp_path / "preds.csv") as f:
+        rows = list(csv.DictReader(f))
+    good_rows = [r for r in rows if not r["error"]]
+    assert [r["file"] for r in good_rows] == [str(p) for p in expected_files]
+    for row, probs in zip(good_rows, reference, strict=True):
+        values = [float(row[f"prob_{name}"]) for name in CLASSES]
+        assert abs(sum(values) - 1) < 1e-5
+        assert values == pytest.approx(probs.tolist(), abs=1e-5)
+        assert row["label"] == CLASSES[int(probs.argmax())] == row["top1_label"]
+        assert float(row["score"]) == float(row["top1_prob"]) >= float(row["top2_prob"])
+        assert row["uncertain"] == "false"  # no threshold file, no --threshold
+    errors = {r["file"]: r["error"] for r in rows if r["error"]}
+    assert errors == {
+        str(missing): "No such file or directory",
+        str(tmp_path / "photos" / "x.jpg"): errors[str(tmp_path / "photos" / "x.jpg")],
+        str(tmp_path / "photos" / "truncated.jpg"): errors[str(tmp_path / "photos" / "truncated.jpg")],
+        str(tmp_path / "photos" / "empty.png"): errors[str(tmp_path / "photos" / "empty.png")],
+    }
+    assert "cannot identify image file" in errors[str(tmp_path / "photos" / "x.jpg")]
+    assert "runcated" in errors[str(tmp_path / "photos" / "truncated.jpg")]
+    assert "cannot identify image file" in errors[str(tmp_path / "photos" / "empty.png")]
+    # The terminal: one line per image, every bad input named on stderr with its reason.
+    lines = printed.out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[r["file"], r["label"]] for r in good_rows]
+    assert all(line.split("\t")[3].startswith("then ") for line in lines)
+    for path, reason in errors.items():
+        assert f"error: cannot read image {path}: {reason}" in printed.err
+    assert "left out 1 file(s) with unsupported extensions (.txt: 1)" in printed.err
+    assert "5 image(s) predicted on cpu, 4 input(s) skipped" in printed.err
+
+    # JSON: the same content, with the errors in their own list.
+    assert main([*args, "--output", str(tmp_path / "preds.json")]) == 1
+    capsys.readouterr()
+    data = json.loads((tmp_path / "preds.json").read_text())
+    assert data["classes"] == CLASSES
+    assert [p["file"] for p in data["predictions"]] == [r["file"] for r in good_rows]
+    for item, row in zip(data["predictions"], good_rows, strict=True):
+        assert item["label"] == row["label"] and item["uncertain"] is False
+        assert abs(sum(item["probabilities"].values()) - 1) < 1e-5
+        assert [e["label"] for e in item["top_k"]] == [row["top1_label"], row["top2_label"]]
+        assert item["probabilities"] == pytest.approx({n: float(row[f"prob_{n}"]) for n in CLASSES}, abs=1e-8)
+    assert {e["file"]: e["error"] for e in data["errors"]} == errors
+
+    # Nothing bad: exit status 0.
+    assert main([str(checkpoint), *map(str, made["globbed"]), "--device", "cpu"]) == 0
+
+
+@pytest.mark.slow
+def test_top_k_and_batch_size(tmp_path, shapes_dir, checkpoint, capsys):
+    files = [str(shapes_dir / name / "0004.jpg") for name in CLASSES]
+    outputs = {}
+    for batch_size, top_k in ((2, 3), (64, 3), (1, 99)):
+        out = tmp_path / f"b{batch_size}_k{top_k}.json"
+        code = main([str(checkpoint), *files, "--batch-size", str(batch_size), "--top-k", str(top_k),
+                     "--device", "cpu", "-o", str(out)])  # fmt: skip
+        assert code == 0
+        outputs[batch_size, top_k] = json.loads(out.read_text())["predictions"]
+    capsys.readouterr()
+    for item in outputs[2, 3]:
+        probs = [e["prob"] for e in item["top_k"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert probs[0] == item["score"] == max(item["probabilities"].values())
+    # Batches of 2 (the last one of 1) give the numbers one batch of all gives.
+    for small, large in zip(outputs[2, 3], outputs[64, 3], strict=True):
+        assert small["probabilities"] == pytest.approx(large["probabilities"], abs=1e-5)
+        assert [e["label"] for e in small["top_k"]] == [e["label"] for e in large["top_k"]]
+    assert all(len(item["top_k"]) == len(CLASSES) for item in outputs[1, 99])  # capped at the classes
+
+
+@pytest.mark.slow
+def test_the_python_api_takes_paths_pil_images_and_tensors(shapes_dir, checkpoint, tmp_path):
+    classifier = Classifier.from_checkpoint(checkpoint, device="cpu")
+    path = shapes_dir / "square" / "0005.jpg"
+    image = Image.open(path).convert("RGB")
+    inputs = [path, str(path), image, pil_to_tensor(image), pil_to_tensor(image).float() / 255]
+    predictions = classifier.predict(inputs, batch_size=2, top_k=2)
+    reference = predictions[0].probabilities
+    for prediction in predictions:
+        assert prediction.probabilities == pytest.approx(reference, abs=1e-6)
+        assert prediction.label == max(reference, key=reference.__getitem__)
+        assert prediction.top_k[0][0] == prediction.label and len(prediction.top_k) == 2
+    assert [p.source for p in predictions] == [str(path), str(path), "<image 2>", "<tensor 3>", "<tensor 4>"]
+    assert classifier.predict([]) == []
+    assert classifier.predict_files([]) == ([], [])
+    # predict() raises on an unreadable file (as it always did); predict_files() skips it.
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(DataError, match=r"cannot read image .*x\.jpg"):
+        classifier.predict([path, bad])
+    found, errors = classifier.predict_files([path, bad, tmp_path / "gone.png"])
+    assert [p.source for p in found] == [str(path)]
+    assert [(e.source, e.reason.split(":")[0]) for e in errors] == [
+        (str(tmp_path / "gone.png"), "No such file or directory"),
+        (str(bad), "UnidentifiedImageError"),
+    ]
+
+
+@pytest.mark.slow
+def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_dir, checkpoint, capsys):
+    ckpt = tmp_path / checkpoint.name  # a copy: the shared checkpoint's folder stays as it is
+    shutil.copy(checkpoint, ckpt)
+    files = [shapes_dir / name / "0006.jpg" for name in CLASSES]
+    scores = [p.score for p in Classifier.from_checkpoint(ckpt, threshold=None).predict(files)]
+    assert len(set(scores)) > 1, "the test needs images with different confidences"
+    cut = float(np.median(scores))
+    threshold_file(ckpt).write_text(json.dumps({"max_softmax_threshold": cut, "split": "val"}))
+    assert threshold_file(ckpt).name == f"{ckpt.stem}.threshold.json"
+
+    classifier = Classifier.from_checkpoint(ckpt)
+    assert classifier.threshold == cut
+    flagged = [p.uncertain for p in classifier.predict(files)]
+    assert flagged == [s < cut for s in scores] and any(flagged) and not all(flagged)
+
+    out = tmp_path / "preds.csv"
+    assert main([str(ckpt), *map(str, files), "--device", "cpu", "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    with open(out) as f:
+        assert [r["uncertain"] == "true" for r in csv.DictReader(f)] == flagged
+    marked = ["UNCERTAIN" in line for line in printed.out.strip().splitlines()]
+    assert marked == flagged
+    assert (
+        f"{sum(flagged)} uncertain (top probability < {cut:.3f}, from {threshold_file(ckpt).name})"
+        in printed.err
+    )
+    # --threshold wins over the file; 0 flags nothing.
+    assert main([str(ckpt), *map(str, files), "--device", "cpu", "--threshold", "0"]) == 0
+    assert "UNCERTAIN" not in capsys.readouterr().out
+    # A damaged threshold file is a usage error, named.
+    threshold_file(ckpt).write_text("{not json")
+    assert main([str(ckpt), str(files[0]), "--device", "cpu"]) == 2
+    assert f"{threshold_file(ckpt)} is not a threshold file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
+    images = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
+    # The real entry point: one tab-separated line per image on stdout, problems on stderr.
+    command = [sys.executable, "-m", "transfer_learning.predict", str(checkpoint), *map(str, images)]
+    result = subprocess.run(
+        [*command, "missing.jpg"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+    _, label, score = lines[0].split("\t")
+    assert label in CLASSES and 0 < float(score) <= 1
+    assert "error: cannot read image missing.jpg: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    # All good: 0. A usage error: 2, with a message and no traceback.
+    assert main([str(checkpoint), *map(str, images), "--device", "cpu"]) == 0
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[:4000])
+    for ckpt, message in (
+        (tmp_path / "nope.ckpt", "does not exist"),
+        (truncated, "cannot read checkpoint"),
+        (images[0], "cannot read checkpoint"),
+    ):
+        capsys.readouterr()
+        assert main([str(ckpt), str(images[0])]) == 2
+        assert message in capsys.readouterr().err
+    for bad_args, message in (
+        (["-o", "preds.txt"], "use a .csv or .json file name"),
+        (["--top-k", "0"], "must be at least 1"),
+        (["--threshold", "1.5"], "must be a probability"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(checkpoint), str(images[0]), *bad_args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -91,7 +91,9 @@ def _batch(facts: Mapping[str, Any]) -> str:
     return f"{facts['batch/per_device']} per device x {processes} devices{steps} = {facts['batch/effective']}"
 
 
-def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
+def save_confusion_matrix(
+    matrix: torch.Tensor, class_names: Sequence[str], path: Path, title: str = "Test confusion matrix"
+) -> Path:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
     import matplotlib
 
@@ -104,8 +106,11 @@ def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
     size = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    # Many classes: smaller, vertical names, so that each fits its cell.
+    font = 10 if n <= 30 else max(5, int(700 / n))
+    ax.set_xticks(range(n), class_names, rotation=45 if n <= 30 else 90, ha="right" if n <= 30 else "center",
+                  fontsize=font)  # fmt: skip
+    ax.set_yticks(range(n), class_names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 30:
@@ -114,7 +119,7 @@ def save_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
                 colour = "white" if rates[i, j] > 0.5 else "black"
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color=colour, fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    ax.set_title("Test confusion matrix")
+    ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

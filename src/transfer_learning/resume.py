@@ -40,8 +40,8 @@ def wandb_run_id(folder: Path) -> str | None:
 class ResumeRun(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         requested = config.get("ckpt_path")
-        if not requested:
-            return
+        if not requested or not config.get("run_folder_from_checkpoint", True):
+            return  # eval.py reads checkpoints; it never writes into their runs
         explicit_dir = any(
             o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in config.hydra.overrides.hydra
         )

@@ -23,9 +23,10 @@ from transfer_learning.checkpoints import (
     check_compatible,
     safe_load,
 )
-from transfer_learning.config import build, check_writable, expand_path
+from transfer_learning.config import build, check_writable, expand_path, expand_paths
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
+from transfer_learning.evaluate import RUN_CONFIG
 from transfer_learning.loggers import (
     CSVLogger,
     add_tags,
@@ -39,6 +40,7 @@ from transfer_learning.loggers import (
 )
 from transfer_learning.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.report import write_report
 from transfer_learning.reporting import (
     best_checkpoint,
     build_summary,
@@ -74,6 +76,18 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
+def write_run_config(cfg: DictConfig, path: Path) -> None:
+    """The run's data settings, resolved, with absolute paths (``eval.py`` reads them)."""
+    data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
+    for key in ("root", "scan_cache_dir"):
+        if data.get(key):
+            data[key] = str(Path(data[key]).absolute())
+    if isinstance(data.get("generate"), dict) and data["generate"].get("root"):
+        data["generate"]["root"] = str(Path(data["generate"]["root"]).absolute())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create({"data": data}), path)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them)."""
     check_trainer(cfg)
@@ -100,6 +114,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             for logger in loggers:
                 if isinstance(logger, CSVLogger):
                     logger.drop_rows_after(int(saved.get("global_step", 0)))
+    if trainer.is_global_zero:  # what eval.py reads to rebuild this run's splits
+        write_run_config(cfg, output_dir / RUN_CONFIG)
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = run_facts(module, datamodule, trainer)
     status = "failed"
@@ -132,7 +148,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         summary.update(tuned)
         if trainer.is_global_zero:
-            summary.update(_report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics))
+            summary.update(
+                _report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics, summary)
+            )
             summary.update(logger_locations(loggers))
             write_summary(summary, output_dir / "summary.json")
             print(format_summary(summary), flush=True)
@@ -140,6 +158,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {**fit_metrics, **test_metrics, "best_checkpoint": best_path, "summary": summary}
     finally:
         close_loggers(loggers, status)
+
+
+def _write_report(
+    output_dir: Path,
+    loggers: list[Logger],
+    confusion: Path,
+    per_class: list[dict[str, Any]],
+    worst: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> Path:
+    """report.md beside the checkpoints (its pictures also go to W&B)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    csv_path = None
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            logger.save()
+            csv_path = Path(logger.log_dir) / "metrics.csv"
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    path = write_report(output_dir, summary, overrides, csv_path, confusion, per_class, worst)
+    for name in ("learning_curves", "learning_rates", "confident_mistakes"):
+        if (output_dir / f"{name}.png").is_file():
+            log_picture(loggers, f"report/{name}", output_dir / f"{name}.png")
+    return path
 
 
 def _report(
@@ -150,6 +192,7 @@ def _report(
     output_dir: Path,
     best_path: str,
     test_metrics: dict[str, float | None],
+    summary: dict[str, Any],
 ) -> dict[str, str]:
     """Rank zero, after testing: the confusion matrix, per-class metrics and the worst validation
     images, as files in the run folder and (with W&B) as pictures and tables."""
@@ -166,6 +209,7 @@ def _report(
         "per-class metrics": str(write_rows(per_class, output_dir / "per_class_metrics.csv")),
     }
     limit = int(cfg.get("worst_samples") or 0)
+    worst: list[dict[str, Any]] = []
     if limit > 0:
         files, labels = datamodule.split_files["val"]
         worst = worst_samples(files, labels, predict_split(module, datamodule, "val"), names, limit)
@@ -173,6 +217,7 @@ def _report(
         log_table(
             loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
         )
+    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
     log_checkpoint(
         loggers, best_path, {"class_names": names, **{k: v for k, v in test_metrics.items() if v is not None}}
     )

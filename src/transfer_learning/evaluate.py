@@ -1,0 +1,234 @@
+"""Evaluate a checkpoint exactly, on one device: `python eval.py ckpt_path=... [data.root=...]`.
+
+The data are the training run's own (its data settings are read from ``run_config.yaml`` in the
+checkpoint's run folder, so ``split=test`` is the very test split the run made), with any
+``data.*`` given on the command line on top; or ``data.root=<folder of class folders>
+split=all`` for a held-out folder. Every image counts once (a plain loop on one device, no
+distributed sampler), which is the exact-numbers path for runs trained with DDP.
+
+Results: a table on the terminal and ``eval.json`` (accuracy, macro F1, per-class precision,
+recall, F1 and support, the confusion matrix, the settings), ``confusion_matrix.png``,
+``per_class_metrics.csv`` and ``predictions.csv`` in the eval folder; and
+``<checkpoint>.threshold.json`` next to the checkpoint, the confidence threshold predict uses to
+flag inputs unlike the training data (see :func:`confidence_threshold`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+from transfer_learning.analysis import per_class_metrics, write_rows
+from transfer_learning.config import expand_path, expand_paths
+from transfer_learning.data import ImageFolderDataModule, samples
+from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.module import TransferLearningModule, classification_metrics
+from transfer_learning.predict import threshold_file
+from transfer_learning.reporting import save_confusion_matrix, save_confusion_table
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "train", "all")
+# predict flags an input whose top probability is below the threshold; eval sets it so that this
+# share of the correctly classified evaluation images would be flagged.
+FLAGGED_CORRECT_SHARE = 0.05
+RUN_CONFIG = "run_config.yaml"
+
+
+def confidence_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> float | None:
+    """A heuristic out-of-distribution signal: the maximum softmax probability below which only
+    ``FLAGGED_CORRECT_SHARE`` of the correctly classified images fall. Inputs far from the
+    training data often (not always) get a lower top probability than that."""
+    right = confidence[correct]
+    if len(right) == 0:
+        return None
+    return float(torch.quantile(right.double(), FLAGGED_CORRECT_SHARE))
+
+
+def data_config(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+    """The training run's data settings (``run_config.yaml`` beside its ``checkpoints/``), with
+    the ``data.*`` overrides of this command on top; the composed ``cfg.data`` when the run
+    left none or ``data=<group>`` was chosen on the command line."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    chosen_group = any(o.split("=", 1)[0].lstrip("+") == "data" for o in overrides)
+    saved = checkpoint.parent.parent / RUN_CONFIG
+    if chosen_group or not saved.is_file():
+        if not chosen_group:
+            log.info("No %s beside %s: using the data config given here", RUN_CONFIG, checkpoint.parent)
+        return expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
+    loaded = OmegaConf.load(saved)
+    assert isinstance(loaded, DictConfig), saved
+    base = loaded.data
+    mine = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("data.")]
+    if mine:
+        base = OmegaConf.merge(base, OmegaConf.from_dotlist(mine)["data"])
+    log.info("Data settings of the training run (%s)%s", saved, f", with {mine}" if mine else "")
+    return expand_paths(OmegaConf.to_container(base, resolve=True))
+
+
+def eval_dataset(datamodule: ImageFolderDataModule, split: str) -> Dataset:
+    """``split`` of the data module under the evaluation transform; ``all``: every image."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split}: one of {', '.join(SPLITS)}.")
+    datamodule.augment = {**datamodule.augment, "enabled": False}  # train split: no augmentation
+    datasets = datamodule._image_datasets(augment_train=False)
+    if split != "all":
+        return datasets[split]
+    parts = [datasets[name] for name in ("train", "val", "test") if name in datasets]
+    unique = [p for i, p in enumerate(parts) if all(p is not q for q in parts[:i])]  # test may be val
+    return ConcatDataset(unique)
+
+
+def _files_and_labels(dataset: Dataset) -> tuple[list[str], list[int]]:
+    if isinstance(dataset, ConcatDataset):
+        files: list[str] = []
+        labels: list[int] = []
+        for part in dataset.datasets:
+            f, y = samples(part)
+            files, labels = files + f, labels + y
+        return files, labels
+    return samples(dataset)
+
+
+@torch.inference_mode()
+def predict_logits(
+    module: TransferLearningModule, dataset: Dataset, batch_size: int, workers: int, tta: str
+) -> torch.Tensor:
+    """Class probabilities of every image in order; ``tta=flip`` averages them with the
+    horizontally flipped image's."""
+    from tqdm.auto import tqdm
+
+    device = next(module.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = []
+    for images, _ in tqdm(loader, desc="Evaluating", leave=False):
+        images = images.to(device)
+        probs = module(images).softmax(-1)
+        if tta == "flip":
+            probs = (probs + module(images.flip(-1)).softmax(-1)) / 2
+        out.append(probs.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, len(module.class_names))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<run>/checkpoints/<file>.ckpt")
+    checkpoint = Path(expand_path(str(cfg.ckpt_path))).absolute()
+    tta = str(cfg.get("tta") or "none")
+    if tta not in ("none", "flip"):
+        raise ConfigError(f"tta={tta}: none or flip.")
+    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device)).to(device)
+    data = data_config(cfg, checkpoint)
+    for key in ("image_size", "image_size_strict"):
+        data.pop(key, None)  # the checkpoint's preprocessing decides
+    datamodule: ImageFolderDataModule = instantiate(data)
+    names = datamodule.discover()
+    unknown = sorted(set(names) - set(module.class_names))
+    if unknown:
+        raise DataError(
+            f"{datamodule.root} has class folders the checkpoint does not know: {unknown}. Its classes: "
+            f"{module.class_names}. Evaluate on folders named after those classes."
+        )
+    datamodule.set_preprocessing(module.preprocessing)
+    split = str(cfg.get("split") or "test")
+    dataset = eval_dataset(datamodule, split)
+    files, local = _files_and_labels(dataset)
+    if not files:
+        raise DataError(f"the {split} split of {datamodule.root} has no images.")
+    labels = torch.tensor([module.class_names.index(names[i]) for i in local])
+    workers = datamodule.num_workers
+    probs = predict_logits(module, dataset, int(cfg.get("batch_size") or datamodule.batch_size), workers, tta)
+
+    n = len(module.class_names)
+    metrics = classification_metrics(n, "")
+    metrics.update(probs, labels)
+    scores = {k: float(v) for k, v in metrics.compute().items()}
+    predicted = probs.argmax(1)
+    matrix = torch.zeros(n, n, dtype=torch.long)
+    matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = per_class_metrics(matrix, module.class_names)
+    confidence = probs.max(1).values
+    threshold = confidence_threshold(confidence, predicted == labels)
+
+    output = Path(str(cfg.paths.output_dir))
+    output.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"file": f, "label": module.class_names[int(t)], "predicted": module.class_names[int(p)],
+         "confidence": float(c), **{name: float(v) for name, v in zip(module.class_names, row, strict=True)}}
+        for f, t, p, c, row in zip(files, labels, predicted, confidence, probs, strict=True)
+    ]  # fmt: skip
+    title = f"Confusion matrix ({split})"
+    written = {
+        "eval.json": str(output / "eval.json"),
+        "confusion matrix": str(
+            save_confusion_matrix(matrix, module.class_names, output / "confusion_matrix.png", title=title)
+        ),
+        "confusion counts": str(
+            save_confusion_table(matrix, module.class_names, output / "confusion_matrix.csv")
+        ),
+        "per-class metrics": str(write_rows(per_class, output / "per_class_metrics.csv")),
+        "predictions": str(write_rows(rows, output / "predictions.csv")),
+    }
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "data": str(datamodule.root),
+        "split": split,
+        "images": len(files),
+        "tta": tta,
+        "accuracy": scores["acc"],
+        "macro_f1": scores["f1"],
+        **({"top5_accuracy": scores["acc_top5"]} if "acc_top5" in scores else {}),
+        "per_class": per_class,
+        "class_names": module.class_names,
+        "confusion_matrix": matrix.tolist(),
+        "max_softmax_threshold": threshold,
+        "files": written,
+    }
+    if threshold is not None:
+        note = {
+            "max_softmax_threshold": threshold,
+            "from": str(output / "eval.json"),
+            "split": split,
+            "meaning": f"{FLAGGED_CORRECT_SHARE:.0%} of the correctly classified {split} images have a "
+            "lower top probability (a heuristic out-of-distribution signal)",
+        }
+        where = threshold_file(checkpoint)
+        try:
+            where.write_text(json.dumps(note, indent=2) + "\n")
+            written["threshold"] = str(where)
+        except OSError as exc:  # a read-only checkpoint folder: the threshold is still in eval.json
+            log.warning("Could not write %s (%s); the threshold is in eval.json", where, exc)
+    (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_result(result), flush=True)
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    width = max(8, *(len(r["class"]) for r in result["per_class"]))
+    lines = [
+        "=" * 72,
+        f"  Evaluation of {result['checkpoint']}",
+        f"  on {result['data']} ({result['split']}: {result['images']} images, tta={result['tta']})",
+        "=" * 72,
+        f"  accuracy   {result['accuracy']:.4f}",
+        f"  macro F1   {result['macro_f1']:.4f}",
+    ]
+    if "top5_accuracy" in result:
+        lines.append(f"  top-5 acc  {result['top5_accuracy']:.4f}")
+    lines += ["", f"  {'class':<{width}}  precision  recall      f1  support"]
+    for r in result["per_class"]:
+        lines.append(f"  {r['class']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}"
+                     f"  {r['support']:>7}")  # fmt: skip
+    if result["max_softmax_threshold"] is not None:
+        lines += ["", f"  confidence threshold for predict: {result['max_softmax_threshold']:.4f}"]
+    lines += [""] + [f"  {k:<18} {v}" for k, v in result["files"].items()] + ["=" * 72]
+    return "\n".join(lines)

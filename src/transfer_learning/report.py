@@ -1,0 +1,205 @@
+"""report.md: the file a person opens first after a run, next to its checkpoints.
+
+It holds the settings that differ from the defaults, the learning curves, each param group's
+learning rate, the normalised confusion matrix, the per-class metrics and the validation
+images the model got most confidently wrong; the pictures are PNG files beside it, linked
+relatively, so the report renders wherever the run folder is copied. The curves come from the
+run's CSV metrics (kept across resumes), so they need the CSV logger (on by default).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT = "report.md"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        number = float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def read_metrics(path: Path | None) -> list[dict[str, str]]:
+    if path is None or not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_curves(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[int, float]]:
+    """Per-epoch values of the train and val loss and accuracy (the last logged per epoch)."""
+    keys = {
+        "train/loss": "train/loss_epoch",
+        "train/acc": "train/acc",
+        "val/loss": "val/loss",
+        "val/acc": "val/acc",
+    }
+    curves: dict[str, dict[int, float]] = {name: {} for name in keys}
+    for row in rows:
+        epoch = _number(row.get("epoch"))
+        if epoch is None:
+            continue
+        for name, column in keys.items():
+            value = _number(row.get(column))
+            if value is not None:
+                curves[name][int(epoch)] = value
+    return curves
+
+
+def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path) -> Path | None:
+    """Loss and accuracy per epoch, train and val, side by side in one PNG."""
+    curves = epoch_curves(rows)
+    if not any(curves.values()):
+        return None
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, kind in ((loss_ax, "loss"), (acc_ax, "acc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            points = sorted(curves[f"{split}/{kind}"].items())
+            if points:
+                ax.plot([e + 1 for e, _ in points], [v for _, v in points], style, ms=4, lw=2, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy" if kind == "acc" else "cross-entropy loss")
+        ax.set_title("Accuracy" if kind == "acc" else "Loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    acc_ax.set_ylim(-0.02, 1.02)
+    fig.suptitle("Learning curves (train: augmented batches during the epoch; val: after it)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def plot_learning_rates(rows: Sequence[Mapping[str, str]], path: Path) -> Path | None:
+    """Each param group's learning rate against the training step (log scale when positive)."""
+    columns = [c for c in (rows[0] if rows else {}) if c.startswith("lr-")]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for column in columns:
+        pairs = [(_number(r.get("step")), _number(r.get(column))) for r in rows]
+        kept = [(s, v) for s, v in pairs if s is not None and v is not None]
+        if kept:
+            series[column.split("/", 1)[-1] if "/" in column else column.removeprefix("lr-")] = kept
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
+    for name, points in series.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], "-o", ms=3, lw=2, label=name)
+    positive = [v for points in series.values() for _, v in points if v > 0]
+    if positive and max(positive) / min(positive) > 20:  # rates orders of magnitude apart
+        if len(positive) < sum(len(points) for points in series.values()):  # 0 = frozen: linear near 0
+            ax.set_yscale("symlog", linthresh=min(positive))
+        else:
+            ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning rate of each param group")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(series) > 8 else 1, loc="best")
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def plot_confident_mistakes(worst: Sequence[Mapping[str, Any]], path: Path, limit: int = 16) -> Path | None:
+    """The validation images predicted wrong with the highest confidence, in a grid, each with
+    its true and predicted class and the confidence."""
+    from PIL import Image
+
+    wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))[:limit]
+    if not wrong:
+        return None
+    plt = _pyplot()
+    columns = min(4, len(wrong))
+    lines = math.ceil(len(wrong) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.5 * lines), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, wrong, strict=False):
+        with Image.open(row["file"]) as image:
+            ax.imshow(image.convert("RGB"))
+        ax.set_title(
+            f"true: {row['true']}\npredicted: {row['predicted']} ({float(row['confidence']):.0%})",
+            fontsize=9, color="firebrick",
+        )  # fmt: skip
+    fig.suptitle("Most confidently wrong validation images", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.5 * lines)))  # room for the title above the grid
+    return _save(fig, path, plt)
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    return [
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows),
+    ]
+
+
+def write_report(
+    folder: Path,
+    summary: Mapping[str, Any],
+    overrides: Sequence[str],
+    metrics_csv: Path | None,
+    confusion_png: Path | None,
+    per_class: Sequence[Mapping[str, Any]],
+    worst: Sequence[Mapping[str, Any]],
+) -> Path:
+    """Write ``folder/report.md`` and its pictures; return the report's path."""
+    rows = read_metrics(metrics_csv)
+    curves = plot_learning_curves(rows, folder / "learning_curves.png")
+    rates = plot_learning_rates(rows, folder / "learning_rates.png")
+    mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png")
+
+    def picture(title: str, path: Path | None, missing: str) -> list[str]:
+        if path is None:
+            return [f"## {title}", "", f"_{missing}_", ""]
+        return [f"## {title}", "", f"![{title}]({path.relative_to(folder).as_posix()})", ""]
+
+    headline = ("model", "strategy", "classes", "images train/val/test", "epochs run", "best val/acc",
+                "test/acc", "test/f1", "best checkpoint")  # fmt: skip
+    lines = [f"# Run report: {summary.get('model')} with {summary.get('strategy')}", ""]
+    lines += _table(
+        [{"": k, "value": summary[k]} for k in headline if summary.get(k) is not None], ["", "value"]
+    )
+    lines += ["", "## Settings that differ from the defaults", ""]
+    lines += [f"- `{o}`" for o in overrides] or ["- none: `python train.py` with the defaults"]
+    lines += [""]
+    no_csv = "No CSV metrics in this run (logger without csv): no curves."
+    lines += picture("Learning curves", curves, no_csv)
+    lines += picture("Learning rate of each param group", rates, no_csv)
+    lines += picture("Confusion matrix (test, rows normalised)", confusion_png, "No test confusion matrix.")
+    lines += ["## Per-class metrics (test)", ""]
+    lines += [*_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
+    lines += picture(
+        "Most confidently wrong validation images",
+        mistakes,
+        "No wrong validation image among the worst ones listed (or worst_samples=0).",
+    )
+    path = folder / REPORT
+    path.write_text("\n".join(lines))
+    return path

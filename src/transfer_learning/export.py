@@ -1,0 +1,346 @@
+"""Export a trained checkpoint to ONNX or TorchScript, then check the file against PyTorch.
+
+``python scripts/export.py ckpt_path=CKPT [format=onnx|torchscript] [output=PATH] [images=DIR,FILE...]``
+
+What is exported is the network alone (``module.net`` in eval mode): a float32 batch of
+preprocessed images ``[batch, 3, H, W]`` in, class **logits** ``[batch, classes]`` out, with a
+dynamic batch dimension. Apply a softmax for probabilities. The class names and the
+preprocessing (input size, resize size, mean, std, interpolation) travel with the file, in
+its metadata (ONNX ``metadata_props``; TorchScript ``_extra_files["metadata.json"]``) and in a
+sidecar ``<output>.json``.
+
+After every export the file is run on real image files, preprocessed exactly as
+``transfer_learning.predict`` does, at batch size 1 and N, next to the PyTorch module; the
+export fails (exit code 1) when the logits differ by more than ``atol`` or any top-1 class
+differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transfer_learning.errors import ConfigError, TransferLearningError, user_message
+from transfer_learning.images import is_image, list_images, load_rgb
+from transfer_learning.module import TransferLearningModule
+from transfer_learning.predict import Classifier
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Measured on EfficientNet-Lite0 and ResNet-18 checkpoints (CPU, float32): the exported files'
+# logits differ from PyTorch's by up to ~1e-4 (ONNX Runtime fuses and reorders operations),
+# TorchScript by ~1e-6. 1e-3 leaves room for larger backbones and other CPUs.
+DEFAULT_ATOL = 1e-3
+DEFAULT_MAX_IMAGES = 8
+DEMO_IMAGES = Path("data") / "demo_shapes"
+ARGUMENTS = {
+    "ckpt_path": "the checkpoint to export (required)",
+    "format": f"{' | '.join(FORMATS)} (default: onnx)",
+    "output": "where to write the model (default: next to the checkpoint, <ckpt stem>.onnx or "
+    "<ckpt stem>.torchscript.pt)",
+    "images": "image files or folders, comma-separated, for the parity check (default: "
+    f"{DEMO_IMAGES} under $PROJECT_ROOT or the working directory, if it exists)",
+    "max_images": f"how many of those images the check runs (the batch of N; default {DEFAULT_MAX_IMAGES})",
+    "atol": f"the largest absolute difference of logits the check accepts (default {DEFAULT_ATOL:g})",
+}
+
+
+class ParityError(Exception):
+    """The exported model does not compute what the checkpoint computes."""
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    ckpt_path: Path
+    format: str = "onnx"
+    output: Path | None = None
+    images: tuple[str, ...] = ()
+    max_images: int = DEFAULT_MAX_IMAGES
+    atol: float = DEFAULT_ATOL
+
+    @property
+    def output_path(self) -> Path:
+        if self.output is not None:
+            return self.output
+        return self.ckpt_path.with_name(self.ckpt_path.stem + FORMATS[self.format])
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    batch_size: int
+    max_abs_logits: float
+    max_abs_probs: float
+    top1_agree: int
+
+    @property
+    def ok(self) -> bool:
+        return self.top1_agree == self.batch_size
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "Arguments (key=value):"]
+    lines += [f"  {key:<11} {text}" for key, text in ARGUMENTS.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> ExportArgs:
+    """Hydra-style ``key=value`` arguments, as train.py takes them."""
+    values: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or key not in ARGUMENTS:
+            raise ConfigError(
+                f"unexpected argument {arg!r}: expected key=value with key one of {', '.join(ARGUMENTS)} "
+                "(see --help)."
+            )
+        values[key] = value
+    if not values.get("ckpt_path"):
+        raise ConfigError("ckpt_path=... is required: the checkpoint to export (see --help).")
+    fmt = values.get("format", "onnx").lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt}: expected one of {', '.join(FORMATS)}.")
+    try:
+        max_images = int(values.get("max_images", DEFAULT_MAX_IMAGES))
+        atol = float(values.get("atol", DEFAULT_ATOL))
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: max_images takes an integer, atol a number.") from None
+    if max_images < 2:
+        raise ConfigError(f"max_images={max_images}: the check needs at least 2 images (batch 1 and N).")
+    if not atol >= 0:
+        raise ConfigError(f"atol={atol}: expected a number >= 0.")
+    images = tuple(part for part in values.get("images", "").split(",") if part)
+    output = Path(values["output"]) if values.get("output") else None
+    return ExportArgs(Path(values["ckpt_path"]), fmt, output, images, max_images, atol)
+
+
+# -- what travels with the file ------------------------------------------------------------
+
+
+def model_metadata(module: TransferLearningModule, checkpoint: Path) -> dict[str, Any]:
+    preprocessing = module.preprocessing.to_dict()
+    size = preprocessing["crop_size"]
+    return {
+        "class_names": list(module.class_names),
+        "preprocessing": preprocessing,
+        "input": f"{INPUT_NAME}: float32 [batch, 3, {size}, {size}], RGB; resize the shorter side to "
+        "resize_size (interpolation, antialias), center crop crop_size, scale to 0..1, normalize (mean, std)",
+        "output": f"{OUTPUT_NAME}: float32 [batch, {len(module.class_names)}], class logits in class_names "
+        "order (softmax for probabilities)",
+        "model": dict(module.hparams["model"]).get("_target_", ""),
+        "checkpoint": checkpoint.name,
+    }
+
+
+def _flat(metadata: dict[str, Any]) -> dict[str, str]:
+    """String values (ONNX metadata_props): nested values as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata stored inside an exported file (ONNX or TorchScript)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return {k: json.loads(v) if k in ("class_names", "preprocessing") else v for k, v in props.items()}
+    extra = {"metadata.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["metadata.json"])
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, Any]) -> None:
+    """torch.export-based exporter (``dynamo=True``; the TorchScript-based one is deprecated),
+    weights inside the one file, the batch dimension dynamic."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            net,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    assert program is not None
+    model = program.model_proto
+    model.doc_string = "Class logits of preprocessed images; see the metadata (class_names, preprocessing)."
+    for key, value in _flat(metadata).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_torchscript(
+    net: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, Any]
+) -> None:
+    """A trace (the networks have no data-dependent control flow in eval mode), checked at two
+    batch sizes by the parity check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(metadata, indent=2)})
+
+
+def load_runner(path: Path, fmt: str) -> Callable[[torch.Tensor], np.ndarray]:
+    """The exported file as a function of a batch, run by its own runtime."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+        scripted = torch.jit.load(str(path), map_location="cpu")
+
+    def run(batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return scripted(batch).numpy()
+
+    return run
+
+
+# -- the parity check ----------------------------------------------------------------------
+
+
+def find_images(sources: Sequence[str], limit: int) -> tuple[list[Path], str]:
+    """Up to ``limit`` image files, spread evenly over the sorted files of ``sources`` (folders
+    are searched recursively), and where they came from."""
+    if sources:
+        where = ", ".join(sources)
+    else:
+        demo = Path(os.environ.get("PROJECT_ROOT", ".")) / DEMO_IMAGES
+        if not demo.is_dir():
+            raise ConfigError(
+                f"no images for the parity check: pass images=<folder or image files> (comma-separated); "
+                f"the default, the demo data set {demo}, does not exist here."
+            )
+        sources, where = [str(demo)], f"{demo} (the demo data set; pass images=... for your own)"
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files += list_images(path).files
+        elif path.is_file() and is_image(path):
+            files.append(path)
+        else:
+            raise ConfigError(f"images={source}: not an image file or a folder.")
+    if len(files) < 2:
+        raise ConfigError(f"images={where}: the check needs at least 2 image files, found {len(files)}.")
+    step = max(1, len(files) // limit)
+    return files[::step][:limit], where
+
+
+def parity(
+    module: TransferLearningModule, runner: Callable[[torch.Tensor], np.ndarray], files: Sequence[Path]
+) -> list[ParityRow]:
+    """The exported model next to PyTorch's float32 network on the same batches, preprocessed as
+    ``predict`` does: the first image alone, then all of them. The reference is ``module.net``
+    (in the module's memory format), not ``module(...)``: for a frozen backbone the module runs
+    it under bf16 autocast where the hardware supports it, and the export is float32."""
+    transform = Classifier(module).transform
+    images = torch.stack([transform(load_rgb(f)) for f in files])
+    rows = []
+    for batch in (images[:1], images):
+        with torch.inference_mode():
+            expected = module.net(module._memory_format(batch)).float()
+        got = torch.from_numpy(np.asarray(runner(batch.contiguous()))).float()
+        if got.shape != expected.shape:
+            raise ParityError(f"batch of {len(batch)}: exported output {tuple(got.shape)}, "
+                              f"PyTorch {tuple(expected.shape)}")  # fmt: skip
+        rows.append(
+            ParityRow(
+                batch_size=len(batch),
+                max_abs_logits=float((got - expected).abs().max()),
+                max_abs_probs=float((got.softmax(-1) - expected.softmax(-1)).abs().max()),
+                top1_agree=int((got.argmax(-1) == expected.argmax(-1)).sum()),
+            )
+        )
+    return rows
+
+
+def table(rows: Sequence[ParityRow], atol: float) -> str:
+    lines = [f"{'batch':>5}  {'max |dlogits|':>13}  {'max |dprobs|':>12}  {'top-1 agree':>11}  result"]
+    for r in rows:
+        ok = r.ok and r.max_abs_logits <= atol
+        lines.append(
+            f"{r.batch_size:>5}  {r.max_abs_logits:>13.2e}  {r.max_abs_probs:>12.2e}  "
+            f"{f'{r.top1_agree}/{r.batch_size}':>11}  {'ok' if ok else 'FAIL'}"
+        )
+    return "\n".join(lines)
+
+
+def check(rows: Sequence[ParityRow], atol: float, fmt: str) -> None:
+    problems = [
+        f"batch of {r.batch_size}: max |logit difference| {r.max_abs_logits:.2e} > atol={atol:g}"
+        for r in rows
+        if not r.max_abs_logits <= atol
+    ]
+    problems += [f"batch of {r.batch_size}: top-1 class differs for {r.batch_size - r.top1_agree} image(s)"
+                 for r in rows if not r.ok]  # fmt: skip
+    if problems:
+        raise ParityError(f"the {fmt} model does not match the checkpoint: " + "; ".join(problems))
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def export(args: ExportArgs) -> tuple[Path, list[ParityRow]]:
+    """Export, write the sidecar, run the parity check; returns the file and the check's rows
+    (raises :class:`ParityError` when the check fails: the files stay, for inspection)."""
+    module = TransferLearningModule.load_for_inference(args.ckpt_path)
+    files, where = find_images(args.images, args.max_images)  # before the slow part
+    net = module.net.eval()
+    metadata = model_metadata(module, args.ckpt_path)
+    output = args.output_path
+    output.parent.mkdir(parents=True, exist_ok=True)
+    size = module.preprocessing.crop_size
+    example = torch.zeros(2, 3, size, size)
+    if args.format == "onnx":
+        export_onnx(net, example, output, metadata)
+    else:
+        export_torchscript(net, example, output, metadata)
+    sidecar = Path(f"{output}.json")
+    sidecar.write_text(json.dumps({**metadata, "format": args.format, "file": output.name}, indent=2) + "\n")
+    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {sidecar}")
+    print(f"parity check on {len(files)} image(s) from {where}:")
+    rows = parity(module, load_runner(output, args.format), files)
+    print(table(rows, args.atol))
+    check(rows, args.atol, args.format)
+    print(f"ok: the {args.format} model matches the checkpoint (atol={args.atol:g}, top-1 identical)")
+    return output, rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return
+    try:
+        export(parse_args(argv))
+    except TransferLearningError as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ParityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -71,6 +71,13 @@ def test_the_offline_wandb_run_holds_config_history_confusion_matrix_and_predict
         pytest.approx(summary["test/acc"])
     ]
 
+    # The report's pictures (report.md beside the checkpoints) are W&B images too.
+    for picture in ("report/learning_curves", "report/learning_rates", "test/confusion_matrix"):
+        (row,) = [r for r in run["history"] if f"{picture}._type" in r]
+        assert row[f"{picture}._type"] == "images/separated" and row[f"{picture}.format"] == "png"
+        assert row[f"{picture}.width"] >= 600, picture
+    assert (run_folder / "report.md").is_file() and summary["report"] == str(run_folder / "report.md")
+
     # The confusion matrix: W&B's interactive one holds the counts of confusion_matrix.csv.
     assert "_wandb.visualize.test/confusion_matrix_plot" in config
     table = run["tables"]["test/confusion_matrix_plot_table"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.feature_cache import CachedFeatures
@@ -69,6 +69,33 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 @torch.inference_mode()
+def predict_probabilities(
+    module: TransferLearningModule,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int = 0,
+    tta: str = "none",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Class probabilities of every sample of ``dataset`` in order, on this process alone, with
+    the module in eval mode. ``tta="flip"`` averages each image's probabilities with its
+    horizontally flipped copy's (images only, not cached features)."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    was_training = module.training
+    module.eval()
+    out = []
+    for x, _ in tqdm(loader, desc="Evaluating", leave=False, disable=not progress):
+        x = x.to(module.device)
+        probs = module(x).float().softmax(dim=-1)
+        if tta == "flip":
+            probs = (probs + module(x.flip(-1)).float().softmax(dim=-1)) / 2
+        out.append(probs.cpu())
+    module.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, len(module.class_names))
+
+
 def predict_split(
     module: TransferLearningModule, datamodule: ImageFolderDataModule, split: str
 ) -> torch.Tensor:
@@ -76,12 +103,7 @@ def predict_split(
     (cached features when the run used them, else the evaluation transform of each image)."""
     dataset = datamodule.datasets[split]
     workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
-    loader = DataLoader(dataset, batch_size=max(datamodule.batch_size, 64), num_workers=workers)
-    was_training = module.training
-    module.eval()
-    probs = [module(x.to(module.device)).float().softmax(dim=-1).cpu() for x, _ in loader]
-    module.train(was_training)
-    return torch.cat(probs) if probs else torch.empty(0, len(module.class_names))
+    return predict_probabilities(module, dataset, max(datamodule.batch_size, 64), workers)
 
 
 def worst_samples(

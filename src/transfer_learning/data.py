@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
@@ -565,7 +565,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
 
 def samples(dataset: Dataset) -> tuple[list[str], list[int]]:
-    """File paths and labels of an ImageFolder or a Subset of one, in dataset order."""
+    """File paths and labels of an ImageFolder, a Subset of one or a ConcatDataset of those, in
+    dataset order."""
+    if isinstance(dataset, ConcatDataset):
+        parts = [samples(part) for part in dataset.datasets]
+        return [f for files, _ in parts for f in files], [y for _, labels in parts for y in labels]
     if isinstance(dataset, Subset):
         base: Any = dataset.dataset
         pairs = [base.samples[i] for i in dataset.indices]

@@ -24,9 +24,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
-from transfer_learning.analysis import per_class_metrics, write_rows
+from transfer_learning.analysis import per_class_metrics, predict_probabilities, write_rows
 from transfer_learning.config import expand_path, expand_paths
 from transfer_learning.data import ImageFolderDataModule, samples
 from transfer_learning.errors import ConfigError, DataError
@@ -78,44 +78,12 @@ def eval_dataset(datamodule: ImageFolderDataModule, split: str) -> Dataset:
     """``split`` of the data module under the evaluation transform; ``all``: every image."""
     if split not in SPLITS:
         raise ConfigError(f"split={split}: one of {', '.join(SPLITS)}.")
-    datamodule.augment = {**datamodule.augment, "enabled": False}  # train split: no augmentation
-    datasets = datamodule._image_datasets(augment_train=False)
+    datasets = datamodule._image_datasets(augment_train=False)  # every split: evaluation transform
     if split != "all":
         return datasets[split]
     parts = [datasets[name] for name in ("train", "val", "test") if name in datasets]
     unique = [p for i, p in enumerate(parts) if all(p is not q for q in parts[:i])]  # test may be val
     return ConcatDataset(unique)
-
-
-def _files_and_labels(dataset: Dataset) -> tuple[list[str], list[int]]:
-    if isinstance(dataset, ConcatDataset):
-        files: list[str] = []
-        labels: list[int] = []
-        for part in dataset.datasets:
-            f, y = samples(part)
-            files, labels = files + f, labels + y
-        return files, labels
-    return samples(dataset)
-
-
-@torch.inference_mode()
-def predict_logits(
-    module: TransferLearningModule, dataset: Dataset, batch_size: int, workers: int, tta: str
-) -> torch.Tensor:
-    """Class probabilities of every image in order; ``tta=flip`` averages them with the
-    horizontally flipped image's."""
-    from tqdm.auto import tqdm
-
-    device = next(module.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    out = []
-    for images, _ in tqdm(loader, desc="Evaluating", leave=False):
-        images = images.to(device)
-        probs = module(images).softmax(-1)
-        if tta == "flip":
-            probs = (probs + module(images.flip(-1)).softmax(-1)) / 2
-        out.append(probs.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(module.class_names))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -141,12 +109,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.set_preprocessing(module.preprocessing)
     split = str(cfg.get("split") or "test")
     dataset = eval_dataset(datamodule, split)
-    files, local = _files_and_labels(dataset)
+    files, local = samples(dataset)
     if not files:
         raise DataError(f"the {split} split of {datamodule.root} has no images.")
     labels = torch.tensor([module.class_names.index(names[i]) for i in local])
     workers = datamodule.num_workers
-    probs = predict_logits(module, dataset, int(cfg.get("batch_size") or datamodule.batch_size), workers, tta)
+    batch_size = int(cfg.get("batch_size") or datamodule.batch_size)
+    probs = predict_probabilities(module, dataset, batch_size, workers, tta=tta, progress=True)
 
     n = len(module.class_names)
     metrics = classification_metrics(n, "")

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from transfer_learning.errors import ConfigError
 from transfer_learning.loggers import log_picture
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.report import pyplot
 
 # The sweep's range. Below 1e-6 nothing a head or a fine-tuned backbone learns shows in a few
 # steps; by 1 the loss has long diverged (the finder stops when it is 4x its best).
@@ -262,10 +263,7 @@ def _save_plot(
     path: Path,
 ) -> Path:
     """Loss against learning rate (log scale), the suggestion and the configured head_lr marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [(lr, loss) for lr, loss in zip(lrs, losses, strict=True) if math.isfinite(loss)]
     fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=120)

@@ -18,7 +18,8 @@ from typing import Any
 REPORT = "report.md"
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +68,7 @@ def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path) -> Path 
     curves = epoch_curves(rows)
     if not any(curves.values()):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for ax, kind in ((loss_ax, "loss"), (acc_ax, "acc")):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -97,7 +98,7 @@ def plot_learning_rates(rows: Sequence[Mapping[str, str]], path: Path) -> Path |
             series[column.split("/", 1)[-1] if "/" in column else column.removeprefix("lr-")] = kept
     if not series:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.2), dpi=110)
     for name, points in series.items():
         ax.plot([s for s, _ in points], [v for _, v in points], "-o", ms=3, lw=2, label=name)
@@ -124,7 +125,7 @@ def plot_confident_mistakes(worst: Sequence[Mapping[str, Any]], path: Path, limi
     wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))[:limit]
     if not wrong:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(4, len(wrong))
     lines = math.ceil(len(wrong) / columns)
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.5 * lines), dpi=100, squeeze=False)

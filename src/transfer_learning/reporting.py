@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.report import pyplot
 
 
 def number(value: Any) -> float | None:
@@ -95,10 +96,7 @@ def save_confusion_matrix(
     matrix: torch.Tensor, class_names: Sequence[str], path: Path, title: str = "Test confusion matrix"
 ) -> Path:
     """Row-normalised confusion matrix (true class down, predicted across) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = matrix.detach().cpu().double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)

@@ -85,7 +85,11 @@ def tune_learning_rate(
             f"head_lr (its rates: {', '.join(rates) or 'none'})."
         )
     finder = _SizedFinder(steps)
-    lrs, losses = finder.sweep(trainer, module, datamodule)
+    module.stop_on_nonfinite_loss = False  # the sweep runs until the loss diverges, by design
+    try:
+        lrs, losses = finder.sweep(trainer, module, datamodule)
+    finally:
+        module.stop_on_nonfinite_loss = True
     # Lightning skips 10 points at the start of a 100-step sweep (noise while the average forms)
     # and 1 at the end; a shorter sweep skips the same share, not half its range.
     skip_begin = max(1, round(len(lrs) / 10))

@@ -24,13 +24,20 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from transfer_learning import registry
 from transfer_learning.checkpoints import CheckpointError, check_compatible, safe_load
+from transfer_learning.errors import TransferLearningError
 from transfer_learning.feature_cache import infer_features, is_convolutional, use_bf16
 from transfer_learning.network import Network
 from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.strategies import LinearProbeFineTune, Strategy
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(TransferLearningError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
 
 # Keys of the scheduler config that are Lightning's, not the scheduler's own arguments.
 LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
@@ -116,6 +123,8 @@ class TransferLearningModule(L.LightningModule):
         image_size_strict: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        *,
+        trusted: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -132,8 +141,11 @@ class TransferLearningModule(L.LightningModule):
             }
         )
         self.class_names = list(class_names)
-        self.net: Network = instantiate(self.hparams["model"], num_classes=len(class_names))
-        self.strategy: Strategy = instantiate(self.hparams["strategy"])
+        # Settings from the user's own config are Hydra's to build; read from a checkpoint
+        # (trusted=False) they are data, built only from the template's allow-lists.
+        self._trusted = trusted
+        self.net: Network = self._build("model", num_classes=len(class_names))
+        self.strategy: Strategy = self._build("strategy")
         self.strategy.prepare(self.net)
         self.preprocessing: Preprocessing = resolve_input_size(
             self.net.preprocessing, image_size, strict=image_size_strict
@@ -160,6 +172,13 @@ class TransferLearningModule(L.LightningModule):
         self._saved_base_lrs: list[float] | None = None
         self._lr_progress = 0.0
         self.probe_result: dict[str, float] | None = None
+        self.stop_on_nonfinite_loss = True  # off while the learning-rate finder sweeps
+
+    def _build(self, kind: str, _source: str = "the checkpoint", **extra: Any) -> Any:
+        spec = self.hparams[kind]
+        if self._trusted:
+            return instantiate(spec, **extra)
+        return registry.build(kind, spec, _source, **extra)
 
     # -- forward and steps -----------------------------------------------------------------
 
@@ -182,7 +201,9 @@ class TransferLearningModule(L.LightningModule):
     def _bf16(self, device: torch.device) -> bool:
         return use_bf16(getattr(self.strategy, "bf16", False), device)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> Any:
+        if batch is None:  # every file of the batch skipped (data.on_bad_file=skip): no step
+            return None
         x, y = batch
         aux: list[torch.Tensor] = []
         if x.ndim == 2 or self.net.backbone_frozen:
@@ -192,14 +213,37 @@ class TransferLearningModule(L.LightningModule):
         loss = self.train_criterion(logits, y)
         for aux_logits in aux:
             loss = loss + self.net.aux_loss_weight * self.train_criterion(aux_logits, y)
+        self._check_finite(loss, batch_idx)
         self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
+    def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Stop at the first non-finite training loss (on any process): the weights are about to
+        become NaN, and every later epoch would only train on garbage."""
+        if not self.stop_on_nonfinite_loss:
+            return
+        bad = not bool(torch.isfinite(loss.detach()))
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        rates = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in self.trainer.optimizers[0].param_groups)
+        raise NonFiniteLossError(
+            f"the training loss became {float(loss.detach()):.4g} at epoch {self.current_epoch}, "
+            f"batch {batch_idx} (global step {self.global_step}); learning rates: {rates}. Training "
+            "stopped: the weights would be NaN from here on. Likely causes: a learning rate far too "
+            "high (lower strategy.head_lr / "
+            "strategy.backbone_lr, or try tune_lr=true), or broken inputs (images or cached features "
+            "with NaN/inf values). Checkpoints of the last finished epoch are kept."
+        )
+
     def _evaluate(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, loss: MeanMetric
-    ) -> torch.Tensor:
+        self, batch: tuple[torch.Tensor, torch.Tensor] | None, metrics: MetricCollection, loss: MeanMetric
+    ) -> torch.Tensor | None:
+        if batch is None:  # every file of the batch skipped (data.on_bad_file=skip)
+            return None
         x, y = batch
         logits = self(x)
         loss.update(self.criterion(logits, y), weight=len(y))
@@ -285,7 +329,7 @@ class TransferLearningModule(L.LightningModule):
                 result["train_acc"],
             )  # fmt: skip
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
@@ -300,9 +344,10 @@ class TransferLearningModule(L.LightningModule):
         self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
         self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
         logits = self._evaluate(batch, self.test_metrics, self.test_loss)
-        self.test_confusion.update(logits, batch[1])
+        if logits is not None and batch is not None:
+            self.test_confusion.update(logits, batch[1])
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
@@ -319,7 +364,7 @@ class TransferLearningModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         self._base_lrs = None  # a new optimizer (the LR finder builds its own first)
         groups = self.strategy.param_groups(self.net)
-        optimizer = instantiate(self.hparams["optimizer"])(groups)
+        optimizer = self._build("optimizer")(groups)
         if not (self.hparams["scheduler"] or {}).get("_target_"):  # scheduler=constant
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
@@ -331,7 +376,11 @@ class TransferLearningModule(L.LightningModule):
         spec = dict(self.hparams["scheduler"])
         lightning = {k: spec.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in spec}
         lightning.setdefault("interval", "epoch")
-        factory = instantiate(spec, _partial_=True)
+        factory = (
+            instantiate(spec, _partial_=True)
+            if self._trusted
+            else registry.build("scheduler", {**spec, "_partial_": True}, "the checkpoint")
+        )
         kwargs = {}
         if "total_steps" in inspect.signature(factory).parameters and "total_steps" not in spec:
             by_step = lightning["interval"] == "step"
@@ -403,18 +452,39 @@ class TransferLearningModule(L.LightningModule):
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str = "cpu") -> TransferLearningModule:
-        """Rebuild from a checkpoint alone: no pretrained weights file or network needed."""
+        """Rebuild from a checkpoint alone: no pretrained weights file or network needed.
+
+        The checkpoint's settings are data: its backbone builder, strategy, optimizer and
+        scheduler must be the template's own (:mod:`transfer_learning.registry`), with plain
+        values; anything else is refused before anything is built."""
         checkpoint = safe_load(path, map_location=map_location)
-        if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+        hparams = checkpoint.get("hyper_parameters")
+        if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
             raise CheckpointError(
                 f"{path} is not a checkpoint of this template (no hyper_parameters/state_dict)."
             )
-        hparams = dict(checkpoint["hyper_parameters"])
+        source = f"checkpoint {path}"
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "trusted"}
+        unknown = sorted(set(hparams) - known)
+        if unknown or "model" not in hparams or "strategy" not in hparams:
+            raise registry.UnsafeSpecError(
+                f"refusing {source}: its hyper_parameters ({sorted(hparams)}) are not this template's "
+                f"({sorted(known)})."
+            )
+        for key, value in hparams.items():  # the four specs are checked by registry.resolve below
+            if key not in registry.KINDS:
+                registry.check_plain(value, key, source)
         model_cfg = dict(hparams["model"], weights=None)
         if checkpoint.get("arch_kwargs"):
+            registry.check_plain(checkpoint["arch_kwargs"], "arch_kwargs", source)
             model_cfg["arch_kwargs"] = checkpoint["arch_kwargs"]
-        hparams["model"] = model_cfg
-        module = cls(**hparams)
+        hparams = {**hparams, "model": model_cfg}
+        for kind in ("model", "strategy", "optimizer", "scheduler"):
+            spec = hparams.get(kind)
+            if kind == "scheduler" and not (spec or {}).get("_target_"):
+                continue  # scheduler=constant
+            registry.resolve(kind, spec, source)
+        module = cls(**hparams, trusted=False)
         module.load_state_dict(checkpoint["state_dict"])
         module.on_load_checkpoint(checkpoint)
         return module.eval()

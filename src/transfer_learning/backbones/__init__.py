@@ -9,7 +9,11 @@ from transfer_learning.backbones.lite0 import LITE0_PREPROCESSING, efficientnet_
 from transfer_learning.backbones.timm_models import timm_backbone
 from transfer_learning.backbones.torchvision_models import torchvision_backbone, torchvision_names
 
+# The builders a checkpoint may name (transfer_learning.registry): a fork adds its own here.
+BUILDERS = ("efficientnet_lite0", "torchvision_backbone", "timm_backbone")
+
 __all__ = [
+    "BUILDERS",
     "LITE0_PREPROCESSING",
     "efficientnet_lite0",
     "timm_backbone",

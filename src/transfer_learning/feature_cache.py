@@ -8,8 +8,12 @@ A cache file is named by a key over everything its numbers depend on: the backbo
 (hashed), the preprocessing and augmentation, the number of views and their seed, the
 precision, and every image file (path, size, modification time) with its label. Any change
 means another key, so a stale cache is never read; runs and sweep jobs with the same key share
-one file. Files are written to a temporary name and renamed, so a concurrent reader never sees
-half a file.
+one file: the first process to need a key computes it while the others wait (a lock file),
+then they read it. A file is trusted only when whole and finite (see :mod:`cache_files`); a
+damaged one is rebuilt. Non-finite features are never stored: the build stops with the cause.
+
+With ``data.on_bad_file=skip`` an image that breaks after the scan is left out with its label
+(:attr:`CachedFeatures.kept`); such a partial result is not stored.
 
 Training views are exact when ``views == 1`` (the deterministic evaluation transform). With
 ``views > 1`` every image is stored under ``views`` random augmentations and epoch ``e`` reads
@@ -24,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from pathlib import Path
@@ -34,6 +37,18 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from transfer_learning.cache_files import (
+    DamagedCacheFile,
+    FeatureCacheError,
+    key_lock,
+    read_back,
+    read_features,
+    remove_stale_temporaries,
+    write_features,
+)
+from transfer_learning.errors import DataError
+from transfer_learning.skipping import collate_present, kept_positions
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +128,16 @@ def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
 
 
 class CachedFeatures(Dataset):
-    """(feature vector, label) pairs; with several views, :meth:`set_epoch` picks which one."""
+    """(feature vector, label) pairs; with several views, :meth:`set_epoch` picks which one.
+    ``kept``: the positions (in the order of the images it was computed from) it holds when
+    some images were skipped as unreadable; None when it holds them all."""
 
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
+    def __init__(self, features: torch.Tensor, labels: Sequence[int], kept: list[int] | None = None) -> None:
         if features.ndim != 3 or features.shape[1] != len(labels):
             raise ValueError(f"features of shape {tuple(features.shape)} do not match {len(labels)} labels")
         self.features = features
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.kept = kept
         self.view = 0
 
     @property
@@ -182,21 +200,42 @@ class FeatureCache:
     def get(self, split: str, images: Dataset, files: Sequence[str], labels: Sequence[int],
             transform: dict[str, Any], views: int = 1, seed: int = 0,
             device: torch.device | None = None) -> CachedFeatures:  # fmt: skip
-        """The cached features of ``images`` (a dataset of (image tensor, label)), computing and
-        storing them first when no file has this key."""
+        """The cached features of ``images`` (a dataset of (image tensor, label), or None for an
+        image skipped as unreadable), computing and storing them first when no whole file has
+        this key. One process per key computes; others with the same key wait, then read."""
         device = device or torch.device("cpu")
         path = self.path(split, files, labels, transform, views, seed, device)
-        if path.is_file():
-            log.info("Feature cache hit for %s (%d images): %s", split, len(labels), path)
-            self.reused.add(path)
-        else:
-            self._build(path, split, images, views, seed, device)
+        with contextlib.suppress(DamagedCacheFile):  # checked again under the lock, then rebuilt
+            if (array := read_features(path, views, len(labels))) is not None:
+                return self._reuse(path, split, array, labels)
+        with key_lock(path) as locked:
+            try:
+                array = read_features(path, views, len(labels))  # another process may have built it
+            except DamagedCacheFile as exc:
+                log.warning("Feature cache file %s is damaged (%s): rebuilding it", path, exc)
+                array = None
+            if array is not None:
+                return self._reuse(path, split, array, labels)
+            if locked:
+                remove_stale_temporaries(path)
+            built, kept = self._build(path, split, images, files, views, seed, device)
             self.built.add(path)
-        return CachedFeatures(self._load(path), labels)
+            if kept is not None:
+                return CachedFeatures(torch.from_numpy(built), [labels[i] for i in kept], kept=kept)
+            write_features(path, built)
+            del built  # read back instead: memory-mapped when large
+            array = read_back(path, views, len(labels))
+        return CachedFeatures(self._load(path, array), labels)
 
-    def _build(
-        self, path: Path, split: str, images: Dataset, views: int, seed: int, device: torch.device
-    ) -> None:
+    def _reuse(self, path: Path, split: str, array: np.ndarray, labels: Sequence[int]) -> CachedFeatures:
+        log.info("Feature cache hit for %s (%d images): %s", split, len(labels), path)
+        self.reused.add(path)
+        return CachedFeatures(self._load(path, array), labels)
+
+    def _build(self, path: Path, split: str, images: Dataset, files: Sequence[str], views: int, seed: int,
+               device: torch.device) -> tuple[np.ndarray, list[int] | None]:  # fmt: skip
+        """``views`` x images x features of the images not skipped, and which those are (None:
+        all). Raises :class:`FeatureCacheError` on non-finite features, so they are never stored."""
         from tqdm.auto import tqdm
 
         bf16 = use_bf16(self.bf16, device)
@@ -206,7 +245,7 @@ class FeatureCache:
         )  # fmt: skip
         backbone_device = next(self.backbone.parameters()).device
         self.backbone.to(device)
-        chunks: list[torch.Tensor] = []
+        chunks: list[tuple[list[int], list[torch.Tensor]]] = []  # per view: positions present, features
         try:
             with fast_inference(self.backbone, device, bf16) as forward:
                 for view in range(views):
@@ -214,28 +253,45 @@ class FeatureCache:
                     loader = DataLoader(
                         images, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                         generator=generator, worker_init_fn=partial(_seed_worker, seed + view),
+                        collate_fn=collate_present,  # an image skipped as unreadable leaves with its label
                     )  # fmt: skip
                     desc = f"Caching {split} features" + (f" (view {view + 1}/{views})" if views > 1 else "")
                     with torch.random.fork_rng(devices=[]):  # the run's own random stream stays as it was
                         torch.manual_seed(seed + view)  # the augmentations of view `view` (no workers)
-                        batches = [forward(x).cpu() for x, _ in tqdm(loader, desc=desc, leave=False)]
-                    chunks.append(torch.cat(batches))
+                        batches = [
+                            forward(b[0]).cpu() for b in tqdm(loader, desc=desc, leave=False) if b is not None
+                        ]
+                    chunks.append((kept_positions(images), batches))
         finally:
             self.backbone.to(backbone_device)
-        array = torch.stack(chunks).numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npy", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        kept = kept_positions(images)  # a file may break in a later view: keep what every view has
+        if not kept:
+            raise DataError(
+                f"Every image of the {split} split was skipped as unreadable: is the folder still there?"
+            )
+        views_out = []
+        for present, batches in chunks:
+            features = torch.cat(batches)
+            if len(features) != len(present):
+                raise RuntimeError(
+                    f"{split}: {len(present) - len(features)} samples left out without a skip_mask mark"
+                )
+            if len(present) != len(kept):
+                features = features[torch.as_tensor(np.searchsorted(present, kept))]
+            views_out.append(features)
+        array = torch.stack(views_out).numpy()
+        check_finite(array, split, [files[i] for i in kept], self.backbone, bf16)
+        if len(kept) == len(files):
+            return array, None
+        log.warning(
+            "%d of %d %s images were skipped as unreadable: their features are left out, and this "
+            "partial result is not stored in %s", len(files) - len(kept), len(files), split, self.directory,
+        )  # fmt: skip
+        return array, kept
 
     @staticmethod
-    def _load(path: Path) -> torch.Tensor:
-        array = np.load(path, mmap_mode="r")
+    def _load(path: Path, array: np.ndarray) -> torch.Tensor:
+        """``array`` (memory-mapped from ``path``) in memory, or left mapped when it is large."""
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
@@ -244,6 +300,31 @@ class FeatureCache:
             return torch.from_numpy(np.array(array))  # a writable copy in memory
         log.info("Feature cache %s (%.1f GB) is memory-mapped", path, array.nbytes / 1e9)
         return torch.from_numpy(array)  # read-only mapping: pages load on demand
+
+
+def check_finite(
+    array: np.ndarray, split: str, files: Sequence[str], backbone: nn.Module, bf16: bool
+) -> None:
+    """Stop, naming the likely cause and the fix, when the backbone gave NaN or inf features."""
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=(0, 2)))
+    if not len(bad):
+        return
+    broken = [name for name, t in backbone.state_dict().items()
+              if t.is_floating_point() and not torch.isfinite(t).all()]  # fmt: skip
+    if broken:
+        cause = (f"Its weights hold NaN or inf ({', '.join(broken[:3])}): the checkpoint or weights file "
+                 "is broken; get it again, or point model.weights at a good one.")  # fmt: skip
+    elif bf16:
+        cause = ("Likely a bf16 overflow: set strategy.bf16=false for float32 features (if it persists, "
+                 "check the weights, model.weights).")  # fmt: skip
+    else:
+        cause = ("Its activations overflow float32 on these images: check the weights (model.weights) "
+                 "and the preprocessing (normalization).")  # fmt: skip
+    examples = ", ".join(files[i] for i in bad[:3])
+    raise FeatureCacheError(
+        f"The backbone gave NaN or infinite features for {len(bad)} of {len(files)} {split} images "
+        f"(e.g. {examples}); nothing was cached. {cause}"
+    )
 
 
 def _seed_worker(seed: int, worker_id: int) -> None:

@@ -314,3 +314,18 @@ def test_the_sweep_table_script_rebuilds_the_table_of_an_unfinished_sweep(tmp_pa
     assert (finished["best"], finished["overrides"], finished[METRIC]) == ("*", "lr=0.1", "0.8")
     assert running["status"].startswith("no result: no job.json: still running")
     assert running["overrides"] == "lr=0.3" and running["output_dir"] == str(tmp_path / "1")
+
+
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_ddp_workers_of_a_multirun_job_rerun_the_command_the_user_ran(tmp_path, how):
+    """A fork's own entry point, or a non-editable install (no train.py beside the package):
+    the workers start the way this process was started, not a train.py next to the package."""
+    probe = "import json\nfrom transfer_learning.sweeps import entry_command\n"
+    probe += "print(json.dumps(entry_command()))\n"
+    (tmp_path / "fork_train.py").write_text(probe)
+    command = ["fork_train.py"] if how == "script" else ["-m", "fork_train"]
+    result = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, check=True)  # fmt: skip
+    started = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = [str(tmp_path / "fork_train.py")] if how == "script" else ["-m", "fork_train"]
+    assert started == [sys.executable, *expected]

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.feature_cache import CachedFeatures
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.skipping import collate_present, kept_positions
 
 
 def run_facts(module: TransferLearningModule, datamodule: ImageFolderDataModule, trainer: L.Trainer) -> dict:
@@ -59,12 +60,15 @@ def per_class_metrics(matrix: torch.Tensor, class_names: Sequence[str]) -> list[
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """A list of same-keyed dicts as CSV."""
+    """A list of same-keyed dicts as CSV; text cells that a spreadsheet would run as a formula
+    (a class named ``=HYPERLINK(...)``) get a leading ``'``, numbers stay numbers."""
+    from transfer_learning.escaping import csv_dict  # here: only this function of the module writes CSV
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_dict(dict(row)) for row in rows)
     return path
 
 
@@ -76,34 +80,46 @@ def predict_probabilities(
     workers: int = 0,
     tta: str = "none",
     progress: bool = False,
-) -> torch.Tensor:
-    """Class probabilities of every sample of ``dataset`` in order, on this process alone, with
-    the module in eval mode. ``tta="flip"`` averages each image's probabilities with its
-    horizontally flipped copy's (images only, not cached features)."""
+) -> tuple[torch.Tensor, list[int]]:
+    """Class probabilities of every readable sample of ``dataset`` in order, on this process
+    alone, with the module in eval mode, and the positions of those samples (a file that
+    cannot be read any more under ``data.on_bad_file=skip`` is left out, label and all).
+    ``tta="flip"`` averages each image's probabilities with its horizontally flipped copy's
+    (images only, not cached features)."""
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_present
+    )
     was_training = module.training
     module.eval()
     out = []
-    for x, _ in tqdm(loader, desc="Evaluating", leave=False, disable=not progress):
-        x = x.to(module.device)
+    for batch in tqdm(loader, desc="Evaluating", leave=False, disable=not progress):
+        if batch is None:  # every file of the batch skipped
+            continue
+        x = batch[0].to(module.device)
         probs = module(x).float().softmax(dim=-1)
         if tta == "flip":
             probs = (probs + module(x.flip(-1)).float().softmax(dim=-1)) / 2
         out.append(probs.cpu())
     module.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, len(module.class_names))
+    probs = torch.cat(out) if out else torch.empty(0, len(module.class_names))
+    kept = kept_positions(dataset)
+    assert len(kept) == len(probs), (len(kept), len(probs))
+    return probs, kept
 
 
 def predict_split(
     module: TransferLearningModule, datamodule: ImageFolderDataModule, split: str
-) -> torch.Tensor:
-    """Class probabilities of every sample of ``split`` in dataset order, on this process alone
-    (cached features when the run used them, else the evaluation transform of each image)."""
+) -> tuple[list[str], list[int], torch.Tensor]:
+    """Files, labels and class probabilities of every readable sample of ``split`` in dataset
+    order, on this process alone (cached features when the run used them, else the evaluation
+    transform of each image)."""
     dataset = datamodule.datasets[split]
     workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
-    return predict_probabilities(module, dataset, max(datamodule.batch_size, 64), workers)
+    probs, kept = predict_probabilities(module, dataset, max(datamodule.batch_size, 64), workers)
+    files, labels = datamodule.split_files[split]
+    return [files[i] for i in kept], [labels[i] for i in kept], probs
 
 
 def worst_samples(

@@ -31,6 +31,7 @@ from transfer_learning.images import (
     scan_images,
 )
 from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.skipping import SkipMask, collate_present, skipped_positions
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,15 @@ DEFAULT_AUGMENT: dict[str, Any] = {
 
 
 def class_folders(
-    folder: Path, seen: set[tuple[int, int]] | None = None, boundaries: set[tuple[int, int]] | None = None
+    folder: Path,
+    seen: set[tuple[int, int]] | None = None,
+    boundaries: set[tuple[int, int]] | None = None,
+    problems: list[str] | None = None,
 ) -> tuple[dict[str, list[Path]], Listing]:
     """Class name -> image files (each real file once, hidden entries ignored), and what was
-    left out; clear errors for the usual mistakes."""
+    left out; clear errors for the usual mistakes. With a ``problems`` list, class folders
+    without images are added to it (to be reported with the scan's findings, in one message)
+    instead of raised at once; such a class maps to no files."""
     try:
         entries = sorted(p for p in folder.iterdir() if not is_hidden(p.name))
     except PermissionError as exc:
@@ -78,11 +84,14 @@ def class_folders(
         )
     empty = [str(folder / name) for name, files in found.items() if not files]
     if empty:
-        raise DataError(
+        message = (
             f"class folder(s) with no images: {', '.join(empty)}. Add images "
             f"({', '.join(IMG_EXTENSIONS)}) or remove the folder."
             + (f" ({'; '.join(listing.notes())})" if listing.notes() else "")
         )
+        if problems is None:
+            raise DataError(message)
+        problems.append(message)
     return found, listing
 
 
@@ -136,7 +145,8 @@ class ClassFolder(ImageFolder):
     """An ImageFolder over the files discovery found and the scan passed (hidden entries and
     symlink loops left out, each real file once), with the same classes and label order in
     every split. A file that cannot be read any more during training follows
-    ``data.on_bad_file``: a clear error, or another sample in its place."""
+    ``data.on_bad_file``: a clear error, or ``None`` in its place (sample and label left out
+    together by :func:`collate_present`; :attr:`skip_mask` remembers it for the rest of the run)."""
 
     def __init__(
         self, root: str, files: Mapping[str, Sequence[Path]], on_bad_file: str = "error", **kwargs: Any
@@ -144,6 +154,7 @@ class ClassFolder(ImageFolder):
         self._files = {name: list(paths) for name, paths in files.items()}
         self.on_bad_file = on_bad_file
         super().__init__(root, **kwargs)
+        self.skip_mask = SkipMask(len(self.samples))
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         names = list(self._files)
@@ -155,17 +166,19 @@ class ClassFolder(ImageFolder):
         return [(str(path), class_to_idx[name]) for name, paths in self._files.items() for path in paths]
 
     def __getitem__(self, index: int) -> Any:
-        for attempt in range(min(len(self.samples), 10)):
-            try:
-                return super().__getitem__((index + attempt) % len(self.samples))
-            except DataError as exc:
-                if self.on_bad_file != "skip":
-                    raise DataError(
-                        f"{exc} (it passed the check before training: changed since?). Replace it, "
-                        "or set data.on_bad_file=skip to train on without such files."
-                    ) from None
-                log.warning("Skipping %s", exc)
-        raise DataError(f"10 unreadable images in a row from {self.root}: is the folder still there?")
+        if index in self.skip_mask:
+            return None
+        try:
+            return super().__getitem__(index)
+        except DataError as exc:
+            if self.on_bad_file != "skip":
+                raise DataError(
+                    f"{exc} (it passed the check before training: changed since?). Replace it, "
+                    "or set data.on_bad_file=skip to train on without such files."
+                ) from None
+            self.skip_mask.mark(index)
+            log.warning("Skipping %s (left out with its label for the rest of the run)", exc)
+            return None
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -232,6 +245,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.scan_cache_dir = Path(scan_cache_dir).expanduser() if scan_cache_dir else None
         self.files: dict[Path, dict[str, list[Path]]] = {}  # split folder -> class -> files
         self.left_out: dict[str, int] = {}  # why -> how many files
+        self.skipped: dict[str, set[str]] = {}  # split -> files that broke during the run (skip)
         self.generate = dict(generate) if generate else None
         self.preprocessing: Preprocessing | None = None
         self.feature_cache: FeatureCache | None = None
@@ -288,13 +302,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         layout = self._find_layout()
         seen: set[tuple[int, int]] = set()
         fences = {identity(self.root), *(identity(folder) for folder in layout.values())}
-        walked = {split: class_folders(folder, seen, fences) for split, folder in layout.items()}
+        problems: list[str] = []  # empty class folders: reported together with the scan's bad files
+        walked = {split: class_folders(folder, seen, fences, problems) for split, folder in layout.items()}
         found = {split: classes for split, (classes, _) in walked.items()}
         listing = Listing.merged(part for _, part in walked.values())
         for note in listing.notes():
             log.warning("%s: %s", self.root, note)
         if listing.other_extensions:
             self.left_out["unsupported extension"] = sum(listing.other_extensions.values())
+        if listing.special:
+            self.left_out["not a regular file"] = len(listing.special)
         reference = next(iter(found))
         names = list(found[reference])
         for split, classes in found.items():
@@ -311,32 +328,49 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"{layout[reference]} has one class folder ({names[0]}); a classifier needs two or more."
             )
         if self.verify:
-            found = {split: self._scan(classes) for split, classes in found.items()}
+            found = self._scan(found, problems)
+        elif problems:
+            raise DataError("\n".join(problems))
         self.files = {layout[split]: classes for split, classes in found.items()}
         self._layout, self._classes = layout, names
         return names
 
-    def _scan(self, classes: dict[str, list[Path]]) -> dict[str, list[Path]]:
-        """Decode every image; stop with the list of bad ones, or leave them out (on_bad_file)."""
-        files = [f for paths in classes.values() for f in paths]
+    def _scan(
+        self, splits: dict[str, dict[str, list[Path]]], problems: Sequence[str] = ()
+    ) -> dict[str, dict[str, list[Path]]]:
+        """Decode every image of every split (split -> class -> files) in one scan; stop with
+        the list of bad ones, or leave them out (on_bad_file). ``problems`` found before (class
+        folders without images) stop the run in the same message, so one round fixes a corpus."""
+        files = [f for classes in splits.values() for paths in classes.values() for f in paths]
         cache = scan_cache_file(self.scan_cache_dir, self.root) if self.scan_cache_dir else None
         result = scan_images(files, cache, workers=min(8, len(os.sched_getaffinity(0))))
         self.digests.update(result.digests)
         if result.decoded:
             log.info("Checked %d images by decoding them (%d known from the last scan)",
                      result.decoded, result.total - result.decoded)  # fmt: skip
+        if problems or (result.bad and self.on_bad_file == "error"):
+            parts = list(problems)
+            if result.bad:
+                parts.append(
+                    f"{len(result.bad)} image file(s) cannot be decoded:\n{describe_bad(result.bad)}\n"
+                    "Delete or replace them, or set data.on_bad_file=skip to train without them."
+                )
+            raise DataError("\n".join(parts))
         if not result.bad:
-            return classes
-        if self.on_bad_file == "error":
-            raise DataError(
-                f"{len(result.bad)} image file(s) cannot be decoded:\n{describe_bad(result.bad)}\n"
-                "Delete or replace them, or set data.on_bad_file=skip to train without them."
-            )
+            return splits
         log.warning("Leaving out %d image file(s) that cannot be decoded (data.on_bad_file=skip):\n%s",
                     len(result.bad), describe_bad(result.bad))  # fmt: skip
         self.left_out["cannot be decoded"] = self.left_out.get("cannot be decoded", 0) + len(result.bad)
-        kept = {name: [f for f in paths if str(f) not in result.bad] for name, paths in classes.items()}
-        empty = [name for name, paths in kept.items() if not paths]
+        kept = {
+            split: {name: [f for f in paths if str(f) not in result.bad] for name, paths in classes.items()}
+            for split, classes in splits.items()
+        }
+        empty = [
+            name if split == "all" else f"{split}/{name}"
+            for split, classes in kept.items()
+            for name, paths in classes.items()
+            if not paths
+        ]
         if empty:
             raise DataError(f"class folder(s) {empty} have no readable image left after skipping bad files.")
         return kept
@@ -405,9 +439,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _check_leakage(self, datasets: dict[str, Dataset]) -> None:
         """Validation or test images with the same bytes as a training image (copies, the same
         photo saved twice) make the scores look better than they are: report the pairs, and
-        leave them out with data.drop_duplicates=true."""
+        leave them out with data.drop_duplicates=true. First, the same bytes under two classes
+        (:meth:`_check_labels`)."""
         if not self.digests:
             return  # no scan, no hashes
+        self._check_labels(datasets)
         train_files, _ = samples(datasets["train"])
         in_train = {self.digests[f]: f for f in train_files if f in self.digests}
         test_is_val = datasets.get("test") is datasets["val"]
@@ -422,8 +458,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             pairs = "; ".join(f"{files[i]} = {in_train[self.digests[files[i]]]}" for i in leaks[:5])
             more = f" (and {len(leaks) - 5} more)" if len(leaks) > 5 else ""
             if self.drop_duplicates:
-                keep = sorted(set(range(len(files))) - set(leaks))
-                datasets[name] = Subset(dataset, keep)
+                datasets[name] = without(dataset, set(leaks))
                 if name == "val" and test_is_val:
                     datasets["test"] = datasets["val"]
                 self.left_out[f"copy of a training image in {name}"] = len(leaks)
@@ -435,6 +470,48 @@ class ImageFolderDataModule(L.LightningDataModule):
                     "overstate accuracy: %s%s. Remove the copies, or set data.drop_duplicates=true.",
                     len(leaks), name, name, pairs, more,
                 )  # fmt: skip
+
+    def _check_labels(self, datasets: dict[str, Dataset]) -> None:
+        """The same bytes in two class folders (in any split) is a labelling error: one of the
+        labels is wrong, and training learns both. Report the copies with their classes, and
+        leave every copy out with data.drop_duplicates=true."""
+        test_is_val = datasets.get("test") is datasets["val"]
+        splits = {name: ds for name, ds in datasets.items() if not (name == "test" and test_is_val)}
+        by_content: dict[str, dict[int, str]] = {}  # content hash -> label -> its first file
+        for dataset in splits.values():
+            for file, label in zip(*samples(dataset), strict=True):
+                digest = self.digests.get(file)
+                if digest is not None:
+                    by_content.setdefault(digest, {}).setdefault(label, file)
+        mixed = {digest: labels for digest, labels in by_content.items() if len(labels) > 1}
+        if not mixed:
+            return
+        names = self.class_names
+        pairs = "; ".join(
+            " = ".join(f"{file} ({names[label]})" for label, file in sorted(labels.items()))
+            for labels in list(mixed.values())[:5]
+        )
+        more = f" (and {len(mixed) - 5} more)" if len(mixed) > 5 else ""
+        if not self.drop_duplicates:
+            self._warn_once(
+                "Labelling: %d image(s) are in two classes at once (the same bytes in two class folders), "
+                "so one of their labels is wrong: %s%s. Fix the labels, or set data.drop_duplicates=true "
+                "to leave every copy out.",
+                len(mixed), pairs, more,
+            )  # fmt: skip
+            return
+        dropped = 0
+        for name, dataset in splits.items():
+            files, _ = samples(dataset)
+            drop = {i for i, file in enumerate(files) if self.digests.get(file) in mixed}
+            if drop:
+                datasets[name] = without(dataset, drop)
+                dropped += len(drop)
+        if test_is_val:
+            datasets["test"] = datasets["val"]
+        self.left_out["same image in two classes"] = dropped
+        self._warn_once("Left %d image file(s) out: the same image in two classes "
+                        "(data.drop_duplicates=true): %s%s", dropped, pairs, more)  # fmt: skip
 
     def _check_balance(self, train: Dataset) -> None:
         _, labels = samples(train)
@@ -486,11 +563,42 @@ class ImageFolderDataModule(L.LightningDataModule):
             files, labels = samples(dataset)
             augmented = name == "train" and views > 1
             transform = train if augmented else exact
-            out[name] = cache.get(
+            features = cache.get(
                 name, dataset, files, labels, transform=transform,
                 views=views if augmented else 1, seed=self.cache_seed, device=device,
             )  # fmt: skip
+            if features.kept is not None:  # files that broke while caching: left out with their labels
+                self._note_skipped(name, files, sorted(set(range(len(files))) - set(features.kept)))
+                self.split_files[name] = (
+                    [files[i] for i in features.kept],
+                    [labels[i] for i in features.kept],
+                )
+            out[name] = features
         return out
+
+    def _note_skipped(self, split: str, files: Sequence[str], positions: Sequence[int]) -> None:
+        self.skipped.setdefault(split, set()).update(files[i] for i in positions)
+
+    def count_skipped(self) -> dict[str, int]:
+        """Files that could not be read during the run (data.on_bad_file=skip) and were left out
+        with their labels, per split, over every process; also entered in :attr:`left_out`."""
+        for name, dataset in self.datasets.items():
+            if name == "test" and dataset is self.datasets.get("val"):
+                continue
+            positions = skipped_positions(dataset)
+            if positions:
+                self._note_skipped(name, samples(dataset)[0], positions)
+        merged = {name: set(files) for name, files in self.skipped.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, merged)
+            for other in everyone:
+                for name, files in other.items():
+                    merged.setdefault(name, set()).update(files)
+        counts = {name: len(files) for name, files in merged.items() if files}
+        for name, n in counts.items():
+            self.left_out[f"unreadable during the run ({name})"] = n
+        return counts
 
     def _features(self) -> dict[str, Dataset]:
         assert self.feature_cache is not None
@@ -524,8 +632,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=workers,
-            persistent_workers=workers > 0,
+            # Exact resumes (checkpoints.RandomState): training workers start afresh each epoch,
+            # seeded from the main process's random state, which checkpoints carry; evaluation
+            # (no random transforms) keeps its workers and seeds them from its own generator,
+            # taking nothing from that state.
+            persistent_workers=workers > 0 and not train,
+            generator=None if train else torch.Generator().manual_seed(0),
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_present,  # a file skipped mid-run leaves with its label
             # A last batch of one sample breaks BatchNorm in training mode.
             drop_last=train and per_process > self.batch_size,
         )
@@ -562,6 +676,15 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def without(dataset: Dataset, positions: set[int]) -> Subset:
+    """``dataset`` less the samples at ``positions``: a Subset of the underlying dataset (never a
+    Subset of a Subset, which :func:`samples` could not read)."""
+    keep = [i for i in range(len(dataset)) if i not in positions]  # type: ignore[arg-type]
+    if isinstance(dataset, Subset):
+        return Subset(dataset.dataset, [dataset.indices[i] for i in keep])
+    return Subset(dataset, keep)
 
 
 def samples(dataset: Dataset) -> tuple[list[str], list[int]]:

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
+from transfer_learning import registry
 from transfer_learning.analysis import per_class_metrics, predict_probabilities, write_rows
 from transfer_learning.config import expand_path, expand_paths
 from transfer_learning.data import ImageFolderDataModule, samples
@@ -53,25 +54,34 @@ def confidence_threshold(confidence: torch.Tensor, correct: torch.Tensor) -> flo
     return float(torch.quantile(right.double(), FLAGGED_CORRECT_SHARE))
 
 
-def data_config(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+def data_config(cfg: DictConfig, checkpoint: Path) -> tuple[dict[str, Any], Path | None]:
     """The training run's data settings (``run_config.yaml`` beside its ``checkpoints/``), with
-    the ``data.*`` overrides of this command on top; the composed ``cfg.data`` when the run
-    left none or ``data=<group>`` was chosen on the command line."""
+    the ``data.*`` overrides of this command on top, and that file; the composed ``cfg.data``
+    (and None) when the run left none or ``data=<group>`` was chosen on the command line."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     chosen_group = any(o.split("=", 1)[0].lstrip("+") == "data" for o in overrides)
     saved = checkpoint.parent.parent / RUN_CONFIG
     if chosen_group or not saved.is_file():
         if not chosen_group:
             log.info("No %s beside %s: using the data config given here", RUN_CONFIG, checkpoint.parent)
-        return expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
-    loaded = OmegaConf.load(saved)
-    assert isinstance(loaded, DictConfig), saved
+        return expand_paths(OmegaConf.to_container(cfg.data, resolve=True)), None
+    try:
+        loaded = OmegaConf.load(saved)
+    except Exception as exc:  # YAML errors of every kind
+        raise ConfigError(
+            f"cannot read {saved}: {exc}. Delete it, or pass data=<group> data.root=..."
+        ) from None
+    if not isinstance(loaded, DictConfig) or not isinstance(loaded.get("data"), DictConfig):
+        raise ConfigError(
+            f"{saved} holds no data settings (a 'data:' mapping). Delete it, or pass "
+            "data=<group> data.root=..."
+        )
     base = loaded.data
     mine = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("data.")]
     if mine:
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(mine)["data"])
     log.info("Data settings of the training run (%s)%s", saved, f", with {mine}" if mine else "")
-    return expand_paths(OmegaConf.to_container(base, resolve=True))
+    return expand_paths(OmegaConf.to_container(base, resolve=True)), saved
 
 
 def eval_dataset(datamodule: ImageFolderDataModule, split: str) -> Dataset:
@@ -95,10 +105,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"tta={tta}: none or flip.")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device)).to(device)
-    data = data_config(cfg, checkpoint)
+    data, saved = data_config(cfg, checkpoint)
     for key in ("image_size", "image_size_strict"):
         data.pop(key, None)  # the checkpoint's preprocessing decides
-    datamodule: ImageFolderDataModule = instantiate(data)
+    # A run folder's file is data: its data module is built from the allow-list, never imported by name.
+    datamodule: ImageFolderDataModule = (
+        instantiate(data) if saved is None else registry.build("data", data, f"{saved} (data)")
+    )
     names = datamodule.discover()
     unknown = sorted(set(names) - set(module.class_names))
     if unknown:
@@ -115,7 +128,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     labels = torch.tensor([module.class_names.index(names[i]) for i in local])
     workers = datamodule.num_workers
     batch_size = int(cfg.get("batch_size") or datamodule.batch_size)
-    probs = predict_probabilities(module, dataset, batch_size, workers, tta=tta, progress=True)
+    probs, kept = predict_probabilities(module, dataset, batch_size, workers, tta=tta, progress=True)
+    skipped = [files[i] for i in sorted(set(range(len(files))) - set(kept))]
+    if skipped:  # data.on_bad_file=skip: files that broke after the scan count nowhere
+        log.warning("Left out %d image(s) that could not be read: %s", len(skipped), ", ".join(skipped[:5]))
+    files, labels = [files[i] for i in kept], labels[kept]
+    if not files:
+        raise DataError(f"no image of the {split} split of {datamodule.root} could be read.")
 
     n = len(module.class_names)
     metrics = classification_metrics(n, "")
@@ -152,6 +171,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "data": str(datamodule.root),
         "split": split,
         "images": len(files),
+        "skipped": skipped,
         "tta": tta,
         "accuracy": scores["acc"],
         "macro_f1": scores["f1"],
@@ -187,6 +207,11 @@ def format_result(result: dict[str, Any]) -> str:
         "=" * 72,
         f"  Evaluation of {result['checkpoint']}",
         f"  on {result['data']} ({result['split']}: {result['images']} images, tta={result['tta']})",
+        *(
+            [f"  left out {len(result['skipped'])} unreadable image(s) (listed in eval.json)"]
+            if result["skipped"]
+            else []
+        ),
         "=" * 72,
         f"  accuracy   {result['accuracy']:.4f}",
         f"  macro F1   {result['macro_f1']:.4f}",

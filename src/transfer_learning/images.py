@@ -3,19 +3,27 @@
 * :func:`list_images` walks a class folder once per real file: hidden entries (``.*``,
   ``__MACOSX``) are ignored at every level, symlink loops are detected instead of followed, a
   file reached twice through links counts once, and files with other extensions are counted.
+  Only regular files are listed: FIFOs, devices and sockets (a FIFO named ``x.jpg`` blocks
+  whoever opens it; a link to ``/dev/zero`` never ends) are named and left out.
 * :func:`load_rgb` decodes any file the same way for training and prediction: EXIF
   orientation applied, 16- and 32-bit images scaled to 8 bits (not clipped to white),
-  transparency composited onto white.
+  transparency composited onto white. Like the scan, it reads regular files only, and never
+  more bytes than the file's size (:func:`read_regular`).
 * :func:`scan_images` decodes every image before training (in parallel), remembering the
-  result per file (size and modification time) so that a second run decodes nothing.
+  result per file (size and modification time) so that a second run decodes nothing. A scan
+  cache that is damaged or not one (it is data: read as JSON, checked, never trusted) is
+  named in a warning, ignored and rebuilt.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_learning.errors import DataError
@@ -44,6 +52,55 @@ def is_image(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMG_EXTENSIONS
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, from its ``st_mode``."""
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device or socket where an image (or the scan cache) was expected: never opened
+    for reading (a FIFO would block, a device might never end)."""
+
+    def __init__(self, path: Path | str, mode: int) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file ({file_kind(mode)})", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def read_regular(path: Path | str) -> bytes:
+    """The bytes of a regular file, at most its size at opening (a file that grows while it is
+    read is cut there). Anything else (FIFO, device, socket, folder) raises
+    :class:`NotRegularFile` without being opened (or, replaced in between, without being read)."""
+    info = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
+    if not stat.S_ISREG(info.st_mode):
+        raise NotRegularFile(path, info.st_mode)
+    # O_NONBLOCK: should the file have become a FIFO since, opening it does not wait for a writer.
+    extra = ("O_NONBLOCK", "O_NOCTTY", "O_BINARY")  # those this system has
+    fd = os.open(path, os.O_RDONLY | sum(getattr(os, flag, 0) for flag in extra))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(path, info.st_mode)
+        chunks, left = [], info.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Listing:
     """What a walk found and what it left out, and why."""
@@ -53,6 +110,7 @@ class Listing:
     loops: list[str] = field(default_factory=list)
     repeated: int = 0  # files (or folders) reached again through a symlink: counted once
     unreadable: list[str] = field(default_factory=list)
+    special: list[str] = field(default_factory=list)  # "path (a FIFO)": not regular files, not read
 
     @classmethod
     def merged(cls, listings: Iterable[Listing]) -> Listing:
@@ -63,6 +121,7 @@ class Listing:
             out.loops += listing.loops
             out.repeated += listing.repeated
             out.unreadable += listing.unreadable
+            out.special += listing.special
         return out
 
     def notes(self) -> list[str]:
@@ -78,6 +137,12 @@ class Listing:
             out.append(f"symlink loop(s) not followed: {'; '.join(self.loops[:5])}")
         if self.repeated:
             out.append(f"{self.repeated} file(s) or folder(s) reached twice through symlinks, counted once")
+        if self.special:
+            more = f"; and {len(self.special) - 5} more" if len(self.special) > 5 else ""
+            out.append(
+                f"left out {len(self.special)} file(s) that are not regular files (FIFOs, devices, "
+                f"sockets; never opened): {'; '.join(self.special[:5])}{more}"
+            )
         return out
 
 
@@ -113,13 +178,13 @@ def list_images(
                 continue
             path = Path(entry.path)
             try:
-                is_dir = entry.is_dir()  # follows symlinks
-                key = identity(path)
+                info = path.stat()  # follows symlinks
             except OSError:  # a dangling symlink, or a loop the OS refuses to resolve
                 if entry.is_symlink():
                     listing.loops.append(f"{path} -> {os.readlink(path)} (dangling or circular)")
                 continue
-            if is_dir:
+            key = info.st_dev, info.st_ino
+            if stat.S_ISDIR(info.st_mode):
                 if key in ancestors or key in boundaries:
                     listing.loops.append(f"{path} -> {os.readlink(path) if entry.is_symlink() else path}")
                 elif key in seen:
@@ -127,6 +192,8 @@ def list_images(
                 else:
                     seen.add(key)
                     walk(path, (*ancestors, key))
+            elif not stat.S_ISREG(info.st_mode):  # a FIFO, a device (a link to /dev/zero), a socket
+                listing.special.append(f"{path} ({file_kind(info.st_mode)})")
             elif not is_image(path):
                 listing.other_extensions[path.suffix.lower()] += 1
             elif key in seen:
@@ -179,12 +246,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a file to RGB (see :func:`to_rgb`), naming the file on failure."""
+def decode(data: bytes, name: str | Path) -> Image.Image:
+    """The bytes of an image file, decoded to RGB (see :func:`to_rgb`)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # named after the file, not the in-memory buffer
+        raise UnidentifiedImageError(f"cannot identify image file {str(name)!r}") from None
+    with image:
+        image.load()
+        return to_rgb(image)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode a regular file to RGB (see :func:`to_rgb`), naming the file on failure; FIFOs and
+    devices are refused unopened, and no more than the file's size is read."""
+    try:
+        return decode(read_regular(path), path)
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
@@ -206,30 +283,60 @@ def _fingerprint(path: Path) -> list[int]:
 
 
 def _check(path: Path) -> tuple[str | None, str | None]:
-    """(problem or None, content hash or None) of one file."""
+    """(problem or None, content hash or None) of one file: its bytes are read once (a regular
+    file only, at most its size), hashed and decoded."""
     try:
-        digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        data = read_regular(path)
     except OSError as exc:
-        return f"cannot be read: {exc.strerror}", None
+        return f"cannot be read: {exc.strerror or exc}", None
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        image = load_rgb(path)
-    except DataError as exc:
-        cause = exc.__cause__
-        return (f"{type(cause).__name__}: {cause}" if cause else str(exc)), digest
+        image = decode(data, path)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}", digest
     if min(image.size) < 1:
         return "empty image (0 pixels)", digest
     return None, digest
 
 
+def _cache_entry(value: object) -> bool:
+    """``[size, mtime_ns, problem or null, digest or null]``, as :func:`scan_images` writes them."""
+    return (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[:2])
+        and all(v is None or isinstance(v, str) for v in value[2:])
+    )
+
+
+def read_scan_cache(cache_file: Path) -> dict[str, list]:
+    """The scan cache in ``cache_file``; empty when there is none. A file that is not one (not
+    JSON, another shape, truncated, not a regular file) is ignored, with one warning naming it:
+    this scan rebuilds it."""
+    try:
+        data = json.loads(read_regular(cache_file))
+        problem = None if isinstance(data, dict) else f"JSON {type(data).__name__}, not an object"
+        if problem is None:
+            wrong = next((k for k, v in data.items() if not _cache_entry(v)), None)
+            if wrong is not None:
+                problem = f"entry {wrong[:200]!r} is not [size, mtime, problem, digest]"
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        problem = f"cannot be read: {exc.strerror or exc}"
+    except ValueError as exc:  # not JSON (UnicodeDecodeError included), truncated
+        problem = f"not JSON: {exc}"
+    if problem is None:
+        return data
+    log.warning("The image scan cache %s is damaged or not a scan cache (%s): ignored, and rebuilt by "
+                "this scan.", cache_file, problem)  # fmt: skip
+    return {}
+
+
 def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: int = 8) -> ScanResult:
     """Decode every file (as training will) and hash its bytes; the results are cached by path,
     size and modification time."""
-    cache: dict[str, list] = {}
-    if cache_file is not None and cache_file.is_file():
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
+    cache: dict[str, list] = read_scan_cache(cache_file) if cache_file is not None else {}
     results: dict[str, tuple[str | None, str | None]] = {}
     todo: list[Path] = []
     fingerprints: dict[str, list[int]] = {}
@@ -241,7 +348,7 @@ def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: 
             results[key] = (f"cannot be opened: {exc.strerror}", None)
             continue
         known = cache.get(key)
-        if known is not None and len(known) == 4 and known[:2] == fingerprints[key]:
+        if known is not None and known[:2] == fingerprints[key]:
             results[key] = (known[2], known[3])
         else:
             todo.append(path)

@@ -5,9 +5,14 @@ Usage: ``python -m transfer_learning.predict CKPT PATH... [--output preds.csv|pr
 
 * ``PATH`` is an image file, a folder (every image file under it, sorted; hidden entries left
   out) or a glob pattern (``'photos/**/*.jpg'``, expanded here when no such path exists). Each
-  real file is predicted once.
+  real file is predicted once. Only regular files are read: a FIFO or a device (a link to
+  ``/dev/zero``) named on the command line is reported as an error, one in a folder or matched by
+  a pattern is left out with a note; none of them is opened.
 * The checkpoint alone is enough: it carries the network, the class names and the preprocessing.
-* One line per image on stdout: path, top-1 class, its probability, then the other top-k classes.
+* One line per image on stdout: path, top-1 class, its probability, then the other top-k classes,
+  tab separated (tabs, newlines and other control characters in names written as ``\\t``,
+  ``\\n``, ...). The CSV output neutralises cells a spreadsheet would run as formulas (a leading
+  ``'`` before ``= + - @``).
   ``--output`` also writes every probability to a CSV or JSON file (chosen by its suffix).
 * A file that cannot be read (missing, not an image, truncated) is reported on stderr and in the
   output file, and skipped. Exit status: 0 when every input was predicted, 1 when some were
@@ -34,6 +39,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -49,7 +55,17 @@ from tqdm import tqdm
 
 from transfer_learning.data import build_transforms
 from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
-from transfer_learning.images import Listing, identity, is_image, list_images, load_rgb, to_rgb
+from transfer_learning.escaping import csv_dict, visible
+from transfer_learning.images import (
+    Listing,
+    NotRegularFile,
+    file_kind,
+    identity,
+    is_image,
+    list_images,
+    load_rgb,
+    to_rgb,
+)
 from transfer_learning.module import TransferLearningModule
 
 Input: TypeAlias = str | Path | Image.Image | torch.Tensor
@@ -114,10 +130,17 @@ def expand_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[BadInput
                 walks[0].other_extensions[path.suffix.lower()] += 1
                 return False
             try:
-                key = identity(path)
+                info = path.stat()
             except OSError as exc:  # a dangling symlink matched by a pattern
                 bad.append(BadInput(given, exc.strerror or str(exc)))
                 return True
+            if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never ends: not opened
+                if matched:
+                    walks[0].special.append(f"{path} ({file_kind(info.st_mode)})")
+                    return False
+                bad.append(BadInput(given, str(NotRegularFile(path, info.st_mode))))
+                return True
+            key = info.st_dev, info.st_ino
             if key not in seen:
                 seen.add(key)
                 files.append(path)
@@ -433,10 +456,11 @@ def _number(p: float) -> float:
 
 
 def terminal_line(prediction: Prediction, threshold: float | None) -> str:
-    """``path  label  probability  [other top-k]  [UNCERTAIN]``, tab separated."""
-    fields = [prediction.source, prediction.label, f"{prediction.score:.3f}"]
+    """``path  label  probability  [other top-k]  [UNCERTAIN]``, tab separated, on one line:
+    tabs, newlines and other control characters in names are written as escapes (``\\t``)."""
+    fields = [visible(prediction.source), visible(prediction.label), f"{prediction.score:.3f}"]
     if len(prediction.top_k) > 1:
-        fields.append("then " + ", ".join(f"{n} {p:.3f}" for n, p in prediction.top_k[1:]))
+        fields.append("then " + ", ".join(f"{visible(n)} {p:.3f}" for n, p in prediction.top_k[1:]))
     if prediction.uncertain:
         fields.append(f"UNCERTAIN (top probability < {threshold:.3f})")
     return "\t".join(fields)
@@ -449,7 +473,8 @@ def csv_columns(class_names: Sequence[str], top_k: int) -> list[str]:
 
 def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
               class_names: Sequence[str], top_k: int) -> None:  # fmt: skip
-    """One row per image; then one row per skipped input, with only ``file`` and ``error``."""
+    """One row per image; then one row per skipped input, with only ``file`` and ``error``. Text
+    cells that a spreadsheet would run as a formula get a leading ``'`` (:func:`csv_dict`)."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=csv_columns(class_names, top_k))
         writer.writeheader()
@@ -459,9 +484,9 @@ def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadIn
             for rank, (name, prob) in enumerate(p.top_k, start=1):
                 row[f"top{rank}_label"], row[f"top{rank}_prob"] = name, f"{prob:.9g}"
             row.update({f"prob_{n}": f"{v:.9g}" for n, v in p.probabilities.items()})
-            writer.writerow(row)
+            writer.writerow(csv_dict(row))
         for b in bad:
-            writer.writerow({"file": b.source, "error": b.reason})
+            writer.writerow(csv_dict({"file": b.source, "error": b.reason}))
 
 
 def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
@@ -588,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(terminal_line(prediction, threshold), flush=False)
     sys.stdout.flush()
     for b in bad:
-        print(f"error: {b.message()}", file=sys.stderr)
+        print(f"error: {visible(b.message())}", file=sys.stderr)
     if args.output is not None:
         k = min(args.top_k, len(classifier.class_names))
         try:

@@ -5,17 +5,26 @@ learning rate, the normalised confusion matrix, the per-class metrics and the va
 images the model got most confidently wrong; the pictures are PNG files beside it, linked
 relatively, so the report renders wherever the run folder is copied. The curves come from the
 run's CSV metrics (kept across resumes), so they need the CSV logger (on by default).
+
+Names go in as they are written: ``|`` and newlines in a class or file name are escaped in the
+tables, and a ``$`` in a picture's title is not a formula. A validation image that cannot be
+opened any more when the report is drawn (deleted, overwritten since) is left out of the grid
+and named under it, and in the log: the report is still written.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from transfer_learning.escaping import markdown_cell, visible
+
 REPORT = "report.md"
+log = logging.getLogger(__name__)
 
 
 def pyplot() -> Any:
@@ -117,26 +126,53 @@ def plot_learning_rates(rows: Sequence[Mapping[str, str]], path: Path) -> Path |
     return _save(fig, path, plt)
 
 
-def plot_confident_mistakes(worst: Sequence[Mapping[str, Any]], path: Path, limit: int = 16) -> Path | None:
-    """The validation images predicted wrong with the highest confidence, in a grid, each with
-    its true and predicted class and the confidence."""
-    from PIL import Image
+def _why(exc: BaseException) -> str:
+    """Why an image could not be opened, in one line."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
-    wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))[:limit]
-    if not wrong:
+
+def plot_confident_mistakes(
+    worst: Sequence[Mapping[str, Any]],
+    path: Path,
+    limit: int = 16,
+    skipped: list[tuple[str, str]] | None = None,
+) -> Path | None:
+    """The validation images predicted wrong with the highest confidence, in a grid, each with
+    its true and predicted class and the confidence. An image that cannot be opened any more is
+    left out (the next one takes its place) and added to ``skipped`` as (file, why); None when
+    there is nothing to draw."""
+    from transfer_learning.errors import DataError
+    from transfer_learning.images import load_rgb  # regular files only, never more than their size
+
+    wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))
+    drawn: list[tuple[Mapping[str, Any], Any]] = []
+    for row in wrong:
+        if len(drawn) == limit:
+            break
+        try:
+            image = load_rgb(row["file"])
+            image.thumbnail((640, 640))  # drawn 320 px wide: no need to hold 16 full-size photos
+            drawn.append((row, image))
+        except DataError as exc:
+            if skipped is not None:
+                skipped.append((str(row["file"]), _why(exc)))
+    if not drawn:
         return None
     plt = pyplot()
-    columns = min(4, len(wrong))
-    lines = math.ceil(len(wrong) / columns)
+    columns = min(4, len(drawn))
+    lines = math.ceil(len(drawn) / columns)
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.5 * lines), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, row in zip(axes.flat, wrong, strict=False):
-        with Image.open(row["file"]) as image:
-            ax.imshow(image.convert("RGB"))
+    for ax, (row, image) in zip(axes.flat, drawn, strict=False):
+        ax.imshow(image)
         ax.set_title(
             f"true: {row['true']}\npredicted: {row['predicted']} ({float(row['confidence']):.0%})",
-            fontsize=9, color="firebrick",
+            fontsize=9, color="firebrick", parse_math=False,
         )  # fmt: skip
     fig.suptitle("Most confidently wrong validation images", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.5 * lines)))  # room for the title above the grid
@@ -151,11 +187,13 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
 
 
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    """A Markdown table; each cell on one line, with its ``|`` escaped (:func:`markdown_cell`)."""
+
     def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return f"{value:.4f}" if isinstance(value, float) else markdown_cell(value)
 
     return [
-        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join(markdown_cell(c) for c in columns) + " |",
         "|" + "---|" * len(columns),
         *("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows),
     ]
@@ -174,7 +212,11 @@ def write_report(
     rows = read_metrics(metrics_csv)
     curves = plot_learning_curves(rows, folder / "learning_curves.png")
     rates = plot_learning_rates(rows, folder / "learning_rates.png")
-    mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png")
+    skipped: list[tuple[str, str]] = []
+    mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png", skipped=skipped)
+    if skipped:
+        log.warning("The report leaves out %d validation image(s) it cannot open any more: %s",
+                    len(skipped), "; ".join(f"{file} ({why})" for file, why in skipped))  # fmt: skip
 
     def picture(title: str, path: Path | None, missing: str) -> list[str]:
         if path is None:
@@ -188,7 +230,7 @@ def write_report(
         [{"": k, "value": summary[k]} for k in headline if summary.get(k) is not None], ["", "value"]
     )
     lines += ["", "## Settings that differ from the defaults", ""]
-    lines += [f"- `{o}`" for o in overrides] or ["- none: `python train.py` with the defaults"]
+    lines += [f"- `{visible(o)}`" for o in overrides] or ["- none: `python train.py` with the defaults"]
     lines += [""]
     no_csv = "No CSV metrics in this run (logger without csv): no curves."
     lines += picture("Learning curves", curves, no_csv)
@@ -199,8 +241,14 @@ def write_report(
     lines += picture(
         "Most confidently wrong validation images",
         mistakes,
-        "No wrong validation image among the worst ones listed (or worst_samples=0).",
+        "None of the wrong validation images listed could be opened."
+        if skipped
+        else "No wrong validation image among the worst ones listed (or worst_samples=0).",
     )
+    if skipped:
+        named = "; ".join(f"`{visible(file)}` ({visible(why)})" for file, why in skipped)
+        lines += [f"Not shown: {len(skipped)} image(s) could not be opened (changed or removed since "
+                  f"the run read them): {named}.", ""]  # fmt: skip
     path = folder / REPORT
     path.write_text("\n".join(lines))
     return path

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.escaping import csv_row, visible
 from transfer_learning.module import TransferLearningModule
 from transfer_learning.report import pyplot
 
@@ -104,11 +105,12 @@ def save_confusion_matrix(
     size = min(4 + 0.45 * n, 24)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    # Many classes: smaller, vertical names, so that each fits its cell.
+    # Many classes: smaller, vertical names, so that each fits its cell. Names are shown as
+    # written: a "$" in a folder name is not the start of a formula (mathtext would fail on "$x^$").
     font = 10 if n <= 30 else max(5, int(700 / n))
     ax.set_xticks(range(n), class_names, rotation=45 if n <= 30 else 90, ha="right" if n <= 30 else "center",
-                  fontsize=font)  # fmt: skip
-    ax.set_yticks(range(n), class_names, fontsize=font)
+                  fontsize=font, parse_math=False)  # fmt: skip
+    ax.set_yticks(range(n), class_names, fontsize=font, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if n <= 30:
@@ -126,19 +128,20 @@ def save_confusion_matrix(
 
 
 def save_confusion_table(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
-    """The counts as CSV: one row per true class, one column per predicted class."""
+    """The counts as CSV: one row per true class, one column per predicted class (class names
+    that a spreadsheet would run as formulas get a leading ``'``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *class_names])
+        writer.writerow(csv_row(["true \\ predicted", *class_names]))
         for name, row in zip(class_names, matrix.tolist(), strict=True):
-            writer.writerow([name, *(int(v) for v in row)])
+            writer.writerow(csv_row([name, *(int(v) for v in row)]))
     return path
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    def fmt(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+    def fmt(value: Any) -> str:  # on one line, whatever the class and file names hold
+        return f"{value:.4f}" if isinstance(value, float) else visible(value)
 
     width = max(len(k) for k in summary)
     lines = [f"  {key:<{width}}  {fmt(value)}" for key, value in summary.items() if value is not None]

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_learning.config import check_writable
 from transfer_learning.errors import ConfigError, find_user_error, user_message
+from transfer_learning.escaping import csv_dict, markdown_cell
 
 log = logging.getLogger("train")
 
@@ -42,8 +43,19 @@ JOB_FILE = "job.json"
 # Exit code of a run stopped by SIGTERM after saving its checkpoint (128 + SIGTERM, as shells do).
 PREEMPTED_EXIT_CODE = 143
 TABLE_NAME = "sweep_results"
-# The root train.py: DDP worker processes of a multirun job run it as a single run.
-ENTRY_POINT = Path(__file__).resolve().parents[2] / "train.py"
+# The script this process runs (train.py, a fork's own, wherever the package is installed),
+# resolved before anything can change the working folder: DDP workers of a multirun job run it
+# again as a single run.
+_STARTED_AS = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+
+
+def entry_command() -> list[str]:
+    """The command that started this process, for DDP workers to run again: ``python <script>``,
+    or ``python -m <module>`` for a module run that way."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return [sys.executable, "-m", spec.name.removesuffix(".__main__")]
+    return [sys.executable, _STARTED_AS]
 
 
 def in_multirun() -> bool:
@@ -173,7 +185,7 @@ def isolated_job(output_dir: Path) -> Iterator[None]:
     environment = dict(os.environ)
 
     def worker_command(local_rank: int) -> tuple[list[str], str]:
-        command = [sys.executable, str(ENTRY_POINT), *overrides]
+        command = [*entry_command(), *overrides]
         command += [f"hydra.run.dir={_quoted(str(output_dir))}", f"hydra.job.name=ddp_process_{local_rank}"]
         return [*command, "hydra.output_subdir=null"], str(HydraConfig.get().runtime.cwd)
 
@@ -273,7 +285,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}"
-    return str(value).replace("|", "\\|")
+    return markdown_cell(value)
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> tuple[Path, Path, str]:
@@ -285,7 +297,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> tuple[Pa
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_dict(dict(row)) for row in rows)  # override values are the user's text
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
 from transfer_learning.checkpoints import (
-    Preempted,
     RandomState,
     SafeCheckpointIO,
     SaveOnPreemption,
@@ -50,6 +50,8 @@ from transfer_learning.reporting import (
     save_confusion_table,
     write_summary,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -89,13 +91,24 @@ def write_run_config(cfg: DictConfig, path: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them)."""
+    """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them).
+
+    SIGTERM at any point (preemption, a time limit) saves what can be saved and ends the run
+    with :class:`Preempted`, which says how to go on (exit code 143)."""
+    preemption = SaveOnPreemption(resumed_from=expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
+    with preemption.handling_sigterm():
+        try:
+            return _train(cfg, preemption)
+        except SIGTERMException:
+            raise preemption.preempted() from None
+
+
+def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     check_trainer(cfg)
     check_tune_lr(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
-    preemption = SaveOnPreemption()
     callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption, RandomState()]
     loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
@@ -129,19 +142,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with warnings.catch_warnings():
             # A frozen backbone in eval mode is this template's intent, not the accident Lightning warns of.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            try:
-                if cfg.get("tune_lr"):  # sets the strategy's rates before fit builds the optimizer
-                    steps = int(cfg.get("tune_lr_steps", 100))
-                    tuned = tune_learning_rate(trainer, module, datamodule, output_dir, loggers, steps)
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            except SIGTERMException:
-                raise Preempted(preemption.saved) from None
+            if cfg.get("tune_lr"):  # sets the strategy's rates before fit builds the optimizer
+                steps = int(cfg.get("tune_lr_steps", 100))
+                tuned = tune_learning_rate(trainer, module, datamodule, output_dir, loggers, steps)
+            preemption.training = True  # from here on, SIGTERM saves a checkpoint to resume from
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        preemption.check()  # a SIGTERM after Lightning's last look stops the run here
         fit_metrics = {k: number(v) for k, v in trainer.callback_metrics.items()}
 
         checkpoint = best_checkpoint(trainer)
         best_path = checkpoint.best_model_path if checkpoint else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        preemption.check()
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        skipped = datamodule.count_skipped()  # files that broke mid-run (data.on_bad_file=skip)
+        if skipped and trainer.is_global_zero:
+            log.warning(
+                "Left out %d file(s) that could not be read during the run, each with its label: %s",
+                sum(skipped.values()), ", ".join(f"{split} {n}" for split, n in skipped.items()),
+            )  # fmt: skip
 
         summary = build_summary(
             trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
@@ -211,8 +230,7 @@ def _report(
     limit = int(cfg.get("worst_samples") or 0)
     worst: list[dict[str, Any]] = []
     if limit > 0:
-        files, labels = datamodule.split_files["val"]
-        worst = worst_samples(files, labels, predict_split(module, datamodule, "val"), names, limit)
+        worst = worst_samples(*predict_split(module, datamodule, "val"), names, limit)
         where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
         log_table(
             loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"

@@ -620,7 +620,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         return {name: len(ds) for name, ds in self.datasets.items()}  # type: ignore[arg-type]
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        from functools import partial
+
+        from transfer_learning.checkpoints import loader_worker_init
+
         dataset = self.datasets[split]
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         world_size = self.trainer.world_size if self.trainer is not None else 1
         per_process = len(dataset) // world_size  # type: ignore[arg-type]
         # Cached features are rows of a tensor: loader workers would only add overhead.
@@ -638,6 +643,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             # taking nothing from that state.
             persistent_workers=workers > 0 and not train,
             generator=None if train else torch.Generator().manual_seed(0),
+            # Seeded as Lightning seeds workers; a SIGTERM to every process (SLURM) leaves the
+            # stopping to the main process.
+            worker_init_fn=partial(loader_worker_init, rank=rank, main=os.getpid()) if workers else None,
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_present,  # a file skipped mid-run leaves with its label
             # A last batch of one sample breaks BatchNorm in training mode.

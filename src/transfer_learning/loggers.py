@@ -104,12 +104,13 @@ def _image(path: str, size: int = 160) -> Any:
     """A thumbnail of an image file for a W&B table; None (an empty cell) if it cannot be read
     any more: the run's results must not be lost to a file that changed after training."""
     import wandb
-    from PIL import Image, UnidentifiedImageError
+
+    from transfer_learning.errors import DataError
+    from transfer_learning.images import load_rgb
 
     try:
-        with Image.open(path) as image:
-            thumbnail = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        thumbnail = load_rgb(path)  # regular files only, never more than their size
+    except DataError as exc:
         log.warning("W&B table: cannot show %s (%s)", path, exc)
         return None
     thumbnail.thumbnail((size, size))
@@ -179,8 +180,9 @@ class CSVLogger(LightningCSVLogger):
         return cast(ExperimentWriter, self._experiment)
 
     def drop_rows_after(self, step: int) -> None:
-        """Forget what was logged after ``step`` (the checkpoint a run resumes from; the
-        interrupted part of an epoch is logged again when it runs again) and the earlier test."""
+        """Forget what was logged from ``step`` on and the earlier test: ``step`` is the global
+        step of the checkpoint a run resumes from, saved after the batch logged as ``step - 1``
+        (and its epoch's end and validation); the resumed run logs ``step`` and later again."""
         path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return
@@ -190,13 +192,15 @@ class CSVLogger(LightningCSVLogger):
         kept = [
             row
             for row in rows
-            if (not row.get("step") or int(float(row["step"])) <= step)
+            if (not row.get("step") or int(float(row["step"])) < step)
             and not any(row.get(k) for k in fields if k.startswith("test/"))  # the old run's test
         ]
-        with path.open("w", newline="") as f:
+        tmp = path.with_name(f".{path.name}.tmp")  # a run killed now keeps its history whole
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(kept)
+        tmp.replace(path)
 
 
 def logger_locations(loggers: Sequence[Logger]) -> dict[str, str]:

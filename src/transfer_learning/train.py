@@ -101,6 +101,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return _train(cfg, preemption)
         except SIGTERMException:
             raise preemption.preempted() from None
+        except Exception as exc:
+            if not preemption.received:
+                raise
+            raise preemption.preempted(cause=exc) from exc  # e.g. loader workers ended by the signal
 
 
 def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:

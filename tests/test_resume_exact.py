@@ -28,8 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import REPO, run_cli
-from transfer_learning.checkpoints import CheckpointError, SaveOnPreemption, atomic_save, safe_load
+from transfer_learning.checkpoints import CheckpointError, atomic_save, safe_load
 from transfer_learning.loggers import CSVLogger
+from transfer_learning.preemption import SaveOnPreemption
 
 PROBES = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 # Fine-tuning (augmentation, shuffling, dropout) with two loader worker processes, a loss row at

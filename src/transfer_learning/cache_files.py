@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.errors import TransferLearningError
+from transfer_learning.errors import TransferLearningError, byte_size
 
 log = logging.getLogger("transfer_learning.feature_cache")
 
@@ -183,18 +183,8 @@ def free_space(directory: Path) -> int | None:
 
 
 def disk_full(directory: Path, needed: int, free: int | None) -> str:
-    room = "unknown" if free is None else size(free)
+    room = "unknown" if free is None else byte_size(free)
     return (
-        f"Feature cache: disk full at {directory}: {size(needed)} needed, {room} free. "
+        f"Feature cache: disk full at {directory}: {byte_size(needed)} needed, {room} free. "
         f"Free space there, or {FIX}."
-    )
-
-
-def size(n: int) -> str:
-    return (
-        f"{n / 1e9:.2f} GB ({n} bytes)"
-        if n >= 1e9
-        else f"{n / 1e6:.1f} MB ({n} bytes)"
-        if n >= 1e6
-        else f"{n} bytes"
     )

@@ -622,7 +622,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         from functools import partial
 
-        from transfer_learning.checkpoints import loader_worker_init
+        from transfer_learning.preemption import loader_worker_init
 
         dataset = self.datasets[split]
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -637,7 +637,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=workers,
-            # Exact resumes (checkpoints.RandomState): training workers start afresh each epoch,
+            # Exact resumes (random_state.RandomState): training workers start afresh each epoch,
             # seeded from the main process's random state, which checkpoints carry; evaluation
             # (no random transforms) keeps its workers and seeds them from its own generator,
             # taking nothing from that state.

@@ -35,3 +35,12 @@ def user_message(error: TransferLearningError) -> str:
         name, _, rest = last.partition(": ")
         text = rest if rest and name.rsplit(".", 1)[-1] == type(error).__name__ else last
     return text
+
+
+def byte_size(n: float) -> str:
+    """A file or disk size as people read it (``1.5 GiB``), for messages about disk space."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable

@@ -224,12 +224,14 @@ class TransferLearningModule(L.LightningModule):
         become NaN, and every later epoch would only train on garbage."""
         if not self.stop_on_nonfinite_loss:
             return
+        trainer = self._trainer  # None when a step is called by hand
         bad = not bool(torch.isfinite(loss.detach()))
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        rates = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in self.trainer.optimizers[0].param_groups)
+        groups = trainer.optimizers[0].param_groups if trainer is not None and trainer.optimizers else []
+        rates = ", ".join(f"{g['name']} {g['lr']:.3g}" for g in groups) or "unknown"
         raise NonFiniteLossError(
             f"the training loss became {float(loss.detach()):.4g} at epoch {self.current_epoch}, "
             f"batch {batch_idx} (global step {self.global_step}); learning rates: {rates}. Training "

@@ -100,7 +100,7 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
         record["epochs"] = (metrics.get("summary") or {}).get("epochs run")
         record["best_checkpoint"] = metrics.get("best_checkpoint") or None
     except Exception as exc:
-        if type(exc).__name__ == "Preempted":  # checkpoints.Preempted; torch is not imported here
+        if type(exc).__name__ == "Preempted":  # preemption.Preempted; torch is not imported here
             record.update(status="preempted", error=_one_line(str(exc)))
             log.error("%s", exc)
             raise SystemExit(PREEMPTED_EXIT_CODE) from None

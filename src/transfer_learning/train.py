@@ -16,13 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
-from transfer_learning.checkpoints import (
-    RandomState,
-    SafeCheckpointIO,
-    SaveOnPreemption,
-    check_compatible,
-    safe_load,
-)
+from transfer_learning.checkpoints import SafeCheckpointIO, check_compatible, safe_load
 from transfer_learning.config import build, check_writable, expand_path, expand_paths
 from transfer_learning.data import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
@@ -40,6 +34,8 @@ from transfer_learning.loggers import (
 )
 from transfer_learning.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.module import TransferLearningModule
+from transfer_learning.preemption import SaveOnPreemption
+from transfer_learning.random_state import RandomState
 from transfer_learning.report import write_report
 from transfer_learning.reporting import (
     best_checkpoint,

@@ -1,0 +1,265 @@
+"""SIGTERM (how SLURM and spot instances preempt) in any phase of a run.
+
+:class:`SaveOnPreemption` stops a run with :class:`Preempted` (exit code 143) instead of
+Lightning's silent exit code 0: during training after saving a resumable ``last.ckpt`` (a
+validation under way is finished first), before or after training saying which checkpoint to go
+on from. :func:`loader_worker_init` keeps loader workers alive until the main process has saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from transfer_learning.checkpoints import checkpoint_folder
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """The run was stopped by SIGTERM; the message says in which phase, what was saved and how
+    to go on (``train.py`` exits with code 143)."""
+
+    def __init__(self, checkpoint: str | None, when: str = "", what: str = "", then: str = "") -> None:
+        self.checkpoint = checkpoint
+        what = what or (
+            f"saved a resumable checkpoint: {checkpoint}" if checkpoint else "no checkpoint could be saved"
+        )
+        resume = (
+            f"\nResume with: python train.py <same overrides> ckpt_path={checkpoint}{then}"
+            if checkpoint
+            else ""
+        )
+        when = f" {when}" if when else ""
+        super().__init__(f"stopped by SIGTERM (preemption or a scheduler's time limit){when}; {what}{resume}")
+
+
+class SaveOnPreemption(Callback):
+    """SIGTERM anywhere in a run: save what can be saved, say so, and end the run with
+    :class:`Preempted` (exit code 143) instead of Lightning's silent exit code 0.
+
+    :meth:`handling_sigterm` holds a SIGTERM handler for the whole run. Outside Lightning's own
+    handling (building the data and the model, the report) it stops the run at once (the loader
+    workers leave the stopping to the main process: :func:`loader_worker_init`). Inside
+    ``trainer.fit`` and ``trainer.test`` Lightning notes the signal and its loops stop at the
+    next batch; as a callback this class then saves ``last.ckpt`` at the interrupted step of
+    training (which :class:`RandomState` resumes exactly), and lets a validation under way finish
+    first, so that its checkpoint is the epoch's end (resuming in the middle of a validation,
+    Lightning would skip it). :meth:`check` catches a signal that came after Lightning's last
+    look, and :meth:`preempted` is the error that says what happened and how to go on.
+
+    ``train.py`` sets :attr:`training` right before its real ``trainer.fit``: the learning-rate
+    finder's sweep before it is no training to save.
+    """
+
+    def __init__(self, resumed_from: str | None = None) -> None:
+        self.saved: str | None = None
+        self.received = False
+        self.resumed_from = resumed_from
+        self.training = False
+        # setup (before training) -> training -> trained -> test -> report
+        self.phase = "setup"
+        self._folder: Path | None = None
+        self._finishing_validation = False
+        self._handler: Callable[[int, FrameType | None], None] | None = None
+        self._pid = os.getpid()
+        self._logged = False
+        self._epoch, self._in_epoch = 0, False
+        self._validated = False  # a validation ran after the last training batch
+        self._saving_after_validation = False
+
+    # -- the signal -------------------------------------------------------------------------
+
+    @contextmanager
+    def handling_sigterm(self) -> Iterator[None]:
+        """SIGTERM handled as this class says while the block runs (in the main thread; other
+        threads cannot set signal handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._pid = os.getpid()
+        self._handler = self._on_sigterm
+        previous = signal.signal(signal.SIGTERM, self._handler)
+        try:
+            yield
+        finally:  # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked child that inherited the handler: not its call
+            return
+        first, self.received = not self.received, True
+        # Lightning wraps this handler while it trains or tests: its loops stop at the next batch.
+        if first and signal.getsignal(signal.SIGTERM) == self._handler:
+            raise SIGTERMException
+
+    def check(self) -> None:
+        """Stop now if SIGTERM came while Lightning ran but after its loops last looked."""
+        if self.received:
+            raise SIGTERMException
+
+    # -- the phases -------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._folder = checkpoint_folder(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.training:
+            self.phase = "training"
+            # A run resumed mid-epoch goes on without on_train_epoch_start.
+            self._epoch, self._in_epoch = trainer.current_epoch, trainer.fit_loop.restarted_mid_epoch
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.training:
+            self.phase = "trained"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch, self._in_epoch = trainer.current_epoch, True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._in_epoch = False
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase != "setup":
+            self.phase = "test"
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "test" and self.phase == "test":
+            self.phase = "report"
+
+    # -- stopping during training -----------------------------------------------------------
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if self.phase != "training" or trainer.sanity_checking or not trainer.received_sigterm:
+            return
+        # Lightning's loop would stop after this batch; a validation is short (no backward pass).
+        trainer._signal_connector.received_sigterm = False
+        if not self._finishing_validation:
+            log.info("SIGTERM during validation: finishing it, then saving the epoch's checkpoint")
+        self._finishing_validation = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase == "training" and not trainer.sanity_checking:
+            self._validated = True
+        if self._finishing_validation:  # training stops at its next check
+            self._finishing_validation = False
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._validated = False
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self._saving_after_validation:
+            return
+        # Stopped right after a validation in the middle of an epoch (val_check_interval < 1).
+        # Resuming there, Lightning skips that validation and counts the logging step of the
+        # batch before it once more, as for a checkpoint saved during the validation (by
+        # ModelCheckpoint), before that count went up: saved as such a checkpoint would be.
+        state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
+        state["_batches_that_stepped"] -= 1
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self.phase != "training":
+            return
+        path = checkpoint_folder(trainer) / "last.ckpt"
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        self._saving_after_validation = (
+            self._validated and self._in_epoch and done < trainer.num_training_batches
+        )
+        try:
+            trainer.save_checkpoint(path)
+            self.saved = str(path)
+        except Exception as exc:  # the reason for stopping matters more than this failure
+            log.error("SIGTERM: could not save %s: %s", path, exc)
+        finally:
+            self._saving_after_validation = False
+        self._logged = True
+        if self._in_epoch:
+            where = f"epoch {self._epoch}, after batch {done} of {trainer.num_training_batches}"
+        else:
+            where = f"epoch {self._epoch}'s end"
+        log.warning(
+            "Received SIGTERM at %s (step %d): %s", where, trainer.global_step,
+            f"saved {self.saved}" if self.saved else "no checkpoint saved",
+        )  # fmt: skip
+
+    # -- the message ------------------------------------------------------------------------
+
+    def preempted(self, cause: BaseException | None = None) -> Preempted:
+        """The error that ends a run stopped by SIGTERM: the phase, what was saved, how to go on.
+        ``cause``: the error the signal brought about instead of a clean stop (SIGTERM sent to
+        the whole process group, as SLURM does, ends the data loader's worker processes too)."""
+        last = self._folder / "last.ckpt" if self._folder is not None else None
+        last_path = str(last) if last is not None and last.is_file() else None
+        if self.phase == "setup":
+            when = "before training started"
+            if self.resumed_from:
+                unchanged = f"the checkpoint it resumes from is unchanged: {self.resumed_from}"
+                error = Preempted(self.resumed_from, when, f"nothing was trained; {unchanged}")
+            else:
+                nothing = "nothing was trained, so there is nothing to save: run the same command again"
+                error = Preempted(None, when, nothing)
+        elif self.phase == "training":
+            when = "during training"
+            if self.saved or last_path is None:
+                error = Preempted(self.saved, when)
+            else:
+                why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})" if cause else ""
+                older = f"could not save the interrupted step{why}; the last saved checkpoint is {last_path}"
+                error = Preempted(last_path, when, older)
+        else:
+            when = {"trained": "after training", "test": "during the test"}.get(self.phase, "while reporting")
+            done = "training and the test had finished" if self.phase == "report" else "training had finished"
+            where = f"; its checkpoints are in {self._folder}" if self._folder is not None else ""
+            then = " (trains nothing more: tests the best checkpoint, writes the report)"
+            error = Preempted(last_path, when, f"{done}{where}", then)
+        if not self._logged:
+            self._logged = True
+            log.warning("Received SIGTERM %s: %s", when, str(error).split("; ", 1)[-1].splitlines()[0])
+        return error
+
+
+def loader_worker_init(worker_id: int, rank: int = 0, main: int | None = None) -> None:
+    """``worker_init_fn`` of the data module's loaders, run in each worker process: Lightning's
+    seeding of the worker (as ``seed_everything(workers=True)`` asks for), and SIGTERM from
+    anyone but the main process ignored. SLURM signals every process of a job: a worker ended by
+    it would end the run with a DataLoader error before the main process, told by the same
+    signal, saves its checkpoint and stops the workers itself (its SIGTERM still ends them)."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: workers keep torch's handling
+        return
+    main = main or os.getppid()  # the process that made the loader (a forkserver is not it)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # from here on, only this waits for it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main:
+            pass
+        os._exit(0)  # what torch's own handler does when the main process sends it
+
+    threading.Thread(target=wait, name="sigterm-from-main-only", daemon=True).start()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.nn.modules.batchnorm import _NormBase
@@ -218,3 +219,17 @@ def confusion_counts(run_dir: Path) -> list[list[int]]:
     """The test confusion matrix a run saved (confusion_matrix.csv): true classes down."""
     with open(run_dir / "confusion_matrix.csv") as f:
         return [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    """The two runs' ``checkpoints/last.ckpt`` hold the same weights (float tensors within 1e-5)."""
+    from transfer_learning.checkpoints import safe_load
+
+    final = safe_load(run / "checkpoints" / "last.ckpt")["state_dict"]
+    expected = safe_load(reference / "checkpoints" / "last.ckpt")["state_dict"]
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), key
+        else:
+            assert torch.equal(final[key], value), key

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import REPO, run_cli
+from helpers import REPO, assert_same_weights, run_cli
 from transfer_learning.checkpoints import CheckpointError, atomic_save, safe_load
 from transfer_learning.loggers import CSVLogger
 from transfer_learning.preemption import SaveOnPreemption
@@ -147,17 +147,6 @@ def assert_same_history(run: Path, reference: Path, partial_epochs: tuple[int, .
             assert math.isclose(rows[key][name], value, rel_tol=1e-4, abs_tol=1e-5), (key[0], name)
     validated = sorted(int(v["epoch"]) for v in rows.values() if "val/acc" in v)
     assert validated == list(range(len(validated))) and validated
-
-
-def assert_same_weights(run: Path, reference: Path) -> None:
-    final = safe_load(run / "checkpoints" / "last.ckpt")["state_dict"]
-    expected = safe_load(reference / "checkpoints" / "last.ckpt")["state_dict"]
-    assert final.keys() == expected.keys()
-    for key, value in expected.items():
-        if value.is_floating_point():
-            assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), key
-        else:
-            assert torch.equal(final[key], value), key
 
 
 @pytest.fixture(scope="module")

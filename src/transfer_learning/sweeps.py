@@ -132,7 +132,19 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
 
 @contextmanager
 def _nothing() -> Iterator[None]:
-    yield
+    try:
+        yield
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Leave the DDP process group a run made, explicitly: gloo's threads torn down at
+    interpreter exit instead can abort the process (``terminate called without an active
+    exception``) after the run has finished."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -195,10 +207,7 @@ def isolated_job(output_dir: Path) -> Iterator[None]:
         yield
     finally:
         subprocess_script._hydra_subprocess_cmd = original
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
         os.environ.clear()
         os.environ.update(environment)
 

@@ -10,13 +10,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from transfer_learning.config import expand_overrides
-from transfer_learning.sweeps import run_task
+from transfer_learning.run.config import expand_overrides
+from transfer_learning.run.sweeps import run_task
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from transfer_learning.evaluate import evaluate  # torch: not needed for --help
+    from transfer_learning.results.evaluate import evaluate  # torch: not needed for --help
 
     return run_task(cfg, evaluate)
 

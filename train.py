@@ -10,14 +10,14 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from transfer_learning.config import expand_overrides
-from transfer_learning.sweeps import run_task
+from transfer_learning.run.config import expand_overrides
+from transfer_learning.run.sweeps import run_task
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """One run, or one job of a multirun; returns the optimised metric for sweepers."""
-    from transfer_learning.train import train  # torch, Lightning: not needed for --help
+    from transfer_learning.run.train import train  # torch, Lightning: not needed for --help
 
     return run_task(cfg, train)
 

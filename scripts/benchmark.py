@@ -54,7 +54,7 @@ def plain_loop(strategy: str, data: Path, epochs: int, image_size: int, model: s
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from transfer_learning.config import compose_config
+    from transfer_learning.run.config import compose_config
 
     torch.manual_seed(0)
     train_set = ImageFolder(str(data / "train"))
@@ -102,7 +102,7 @@ def frozen_epoch(data: Path, image_size: int, model: str, repeats: int) -> None:
     import lightning as L
     import torch
 
-    from transfer_learning.config import build, compose_config
+    from transfer_learning.run.config import build, compose_config
 
     class EpochTimer(L.Callback):
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -181,7 +181,7 @@ def template_result(text: str) -> dict[str, Any]:
 
 
 def make_data(root: Path) -> Path:
-    from transfer_learning.demo import generate_shapes
+    from transfer_learning.data.demo import generate_shapes
 
     generate_shapes(root / "train", images_per_class=60, image_size=160, seed=0)
     generate_shapes(root / "val", images_per_class=16, image_size=160, seed=1)

@@ -7,7 +7,7 @@ See `python scripts/export.py --help` and transfer_learning/export.py.
 
 from __future__ import annotations
 
-from transfer_learning.export import main
+from transfer_learning.results.export import main
 
 if __name__ == "__main__":
     main()

@@ -25,8 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from transfer_learning.config import build, compose_config
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.run.config import build, compose_config
 
 STRATEGIES = ("feature_extract", "finetune")
 
@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     """One DDP run on two devices through the real command line (Lightning starts the second
     process by re-running it), in a temporary folder; returns what its summary says."""
-    from transfer_learning.backbones import efficientnet_lite0
+    from transfer_learning.model.backbones import efficientnet_lite0
 
     trainer = "trainer=ddp" if args.accelerator == "gpu" else "trainer=ddp_cpu"
     with tempfile.TemporaryDirectory() as work:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.config import build, compose_config
-from transfer_learning.train import train
+from transfer_learning.run.config import build, compose_config
+from transfer_learning.run.train import train
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 

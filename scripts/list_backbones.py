@@ -15,7 +15,7 @@ from typing import Any
 
 import torchvision
 
-from transfer_learning.backbones import LITE0_PREPROCESSING, torchvision_names
+from transfer_learning.model.backbones import LITE0_PREPROCESSING, torchvision_names
 
 # Which end of each sort comes first: the best candidates, so that `| head` shows them.
 DESCENDING = {"model": False, "params": False, "top1": True}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transfer_learning.sweeps import metric_mode, summarize_sweep
+from transfer_learning.run.sweeps import metric_mode, summarize_sweep
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
 
 # huggingface_hub reads this once, at import (timm imports it): set it before any test module loads.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.nn.modules.batchnorm import _NormBase
 
-from transfer_learning.config import build as build_from_config
-from transfer_learning.config import compose_config
-from transfer_learning.data import ImageFolderDataModule
-from transfer_learning.module import TransferLearningModule
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.run.config import build as build_from_config
+from transfer_learning.run.config import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ class RecordTraining(Callback):
 
     @staticmethod
     def _blocks(pl_module: L.LightningModule) -> list[tuple[str, Any]]:
-        from transfer_learning.network import backbone_blocks
+        from transfer_learning.model.network import backbone_blocks
 
         return backbone_blocks(pl_module.net.backbone)  # type: ignore[attr-defined]
 
@@ -223,7 +223,7 @@ def confusion_counts(run_dir: Path) -> list[list[int]]:
 
 def assert_same_weights(run: Path, reference: Path) -> None:
     """The two runs' ``checkpoints/last.ckpt`` hold the same weights (float tensors within 1e-5)."""
-    from transfer_learning.checkpoints import safe_load
+    from transfer_learning.run.checkpoints import safe_load
 
     final = safe_load(run / "checkpoints" / "last.ckpt")["state_dict"]
     expected = safe_load(reference / "checkpoints" / "last.ckpt")["state_dict"]

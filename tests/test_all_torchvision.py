@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from transfer_learning.backbones import torchvision_backbone, torchvision_names
-from transfer_learning.network import Network
-from transfer_learning.strategies import FeatureExtraction, FineTuning
+from transfer_learning.model.backbones import torchvision_backbone, torchvision_names
+from transfer_learning.model.network import Network
+from transfer_learning.model.strategies import FeatureExtraction, FineTuning
 
 NUM_CLASSES = 3
 

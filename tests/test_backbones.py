@@ -12,16 +12,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import ResNet18_Weights, get_model
 
-from transfer_learning.backbones import LITE0_PREPROCESSING, efficientnet_lite0, torchvision_backbone
-from transfer_learning.backbones.lite0 import bundled_lite0_file, map_lite0_state_dict
-from transfer_learning.backbones.torchvision_models import (
+from transfer_learning.data.datamodule import build_transforms
+from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.model.backbones import LITE0_PREPROCESSING, efficientnet_lite0, torchvision_backbone
+from transfer_learning.model.backbones.lite0 import bundled_lite0_file, map_lite0_state_dict
+from transfer_learning.model.backbones.torchvision_models import (
     resolve_torchvision_weights,
     torchvision_cache_file,
 )
-from transfer_learning.data import build_transforms
-from transfer_learning.errors import ConfigError, WeightsError
-from transfer_learning.network import Network
-from transfer_learning.preprocessing import resolve_input_size
+from transfer_learning.model.network import Network
+from transfer_learning.model.preprocessing import resolve_input_size
 
 IMAGENET_CLASSES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -203,7 +203,7 @@ def test_fixed_size_models_refuse_other_sizes_unless_the_size_is_only_a_preferen
     assert vit.fixed_size and vit.crop_size == 224
     with pytest.raises(ConfigError, match=r"data\.image_size=64, but this backbone only accepts 224x224"):
         resolve_input_size(vit, 64)
-    with caplog.at_level("INFO", logger="transfer_learning.preprocessing"):
+    with caplog.at_level("INFO", logger="transfer_learning.model.preprocessing"):
         assert resolve_input_size(vit, 64, strict=False) is vit
     (line,) = [r.getMessage() for r in caplog.records]
     assert "data.image_size=64 does not apply" in line and "own size, 224 px" in line
@@ -219,7 +219,7 @@ def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(t
     from torchvision.models import GoogLeNet_Weights
 
     from helpers import build, trainer
-    from transfer_learning.module import TransferLearningModule
+    from transfer_learning.model.module import TransferLearningModule
 
     torch.manual_seed(2)
     state = get_model("googlenet", weights=None, aux_logits=True, init_weights=True).state_dict()

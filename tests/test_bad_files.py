@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from helpers import run_cli
-from transfer_learning.data import ImageFolderDataModule, samples
+from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.images import identity, list_images, load_rgb, scan_cache_file, scan_images
+from transfer_learning.data.skipping import skipped_positions
 from transfer_learning.errors import DataError
-from transfer_learning.images import identity, list_images, load_rgb, scan_cache_file, scan_images
-from transfer_learning.preprocessing import Preprocessing
-from transfer_learning.skipping import skipped_positions
+from transfer_learning.model.preprocessing import Preprocessing
 
 
 def jpeg(path: Path, colour=(200, 40, 40), size=(24, 24), **save) -> Path:

@@ -22,14 +22,14 @@ from torch import nn
 from torchvision import transforms as T
 
 from helpers import REPO, build
-from transfer_learning.data import ClassFolder
+from transfer_learning.data.datamodule import ClassFolder
+from transfer_learning.data.feature_cache import FeatureCache
+from transfer_learning.data.images import load_rgb
 from transfer_learning.errors import DataError, TransferLearningError, find_user_error, user_message
-from transfer_learning.feature_cache import FeatureCache
-from transfer_learning.images import load_rgb
 
 CLASSES = ["circle", "square", "star", "triangle", "cross"]
 TRANSFORM = {"test": "to_tensor"}
-cache_log = "transfer_learning.feature_cache"  # the part of the key the transform contributes
+cache_log = "transfer_learning.data.feature_cache"  # the part of the key the transform contributes
 
 
 def tiny_backbone() -> nn.Module:
@@ -281,7 +281,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transfer_learning.feature_cache import FeatureCache
+from transfer_learning.data.feature_cache import FeatureCache
 
 cache_dir, files_dir, ready_dir, me, count = sys.argv[1:]
 

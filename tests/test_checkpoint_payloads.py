@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from helpers import REPO, run_cli
-from transfer_learning.checkpoints import safe_load
 from transfer_learning.errors import TransferLearningError
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.predict import Classifier
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.predict import Classifier
+from transfer_learning.run.checkpoints import safe_load
 
 
 class Trap:
@@ -57,10 +57,16 @@ def payloads(marker: Path, pickled: Path) -> dict[str, Any]:
         },
         "scheduler builtins.open": {"scheduler": {**touch_open, "interval": "epoch"}},
         "nested in strategy": {
-            "strategy": {"_target_": "transfer_learning.strategies.FeatureExtraction", "head_lr": touch_open}
+            "strategy": {
+                "_target_": "transfer_learning.model.strategies.FeatureExtraction",
+                "head_lr": touch_open,
+            }
         },
         "hydra args": {
-            "strategy": {"_target_": "transfer_learning.strategies.FeatureExtraction", "_args_": [touch_open]}
+            "strategy": {
+                "_target_": "transfer_learning.model.strategies.FeatureExtraction",
+                "_args_": [touch_open],
+            }
         },
         "class names": {"class_names": [touch_open, "b"]},
         "extra hyperparameter": {"callback": touch_open},
@@ -125,7 +131,7 @@ def test_eval_predict_and_export_refuse_the_payload_and_train_resume_ignores_it(
     path = craft(run_folder, tmp_path / "run", marker, edit)
     image = next(shapes_dir.glob("circle/*.jpg"))
     commands = {
-        "predict": [sys.executable, "-m", "transfer_learning.predict", str(path), str(image)],
+        "predict": [sys.executable, "-m", "transfer_learning.results.predict", str(path), str(image)],
         "eval": [
             sys.executable,
             str(REPO / "eval.py"),

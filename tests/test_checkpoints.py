@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from helpers import REPO, assert_same_weights, build, run_cli, train_cli, trainer
-from transfer_learning.checkpoints import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
-from transfer_learning.predict import Classifier
+from transfer_learning.results.predict import Classifier
+from transfer_learning.run.checkpoints import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
@@ -105,7 +105,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_on_predict(tmp_path, shap
     assert f"refusing to load {path}" in output and "Traceback" not in output
     image = next(shapes_dir.glob("circle/*.jpg"))
     predict = subprocess.run(
-        [sys.executable, "-m", "transfer_learning.predict", str(path), str(image)],
+        [sys.executable, "-m", "transfer_learning.results.predict", str(path), str(image)],
         capture_output=True, text=True, timeout=300, env={**os.environ, **forced},
     )  # fmt: skip
     assert predict.returncode == 2 and "refusing to load" in predict.stderr

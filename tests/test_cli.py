@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from helpers import check_run, run_cli
-from transfer_learning.demo import CLASSES
-from transfer_learning.predict import Classifier
+from transfer_learning.data.demo import CLASSES
+from transfer_learning.results.predict import Classifier
 
 
 def check_checkpoint_predicts(summary: dict, data_root: Path, image_size: int) -> Classifier:
@@ -51,7 +51,7 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
     # The prediction command prints one line per image: path, class name, probability.
     star = shapes_dir / "star" / "0001.jpg"
     printed = subprocess.run(
-        [sys.executable, "-m", "transfer_learning.predict", summary["best checkpoint"], str(star)],
+        [sys.executable, "-m", "transfer_learning.results.predict", summary["best checkpoint"], str(star)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -116,7 +116,7 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
     """model=resnet18 (weights DEFAULT) offline: the file in $TORCH_HOME is what gets loaded."""
     from torchvision.models import ResNet18_Weights, resnet18
 
-    from transfer_learning.backbones.torchvision_models import torchvision_cache_file
+    from transfer_learning.model.backbones.torchvision_models import torchvision_cache_file
 
     torch.manual_seed(11)
     state = resnet18(weights=None).state_dict()

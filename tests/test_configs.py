@@ -7,7 +7,7 @@ import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-from transfer_learning.config import CONF_DIR, compose_config
+from transfer_learning.run.config import CONF_DIR, compose_config
 
 
 def options(group: str) -> list[str]:
@@ -30,9 +30,9 @@ def targets(node) -> list[str]:
 
 def test_default_config_is_the_offline_path():
     cfg = compose_train()
-    assert cfg.model._target_ == "transfer_learning.backbones.efficientnet_lite0"
+    assert cfg.model._target_ == "transfer_learning.model.backbones.efficientnet_lite0"
     assert cfg.model.weights == "bundled"
-    assert cfg.strategy._target_ == "transfer_learning.strategies.FeatureExtraction"
+    assert cfg.strategy._target_ == "transfer_learning.model.strategies.FeatureExtraction"
     assert cfg.data.generate is not None and set(cfg.logger) == {"csv", "wandb"}
 
 
@@ -115,7 +115,7 @@ def test_the_optuna_search_space_applies_to_both_strategies(strategy):
 
 
 def test_bare_tilde_and_variables_in_command_line_overrides_are_expanded(monkeypatch):
-    from transfer_learning.config import expand_overrides
+    from transfer_learning.run.config import expand_overrides
 
     monkeypatch.setenv("HOME", "/home/ada")
     monkeypatch.setenv("DATA", "/srv/images")
@@ -143,13 +143,13 @@ def test_bare_tilde_and_variables_in_command_line_overrides_are_expanded(monkeyp
 def test_path_values_written_in_yaml_or_quoted_are_expanded_when_built(monkeypatch, tmp_path, shapes_dir):
     import shutil
 
-    from transfer_learning.config import build
+    from transfer_learning.run.config import build
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WEIGHTS_DIR", str(tmp_path / "weights"))
     shutil.copytree(shapes_dir, tmp_path / "birds")
     (tmp_path / "weights").mkdir()
-    from transfer_learning.backbones import efficientnet_lite0
+    from transfer_learning.model.backbones import efficientnet_lite0
 
     torch.save(efficientnet_lite0(2).backbone.state_dict(), tmp_path / "weights" / "lite0.pth")
     cfg = compose_config(

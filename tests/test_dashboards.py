@@ -12,10 +12,10 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from helpers import build, read_wandb_run, train_cli, trainer
-from transfer_learning.analysis import per_class_metrics, run_facts, worst_samples
-from transfer_learning.config import build as build_from_config
-from transfer_learning.config import compose_config
-from transfer_learning.predict import Classifier
+from transfer_learning.results.analysis import per_class_metrics, run_facts, worst_samples
+from transfer_learning.results.predict import Classifier
+from transfer_learning.run.config import build as build_from_config
+from transfer_learning.run.config import compose_config
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -41,7 +41,7 @@ def test_the_offline_wandb_run_holds_config_history_confusion_matrix_and_predict
     # The resolved config, tags (yours + strategy + model) and the run facts.
     assert {"mine", "finetune", "efficientnet_lite0"} <= set(run["run"]["tags"])
     config = run["config"]
-    assert config["strategy"]["_target_"] == "transfer_learning.strategies.FineTuning"
+    assert config["strategy"]["_target_"] == "transfer_learning.model.strategies.FineTuning"
     assert config["data"]["root"] == str(shapes_dir) and config["trainer"]["max_epochs"] == 2
     module, _ = build(shapes_dir, "strategy=finetune")
     total = sum(p.numel() for p in module.net.parameters())

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from transfer_learning.data import ImageFolderDataModule, load_rgb, samples, stratified_split
-from transfer_learning.demo import CLASSES, generate_shapes
+from transfer_learning.data.datamodule import ImageFolderDataModule, load_rgb, samples, stratified_split
+from transfer_learning.data.demo import CLASSES, generate_shapes
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.model.preprocessing import Preprocessing
 
 PREP = Preprocessing(crop_size=32, resize_size=36)
 SIZE = 40
@@ -483,9 +483,9 @@ def test_stratified_split_too_few_images_names_the_class():
 
 def test_trivial_augment_works_with_the_default_backbones_bicubic_interpolation(tmp_path):
     """TrivialAugmentWide rejects bicubic on tensors; the default backbone's recipe is bicubic."""
-    from transfer_learning.backbones import LITE0_PREPROCESSING
-    from transfer_learning.data import build_transforms
-    from transfer_learning.preprocessing import resolve_input_size
+    from transfer_learning.data.datamodule import build_transforms
+    from transfer_learning.model.backbones import LITE0_PREPROCESSING
+    from transfer_learning.model.preprocessing import resolve_input_size
 
     prep = resolve_input_size(LITE0_PREPROCESSING, 32)
     assert prep.interpolation == "bicubic"

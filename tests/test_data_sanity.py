@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer_learning.data import ImageFolderDataModule, samples
-from transfer_learning.demo import generate_shapes
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.model.preprocessing import Preprocessing
 
 
 def datamodule(root: Path, **kwargs) -> ImageFolderDataModule:

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from helpers import check_run, confusion_counts, run_cli, trainer
-from transfer_learning.config import build, compose_config
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.run.config import build, compose_config
 
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_keeps_the_frozen_backbone_pretrained(tmp_path, shapes_dir):
     """Real DDP (gloo): per-process batches exist, metrics reduce, the backbone stays pretrained."""
-    from transfer_learning.backbones import efficientnet_lite0
+    from transfer_learning.model.backbones import efficientnet_lite0
 
     result = run_cli(
         tmp_path,

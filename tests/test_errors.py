@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import REPO, run_cli
-from transfer_learning.backbones.weights_file import read_state_dict
-from transfer_learning.config import compose_config
-from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.errors import ConfigError, WeightsError
-from transfer_learning.preprocessing import Preprocessing, resolve_input_size
-from transfer_learning.train import check_trainer, check_writable
+from transfer_learning.model.backbones.weights_file import read_state_dict
+from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
+from transfer_learning.run.config import compose_config
+from transfer_learning.run.train import check_trainer, check_writable
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_predict_names_a_missing_or_non_image_file(tmp_path, shapes_dir):
     text.write_text("not an image")
     for path, message in ((tmp_path / "missing.jpg", "No such file"), (text, "cannot identify image file")):
         result = subprocess.run(
-            [sys.executable, "-m", "transfer_learning.predict", str(checkpoint), str(path)],
+            [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), str(path)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert result.returncode == 1  # a bad file is skipped and reported, not a usage error
@@ -119,8 +119,8 @@ def test_an_unreadable_class_folder_is_not_called_empty(tmp_path, monkeypatch):
     raised where the folder is listed, as the OS would."""
     import os
 
-    from transfer_learning.data import class_folders
-    from transfer_learning.demo import generate_shapes
+    from transfer_learning.data.datamodule import class_folders
+    from transfer_learning.data.demo import generate_shapes
 
     root = generate_shapes(tmp_path / "data", images_per_class=2, image_size=32, classes=("circle", "star"))
     locked = root / "star"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import REPO, check_run, confusion_counts, run_cli
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
 
 
 def eval_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
@@ -83,9 +83,9 @@ def test_eval_on_the_held_out_folder_matches_the_training_runs_test_metrics(held
 
 @pytest.mark.slow
 def test_flip_tta_averages_each_image_with_its_mirror(held_out, tmp_path):
-    from transfer_learning.data import build_transforms
-    from transfer_learning.images import load_rgb
-    from transfer_learning.module import TransferLearningModule
+    from transfer_learning.data.datamodule import build_transforms
+    from transfer_learning.data.images import load_rgb
+    from transfer_learning.model.module import TransferLearningModule
 
     root, summary, _ = held_out
     result = eval_cli(tmp_path, f"ckpt_path={summary['best checkpoint']}", f"data.root={root / 'test'}",

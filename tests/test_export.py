@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from helpers import REPO, run_cli
-from transfer_learning import export as ex
-from transfer_learning.images import list_images, load_rgb
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.predict import Classifier
+from transfer_learning.data.images import list_images, load_rgb
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results import export as ex
+from transfer_learning.results.predict import Classifier
 
 README_HEADING = "### Export to ONNX or TorchScript"
 

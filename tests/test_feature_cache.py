@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from helpers import build, trainer
-from transfer_learning.feature_cache import CachedFeatures
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.predict import Classifier
+from transfer_learning.data.feature_cache import CachedFeatures
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.predict import Classifier
 
 EXACT = [
     "strategy=feature_extract",
@@ -88,7 +88,7 @@ def test_a_second_run_reuses_the_cache_and_a_changed_image_rebuilds_its_split(sh
 
 
 def _files(datamodule, split: str) -> list[str]:
-    from transfer_learning.data import samples
+    from transfer_learning.data.datamodule import samples
 
     return samples(datamodule._image_datasets(augment_train=False)[split])[0]
 
@@ -144,7 +144,7 @@ def test_a_cached_run_checkpoint_is_a_whole_network_that_predicts_from_image_fil
 @pytest.mark.parametrize("views", [0, -1])
 def test_views_must_be_positive(views):
     from transfer_learning.errors import ConfigError
-    from transfer_learning.strategies import FeatureExtraction
+    from transfer_learning.model.strategies import FeatureExtraction
 
     with pytest.raises(ConfigError, match=r"strategy\.cached_views"):
         FeatureExtraction(cached_views=views)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from helpers import REPO, RecordTraining, build, check_run, run_cli, same, snapshot, trainer
-from transfer_learning.backbones import efficientnet_lite0
-from transfer_learning.checkpoints import safe_load
 from transfer_learning.errors import ConfigError
-from transfer_learning.strategies import GradualUnfreeze
+from transfer_learning.model.backbones import efficientnet_lite0
+from transfer_learning.model.strategies import GradualUnfreeze
+from transfer_learning.run.checkpoints import safe_load
 
 PROBES = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 
@@ -249,7 +249,7 @@ def test_the_unfreeze_ramp_multiplies_any_schedule_without_disturbing_it(shapes_
     while the body trains at schedule x ramp; the head's and the body's ratio is kept."""
     import math
 
-    from transfer_learning.module import one_cycle
+    from transfer_learning.model.module import one_cycle
 
     module, datamodule = build(
         shapes_dir, "strategy=gradual_unfreeze", "strategy.ramp_epochs=2", f"scheduler={scheduler}",
@@ -280,7 +280,7 @@ def test_the_unfreeze_ramp_multiplies_any_schedule_without_disturbing_it(shapes_
 def test_one_cycle_rises_then_falls_and_keeps_the_groups_ratio():
     a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
-    from transfer_learning.module import one_cycle
+    from transfer_learning.model.module import one_cycle
 
     schedule = one_cycle(optimizer, total_steps=100, pct_start=0.25)
     rates = []

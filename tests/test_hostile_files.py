@@ -21,15 +21,15 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer_learning.analysis import write_rows
-from transfer_learning.data import ImageFolderDataModule, samples
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.data.images import scan_cache_file, scan_images
 from transfer_learning.errors import DataError
-from transfer_learning.images import scan_cache_file, scan_images
-from transfer_learning.predict import BadInput, Prediction, terminal_line, write_csv
-from transfer_learning.preprocessing import Preprocessing
-from transfer_learning.report import plot_confident_mistakes, write_report
-from transfer_learning.reporting import save_confusion_matrix, save_confusion_table
+from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.results.analysis import write_rows
+from transfer_learning.results.predict import BadInput, Prediction, terminal_line, write_csv
+from transfer_learning.results.report import plot_confident_mistakes, write_report
+from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 
@@ -38,7 +38,7 @@ needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on t
 PRELUDE = """
 import json, resource, sys
 from pathlib import Path
-import transfer_learning.images, transfer_learning.data, transfer_learning.predict
+import transfer_learning.data.images, transfer_learning.data.datamodule, transfer_learning.results.predict
 pages = int(open("/proc/self/statm").read().split()[0])
 resource.setrlimit(resource.RLIMIT_AS, (pages * resource.getpagesize() + (2 << 30), resource.RLIM_INFINITY))
 args = json.loads(sys.argv[1])
@@ -85,7 +85,7 @@ def test_the_walk_leaves_out_fifos_and_devices_and_names_them(tmp_path):
     special = hostile_class(tmp_path / "a")
     result = isolated(
         """
-        from transfer_learning.images import list_images
+        from transfer_learning.data.images import list_images
         listing = list_images(Path(args["folder"]))
         print(json.dumps({"files": [p.name for p in listing.files], "notes": listing.notes()}))
         """,
@@ -104,7 +104,7 @@ def test_the_scan_reports_special_files_without_reading_them(tmp_path):
     good = tmp_path / "a" / "ok_0.jpg"
     result = isolated(
         """
-        from transfer_learning.images import scan_images
+        from transfer_learning.data.images import scan_images
         result = scan_images([Path(f) for f in args["files"]], Path(args["cache"]), workers=2)
         print(json.dumps({"bad": result.bad, "digests": result.digests}))
         """,
@@ -126,7 +126,7 @@ def test_discovery_completes_and_counts_special_files(tmp_path):
     result = isolated(
         """
         import logging
-        from transfer_learning.data import ImageFolderDataModule
+        from transfer_learning.data.datamodule import ImageFolderDataModule
         records = []
 
         class Keep(logging.Handler):
@@ -153,8 +153,8 @@ def test_predict_names_special_files_and_never_opens_them(tmp_path):
     result = isolated(
         """
         from transfer_learning.errors import DataError
-        from transfer_learning.images import load_rgb
-        from transfer_learning.predict import _Images, expand_paths
+        from transfer_learning.data.images import load_rgb
+        from transfer_learning.results.predict import _Images, expand_paths
         files, bad, listing = expand_paths([args["folder"], args["fifo"], args["zero"]])
         loaded = [_Images([Path(args["fifo"]), Path(args["zero"])], transform=lambda x: x)[i] for i in (0, 1)]
         try:

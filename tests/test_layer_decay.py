@@ -9,9 +9,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from helpers import build, trainer
-from transfer_learning.backbones import efficientnet_lite0, torchvision_backbone
 from transfer_learning.errors import ConfigError
-from transfer_learning.strategies import LayerDecay
+from transfer_learning.model.backbones import efficientnet_lite0, torchvision_backbone
+from transfer_learning.model.strategies import LayerDecay
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_b_16", "convnext_tiny", "densenet121", "inception_v3"])

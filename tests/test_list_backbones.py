@@ -5,7 +5,7 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-from transfer_learning.backbones import torchvision_names
+from transfer_learning.model.backbones import torchvision_names
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "list_backbones.py"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transfer_learning.loggers import wandb_logged_in, wandb_logger, wandb_mode
+from transfer_learning.run.loggers import wandb_logged_in, wandb_logger, wandb_mode
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from helpers import build, trainer
-from transfer_learning.demo import SHAPES, generate_shapes
-from transfer_learning.module import classification_metrics
+from transfer_learning.data.demo import SHAPES, generate_shapes
+from transfer_learning.model.module import classification_metrics
 
 
 def test_top5_accuracy_only_with_more_than_five_classes():
@@ -63,12 +63,12 @@ def test_each_metric_computes_from_its_own_state_even_when_the_first_batch_is_al
 def test_random_frozen_backbone_is_announced_loudly(shapes_dir, caplog):
     module, datamodule = build(shapes_dir, "strategy=feature_extract", "model.weights=null")
     assert not module.net.pretrained and module.net.backbone_frozen
-    with caplog.at_level("WARNING", logger="transfer_learning.module"):
+    with caplog.at_level("WARNING", logger="transfer_learning.model.module"):
         trainer(max_steps=1).fit(module, datamodule)
     assert any("frozen backbone is RANDOM" in r.getMessage() for r in caplog.records)
 
     caplog.clear()
     module, datamodule = build(shapes_dir, "strategy=feature_extract")
-    with caplog.at_level("WARNING", logger="transfer_learning.module"):
+    with caplog.at_level("WARNING", logger="transfer_learning.model.module"):
         trainer(max_steps=1).fit(module, datamodule)
     assert module.net.pretrained and not any("RANDOM" in r.getMessage() for r in caplog.records)

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from helpers import build, run_cli, trainer
-from transfer_learning.checkpoints import SafeCheckpointIO, safe_load
-from transfer_learning.module import NonFiniteLossError
+from transfer_learning.model.module import NonFiniteLossError
+from transfer_learning.run.checkpoints import SafeCheckpointIO, safe_load
 
 
 class ExplodeAtEpoch(Callback):
@@ -56,7 +56,7 @@ def test_the_command_says_why_and_exits_non_zero(tmp_path: Path, shapes_dir: Pat
 
 
 def test_the_lr_finder_sweep_may_diverge(shapes_dir, tmp_path, monkeypatch):
-    from transfer_learning import lr_finder
+    from transfer_learning.run import lr_finder
 
     monkeypatch.setattr(lr_finder, "MIN_LR", 1e20)  # every step of the sweep diverges
     monkeypatch.setattr(lr_finder, "MAX_LR", 1e30)

@@ -1,4 +1,4 @@
-"""`python -m transfer_learning.predict` and `Classifier`: folders, globs and bad files, batched
+"""`python -m transfer_learning.results.predict` and `Classifier`: folders, globs and bad files, batched
 inference, top-k, CSV/JSON output, the Python API's inputs, and the uncertainty threshold."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from helpers import run_cli
 from transfer_learning.errors import DataError
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
 
 CLASSES = ["circle", "cross", "square", "star", "triangle"]
 
@@ -64,7 +64,7 @@ def mixed_folder(root: Path, shapes_dir: Path) -> dict[str, list[Path]]:
 def module_probabilities(checkpoint: Path, files: list[Path]) -> torch.Tensor:
     """The checkpoint's own probabilities, computed without predict.py: the module on the
     validation preprocessing of each file."""
-    from transfer_learning.data import build_transforms
+    from transfer_learning.data.datamodule import build_transforms
 
     module = TransferLearningModule.load_for_inference(checkpoint)
     transform = build_transforms(module.preprocessing, train=False, augment={})
@@ -275,7 +275,7 @@ def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_
 def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
     images = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
     # The real entry point: one tab-separated line per image on stdout, problems on stderr.
-    command = [sys.executable, "-m", "transfer_learning.predict", str(checkpoint), *map(str, images)]
+    command = [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), *map(str, images)]
     result = subprocess.run(
         [*command, "missing.jpg"], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )

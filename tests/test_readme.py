@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from helpers import REPO
-from transfer_learning.backbones.torchvision_models import torchvision_cache_file
-from transfer_learning.config import CONF_DIR
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.model.backbones.torchvision_models import torchvision_cache_file
+from transfer_learning.run.config import CONF_DIR
 
 SHRINK = [
     "trainer.max_epochs=1",

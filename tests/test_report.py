@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from helpers import check_run, run_cli
-from transfer_learning.demo import generate_shapes
-from transfer_learning.report import epoch_curves, write_report
-from transfer_learning.reporting import save_confusion_matrix
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.results.report import epoch_curves, write_report
+from transfer_learning.results.reporting import save_confusion_matrix
 
 SECTIONS = (
     "## Settings that differ from the defaults",

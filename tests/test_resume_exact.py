@@ -28,9 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers import REPO, assert_same_weights, run_cli
-from transfer_learning.checkpoints import CheckpointError, atomic_save, safe_load
-from transfer_learning.loggers import CSVLogger
-from transfer_learning.preemption import SaveOnPreemption
+from transfer_learning.run.checkpoints import CheckpointError, atomic_save, safe_load
+from transfer_learning.run.loggers import CSVLogger
+from transfer_learning.run.preemption import SaveOnPreemption
 
 PROBES = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 # Fine-tuning (augmentation, shuffling, dropout) with two loader worker processes, a loss row at

@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers import build, trainer
 from transfer_learning.errors import ConfigError
-from transfer_learning.strategies import FeatureExtraction, FineTuning
+from transfer_learning.model.strategies import FeatureExtraction, FineTuning
 
 
 class RecordModes(Callback):

@@ -16,9 +16,9 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from helpers import REPO, confusion_counts, read_sweep_table, read_wandb_run, sweep_dirs, train_cli
-from transfer_learning.config import compose_config
 from transfer_learning.errors import ConfigError
-from transfer_learning.sweeps import JOB_FILE, metric_mode, run_task, sweep_rows, write_tables
+from transfer_learning.run.config import compose_config
+from transfer_learning.run.sweeps import JOB_FILE, metric_mode, run_task, sweep_rows, write_tables
 
 METRIC = "val/acc_best"
 
@@ -227,7 +227,7 @@ def test_the_metric_direction_follows_the_sweeper_then_the_metric_name():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from transfer_learning.config import CONF_DIR
+    from transfer_learning.run.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -248,7 +248,7 @@ def multirun_job(tmp_path: Path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from transfer_learning.config import CONF_DIR
+    from transfer_learning.run.config import CONF_DIR
 
     overrides = ["strategy.head_lr=0.5"]
     GlobalHydra.instance().clear()
@@ -320,7 +320,7 @@ def test_the_sweep_table_script_rebuilds_the_table_of_an_unfinished_sweep(tmp_pa
 def test_ddp_workers_of_a_multirun_job_rerun_the_command_the_user_ran(tmp_path, how):
     """A fork's own entry point, or a non-editable install (no train.py beside the package):
     the workers start the way this process was started, not a train.py next to the package."""
-    probe = "import json\nfrom transfer_learning.sweeps import entry_command\n"
+    probe = "import json\nfrom transfer_learning.run.sweeps import entry_command\n"
     probe += "print(json.dumps(entry_command()))\n"
     (tmp_path / "fork_train.py").write_text(probe)
     command = ["fork_train.py"] if how == "script" else ["-m", "fork_train"]

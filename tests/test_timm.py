@@ -7,8 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from transfer_learning.backbones import timm_backbone
 from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.model.backbones import timm_backbone
 
 
 def test_timm_backbone_takes_preprocessing_from_the_pretrained_config():

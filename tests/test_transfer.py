@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 
 from helpers import build, trainer
-from transfer_learning.demo import generate_shapes
+from transfer_learning.data.demo import generate_shapes
 
 
 def _val_accuracy(root, weights: str) -> float:

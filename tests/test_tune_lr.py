@@ -18,7 +18,7 @@ from PIL import Image
 
 from helpers import build, check_run, run_cli, trainer
 from transfer_learning.errors import ConfigError
-from transfer_learning.lr_finder import (
+from transfer_learning.run.lr_finder import (
     MIN_SWEEP,
     check_tune_lr,
     steepest_descent,

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transfer_learning.backbones.timm_models import timm_network
-from transfer_learning.backbones.weights_file import load_weights_file
 from transfer_learning.errors import WeightsError
-from transfer_learning.network import Network
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.model.backbones.timm_models import timm_network
+from transfer_learning.model.backbones.weights_file import load_weights_file
+from transfer_learning.model.network import Network
+from transfer_learning.model.preprocessing import Preprocessing
 
 # TensorFlow's EfficientNet-Lite preprocessing: (x - 127) / 128, bicubic, 224 of 256.
 LITE0_PREPROCESSING = Preprocessing(

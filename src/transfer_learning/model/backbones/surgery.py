@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.network import AUX_ATTRS
+from transfer_learning.model.network import AUX_ATTRS
 
 # Where torchvision families keep their classifier, in the order we look for it.
 # A Sequential there means "its last Linear (or 1x1 Conv2d, for SqueezeNet)".
@@ -44,7 +44,7 @@ def find_classifier(model: nn.Module) -> tuple[str, int]:
     raise ConfigError(
         f"cannot find the classifier of {type(model).__name__}: none of "
         f"{', '.join(CLASSIFIER_ATTRS)} ends in a Linear layer. Add its attribute to "
-        "transfer_learning.backbones.surgery.CLASSIFIER_ATTRS."
+        "transfer_learning.model.backbones.surgery.CLASSIFIER_ATTRS."
     )
 
 

@@ -13,10 +13,10 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from transfer_learning.backbones.weights_file import load_weights_file
 from transfer_learning.errors import ConfigError, WeightsError
-from transfer_learning.network import Network
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.model.backbones.weights_file import load_weights_file
+from transfer_learning.model.network import Network
+from transfer_learning.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

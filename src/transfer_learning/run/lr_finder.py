@@ -30,9 +30,9 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.loggers import log_picture
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.report import pyplot
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.report import pyplot
+from transfer_learning.run.loggers import log_picture
 
 # The sweep's range. Below 1e-6 nothing a head or a fine-tuned backbone learns shows in a few
 # steps; by 1 the loss has long diverged (the finder stops when it is 4x its best).

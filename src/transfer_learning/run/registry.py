@@ -8,7 +8,7 @@ imported by name, no nested ``_target_`` is followed, and anything else is refus
 ``_target_: torch.load`` (or ``builtins.open``, ``shutil.copyfile``...) runs nothing.
 
 A fork that adds a backbone builder lists its name in ``backbones.BUILDERS``; a new strategy is
-allowed by being a :class:`~transfer_learning.strategies.Strategy` subclass in an imported module.
+allowed by being a :class:`~transfer_learning.model.strategies.Strategy` subclass in an imported module.
 """
 
 from __future__ import annotations
@@ -23,6 +23,22 @@ from transfer_learning.errors import TransferLearningError
 KINDS = ("model", "strategy", "optimizer", "scheduler", "data")
 # Hydra's keys that change what instantiate does; only _target_ and _partial_ are understood here.
 _HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
+# Checkpoints written before the package was grouped by stage (data, model, run, results) name
+# their builders by the old module paths: the same allowed things, under their old names.
+_MOVED = {
+    "transfer_learning.backbones.": "transfer_learning.model.backbones.",
+    "transfer_learning.strategies.": "transfer_learning.model.strategies.",
+    "transfer_learning.module.": "transfer_learning.model.module.",
+}
+
+
+def current_name(target: Any) -> Any:
+    """A ``_target_`` from before the re-layout under its name today (others unchanged)."""
+    if isinstance(target, str):
+        for old, new in _MOVED.items():
+            if target.startswith(old):
+                return new + target[len(old) :]
+    return target
 
 
 class UnsafeSpecError(TransferLearningError, RuntimeError):
@@ -30,13 +46,15 @@ class UnsafeSpecError(TransferLearningError, RuntimeError):
 
 
 def _backbones() -> dict[str, Callable[..., Any]]:
-    from transfer_learning import backbones
+    from transfer_learning.model import backbones
 
-    return {f"transfer_learning.backbones.{name}": getattr(backbones, name) for name in backbones.BUILDERS}
+    return {
+        f"transfer_learning.model.backbones.{name}": getattr(backbones, name) for name in backbones.BUILDERS
+    }
 
 
 def _strategies() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.strategies import Strategy
+    from transfer_learning.model.strategies import Strategy
 
     found: dict[str, Callable[..., Any]] = {}
     pending = list(Strategy.__subclasses__())
@@ -63,7 +81,7 @@ def _optimizers() -> dict[str, Callable[..., Any]]:
 def _schedulers() -> dict[str, Callable[..., Any]]:
     import torch.optim.lr_scheduler as schedulers
 
-    from transfer_learning import module
+    from transfer_learning.model import module
 
     allowed: dict[str, Callable[..., Any]] = {
         f"torch.optim.lr_scheduler.{name}": cls
@@ -73,13 +91,13 @@ def _schedulers() -> dict[str, Callable[..., Any]]:
         and cls not in (schedulers.LRScheduler, schedulers.ChainedScheduler, schedulers.SequentialLR)
     }  # (those two take scheduler objects, which plain values cannot be)
     allowed.update(
-        {f"transfer_learning.module.{f.__name__}": f for f in (module.warmup_cosine, module.one_cycle)}
+        {f"transfer_learning.model.module.{f.__name__}": f for f in (module.warmup_cosine, module.one_cycle)}
     )
     return allowed
 
 
 def _data() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.data import ImageFolderDataModule
+    from transfer_learning.data.datamodule import ImageFolderDataModule
 
     return {"transfer_learning.data.ImageFolderDataModule": ImageFolderDataModule}
 
@@ -128,7 +146,7 @@ def resolve(kind: str, spec: Any, source: str) -> tuple[Callable[..., Any], dict
         raise UnsafeSpecError(
             f"refusing {source}: its {kind} settings are a {type(spec).__name__}, not a mapping."
         )
-    target = spec.get("_target_")
+    target = current_name(spec.get("_target_"))
     known = allowed(kind)
     if not isinstance(target, str) or target not in known:
         raise UnsafeSpecError(

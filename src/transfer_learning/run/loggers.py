@@ -105,8 +105,8 @@ def _image(path: str, size: int = 160) -> Any:
     any more: the run's results must not be lost to a file that changed after training."""
     import wandb
 
+    from transfer_learning.data.images import load_rgb
     from transfer_learning.errors import DataError
-    from transfer_learning.images import load_rgb
 
     try:
         thumbnail = load_rgb(path)  # regular files only, never more than their size

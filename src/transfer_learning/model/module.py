@@ -24,13 +24,13 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from transfer_learning import registry
-from transfer_learning.checkpoints import CheckpointError, check_compatible, safe_load
+from transfer_learning.data.feature_cache import infer_features, is_convolutional, use_bf16
 from transfer_learning.errors import TransferLearningError
-from transfer_learning.feature_cache import infer_features, is_convolutional, use_bf16
-from transfer_learning.network import Network
-from transfer_learning.preprocessing import Preprocessing, resolve_input_size
-from transfer_learning.strategies import LinearProbeFineTune, Strategy
+from transfer_learning.model.network import Network
+from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
+from transfer_learning.model.strategies import LinearProbeFineTune, Strategy
+from transfer_learning.run import registry
+from transfer_learning.run.checkpoints import CheckpointError, check_compatible, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ class TransferLearningModule(L.LightningModule):
         """Rebuild from a checkpoint alone: no pretrained weights file or network needed.
 
         The checkpoint's settings are data: its backbone builder, strategy, optimizer and
-        scheduler must be the template's own (:mod:`transfer_learning.registry`), with plain
+        scheduler must be the template's own (:mod:`transfer_learning.run.registry`), with plain
         values; anything else is refused before anything is built."""
         checkpoint = safe_load(path, map_location=map_location)
         hparams = checkpoint.get("hyper_parameters")

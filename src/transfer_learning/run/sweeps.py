@@ -33,9 +33,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.config import check_writable
 from transfer_learning.errors import ConfigError, find_user_error, user_message
 from transfer_learning.escaping import csv_dict, markdown_cell
+from transfer_learning.run.config import check_writable
 
 log = logging.getLogger("train")
 

@@ -14,16 +14,16 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from transfer_learning.backbones.surgery import (
+from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.model.backbones.surgery import (
     aux_classifier_paths,
     find_classifier,
     set_submodule,
     split_aux_heads,
 )
-from transfer_learning.backbones.weights_file import load_weights_file, looks_like_path
-from transfer_learning.errors import ConfigError, WeightsError
-from transfer_learning.network import Network
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.model.backbones.weights_file import load_weights_file, looks_like_path
+from transfer_learning.model.network import Network
+from transfer_learning.model.preprocessing import Preprocessing
 
 # Torchvision modules whose builders accept ``aux_logits``.
 AUX_FAMILIES = ("inception", "googlenet")

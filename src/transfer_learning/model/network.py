@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.preprocessing import Preprocessing
+from transfer_learning.model.preprocessing import Preprocessing
 
 # Auxiliary classifiers (Inception-v3, GoogLeNet), in the order the model returns their logits.
 AUX_ATTRS = ("AuxLogits", "aux2", "aux1")

@@ -17,10 +17,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from transfer_learning.demo import generate_shapes
-from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.feature_cache import CachedFeatures, FeatureCache
-from transfer_learning.images import (
+from transfer_learning.data.demo import generate_shapes
+from transfer_learning.data.feature_cache import CachedFeatures, FeatureCache
+from transfer_learning.data.images import (
     Listing,
     describe_bad,
     identity,
@@ -30,8 +29,9 @@ from transfer_learning.images import (
     scan_cache_file,
     scan_images,
 )
-from transfer_learning.preprocessing import Preprocessing
-from transfer_learning.skipping import SkipMask, collate_present, skipped_positions
+from transfer_learning.data.skipping import SkipMask, collate_present, skipped_positions
+from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -622,7 +622,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         from functools import partial
 
-        from transfer_learning.preemption import loader_worker_init
+        from transfer_learning.run.preemption import loader_worker_init
 
         dataset = self.datasets[split]
         rank = self.trainer.global_rank if self.trainer is not None else 0

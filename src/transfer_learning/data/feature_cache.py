@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_learning.cache_files import (
+from transfer_learning.data.cache_files import (
     DamagedCacheFile,
     FeatureCacheError,
     key_lock,
@@ -47,8 +47,8 @@ from transfer_learning.cache_files import (
     remove_stale_temporaries,
     write_features,
 )
+from transfer_learning.data.skipping import collate_present, kept_positions
 from transfer_learning.errors import DataError
-from transfer_learning.skipping import collate_present, kept_positions
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
-from transfer_learning import registry
-from transfer_learning.analysis import per_class_metrics, predict_probabilities, write_rows
-from transfer_learning.config import expand_path, expand_paths
-from transfer_learning.data import ImageFolderDataModule, samples
+from transfer_learning.data.datamodule import ImageFolderDataModule, samples
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.module import TransferLearningModule, classification_metrics
-from transfer_learning.predict import threshold_file
-from transfer_learning.reporting import save_confusion_matrix, save_confusion_table
+from transfer_learning.model.module import TransferLearningModule, classification_metrics
+from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
+from transfer_learning.results.predict import threshold_file
+from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
+from transfer_learning.run import registry
+from transfer_learning.run.config import expand_path, expand_paths
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from transfer_learning.errors import TransferLearningError, byte_size
 
-log = logging.getLogger("transfer_learning.feature_cache")
+log = logging.getLogger("transfer_learning.data.feature_cache")
 
 # Values checked for finiteness at a time in a memory-mapped file (64 MB of float32).
 CHECK_CHUNK = 1 << 24

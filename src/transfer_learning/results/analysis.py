@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_learning.data import ImageFolderDataModule
-from transfer_learning.feature_cache import CachedFeatures
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.skipping import collate_present, kept_positions
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.feature_cache import CachedFeatures
+from transfer_learning.data.skipping import collate_present, kept_positions
+from transfer_learning.model.module import TransferLearningModule
 
 
 def run_facts(module: TransferLearningModule, datamodule: ImageFolderDataModule, trainer: L.Trainer) -> dict:

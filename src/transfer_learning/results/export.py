@@ -10,7 +10,7 @@ its metadata (ONNX ``metadata_props``; TorchScript ``_extra_files["metadata.json
 sidecar ``<output>.json``.
 
 After every export the file is run on real image files, preprocessed exactly as
-``transfer_learning.predict`` does, at batch size 1 and N, next to the PyTorch module; the
+``transfer_learning.results.predict`` does, at batch size 1 and N, next to the PyTorch module; the
 export fails (exit code 1) when the logits differ by more than ``atol`` or any top-1 class
 differs.
 """
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from transfer_learning.data.images import is_image, list_images, load_rgb
 from transfer_learning.errors import ConfigError, TransferLearningError, user_message
-from transfer_learning.images import is_image, list_images, load_rgb
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.predict import Classifier
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.predict import Classifier
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

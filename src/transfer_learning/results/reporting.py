@@ -12,10 +12,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.escaping import csv_row, visible
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.report import pyplot
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.report import pyplot
 
 
 def number(value: Any) -> float | None:

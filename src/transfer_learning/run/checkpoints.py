@@ -6,8 +6,8 @@ previous checkpoint whole, and says which file, how much room is left and what t
 (:class:`CheckpointError`). It reads every checkpoint with ``weights_only=True``, whatever
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says, so a crafted file cannot run code; the checkpoints
 this template writes hold only tensors and plain values. What a checkpoint's settings may build
-is :mod:`transfer_learning.registry`'s business; stopping and resuming are in
-:mod:`transfer_learning.preemption` and :mod:`transfer_learning.random_state`.
+is :mod:`transfer_learning.run.registry`'s business; stopping and resuming are in
+:mod:`transfer_learning.run.preemption` and :mod:`transfer_learning.run.random_state`.
 """
 
 from __future__ import annotations

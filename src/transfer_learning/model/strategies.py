@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.network import Network
+from transfer_learning.model.network import Network
 
 
 def _positive(name: str, value: float) -> float:

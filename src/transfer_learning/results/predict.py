@@ -1,6 +1,6 @@
 """Predict with a trained checkpoint.
 
-Usage: ``python -m transfer_learning.predict CKPT PATH... [--output preds.csv|preds.json]
+Usage: ``python -m transfer_learning.results.predict CKPT PATH... [--output preds.csv|preds.json]
 [--top-k K] [--batch-size N] [--device auto|cpu|cuda] [--threshold P] [--num-workers N]``
 
 * ``PATH`` is an image file, a folder (every image file under it, sorted; hidden entries left
@@ -53,10 +53,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from transfer_learning.data import build_transforms
-from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
-from transfer_learning.escaping import csv_dict, visible
-from transfer_learning.images import (
+from transfer_learning.data.datamodule import build_transforms
+from transfer_learning.data.images import (
     Listing,
     NotRegularFile,
     file_kind,
@@ -66,7 +64,9 @@ from transfer_learning.images import (
     load_rgb,
     to_rgb,
 )
-from transfer_learning.module import TransferLearningModule
+from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
+from transfer_learning.escaping import csv_dict, visible
+from transfer_learning.model.module import TransferLearningModule
 
 Input: TypeAlias = str | Path | Image.Image | torch.Tensor
 THRESHOLD_KEY = "max_softmax_threshold"
@@ -332,7 +332,7 @@ class Classifier:
         else:
             value = threshold
         # The training-time hint about small input sizes says nothing useful when predicting.
-        size_log = logging.getLogger("transfer_learning.preprocessing")
+        size_log = logging.getLogger("transfer_learning.model.preprocessing")
         level = size_log.level
         size_log.setLevel(logging.ERROR)
         try:
@@ -528,7 +528,7 @@ def probability(text: str) -> float:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m transfer_learning.predict",
+        prog="python -m transfer_learning.results.predict",
         description="\n\n".join(  # the module doc, less its usage line (argparse prints one)
             part
             for part in (__doc__ or "").split("\n\nIn Python")[0].split("\n\n")

@@ -15,13 +15,30 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.analysis import per_class_metrics, predict_split, run_facts, worst_samples, write_rows
-from transfer_learning.checkpoints import SafeCheckpointIO, check_compatible, safe_load
-from transfer_learning.config import build, check_writable, expand_path, expand_paths
-from transfer_learning.data import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
-from transfer_learning.evaluate import RUN_CONFIG
-from transfer_learning.loggers import (
+from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.analysis import (
+    per_class_metrics,
+    predict_split,
+    run_facts,
+    worst_samples,
+    write_rows,
+)
+from transfer_learning.results.evaluate import RUN_CONFIG
+from transfer_learning.results.report import write_report
+from transfer_learning.results.reporting import (
+    best_checkpoint,
+    build_summary,
+    format_summary,
+    number,
+    save_confusion_matrix,
+    save_confusion_table,
+    write_summary,
+)
+from transfer_learning.run.checkpoints import SafeCheckpointIO, check_compatible, safe_load
+from transfer_learning.run.config import build, check_writable, expand_path, expand_paths
+from transfer_learning.run.loggers import (
     CSVLogger,
     add_tags,
     close_loggers,
@@ -32,20 +49,9 @@ from transfer_learning.loggers import (
     log_table,
     logger_locations,
 )
-from transfer_learning.lr_finder import check_tune_lr, tune_learning_rate
-from transfer_learning.module import TransferLearningModule
-from transfer_learning.preemption import SaveOnPreemption
-from transfer_learning.random_state import RandomState
-from transfer_learning.report import write_report
-from transfer_learning.reporting import (
-    best_checkpoint,
-    build_summary,
-    format_summary,
-    number,
-    save_confusion_matrix,
-    save_confusion_table,
-    write_summary,
-)
+from transfer_learning.run.lr_finder import check_tune_lr, tune_learning_rate
+from transfer_learning.run.preemption import SaveOnPreemption
+from transfer_learning.run.random_state import RandomState
 
 log = logging.getLogger(__name__)
 

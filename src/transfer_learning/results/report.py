@@ -145,8 +145,8 @@ def plot_confident_mistakes(
     its true and predicted class and the confidence. An image that cannot be opened any more is
     left out (the next one takes its place) and added to ``skipped`` as (file, why); None when
     there is nothing to draw."""
+    from transfer_learning.data.images import load_rgb  # regular files only, never more than their size
     from transfer_learning.errors import DataError
-    from transfer_learning.images import load_rgb  # regular files only, never more than their size
 
     wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))
     drawn: list[tuple[Mapping[str, Any], Any]] = []

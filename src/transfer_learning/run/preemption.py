@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from transfer_learning.checkpoints import checkpoint_folder
+from transfer_learning.run.checkpoints import checkpoint_folder
 
 log = logging.getLogger(__name__)
 

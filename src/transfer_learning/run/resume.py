@@ -3,7 +3,7 @@
 Before Hydra makes a new run folder, a command that resumes from a checkpoint of an earlier
 run (``ckpt_path=last``: the newest ``checkpoints/last.ckpt`` under ``logs/<task>/runs``; or
 any ``.../<run>/checkpoints/<file>.ckpt``) is pointed back at that run's folder: one CSV
-history (continued, see :class:`transfer_learning.loggers.CSVLogger`), one train.log, and the
+history (continued, see :class:`transfer_learning.run.loggers.CSVLogger`), one train.log, and the
 same W&B run id.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from transfer_learning.config import expand_path
+from transfer_learning.run.config import expand_path
 
 
 def latest_checkpoint(runs: Path) -> Path | None:

@@ -21,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transfer_learning.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and Lightning load when something is built, not for `train.py --help`
-    from transfer_learning.data import ImageFolderDataModule
-    from transfer_learning.module import TransferLearningModule
+    from transfer_learning.data.datamodule import ImageFolderDataModule
+    from transfer_learning.model.module import TransferLearningModule
 
 # The repository's conf/ (the package is installed in editable mode from src/).
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Config keys whose values are file or folder paths: `~` and `$VARS` are expanded in them.
 PATH_KEY = re.compile(r"(^|_)(root|dir|dirpath|path|weights|file)$")
 _OVERRIDE = re.compile(r"^(?P<key>[+~]{0,2}[\w.@/-]+)=(?P<value>.*)$", re.DOTALL)
@@ -102,9 +102,9 @@ def compose_config(
 def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModule]:
     """The data module and the LightningModule of ``cfg``, introduced to each other: the data
     tells the network its classes, the network tells the data its preprocessing."""
-    from transfer_learning.feature_cache import FeatureCache
-    from transfer_learning.module import TransferLearningModule
-    from transfer_learning.strategies import FeatureExtraction, LinearProbeFineTune
+    from transfer_learning.data.feature_cache import FeatureCache
+    from transfer_learning.model.module import TransferLearningModule
+    from transfer_learning.model.strategies import FeatureExtraction, LinearProbeFineTune
 
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
     image_size = data.pop("image_size", None)

@@ -1,0 +1,1 @@
+"""Model: backbones (pretrained body + new head), preprocessing, strategies, the LightningModule."""

@@ -1,0 +1,1 @@
+"""Results: evaluation, prediction, export and the report of a trained checkpoint."""

@@ -1,0 +1,1 @@
+"""Running: composing configs, the train loop, resume, sweeps, checkpoints, loggers."""

@@ -127,7 +127,7 @@ def frozen_epoch(data: Path, image_size: int, model: str, repeats: int) -> None:
         rounds.append({})
         for name, overrides in variants.items():
             cfg = compose_config([
-                "data=imagefolder", f"data.root={data}", f"data.image_size={image_size}", f"model={model}",
+                "data=imagefolder", f"data.root={data}", f"input.image_size={image_size}", f"model={model}",
                 "trainer.max_epochs=2", "scheduler=constant", *overrides,
             ])  # fmt: skip
             datamodule, module = build(cfg)
@@ -216,7 +216,7 @@ def main() -> None:
              f"--image-size={args.image_size}", f"--model={args.model}", "--plain"]  # fmt: skip
     template = [python, str(REPO / "train.py"), "data=imagefolder", f"data.root={data}",
                 f"model={args.model}", f"trainer.max_epochs={args.epochs}",
-                f"data.image_size={args.image_size}"]  # fmt: skip
+                f"input.image_size={args.image_size}"]  # fmt: skip
     runs = [
         ("(a) plain loop, feature extraction", [*plain, "feature_extract"], "plain"),
         ("(b) feature_extract, first run", [*template, "strategy=feature_extract"], "template"),

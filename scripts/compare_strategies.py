@@ -10,7 +10,7 @@ and macro F1 of the best checkpoint, and wall time. `gradual_unfreeze`'s default
 
 Data: `demo` (the generated shapes, 180/60/60 images), `digits` (scikit-learn's 1797 real 8x8
 handwritten-digit scans upscaled, 10 classes, written once under data/digits), or any
-ImageFolder root. `--image-size` sets data.image_size for all of them (default 96: the 2-core
+ImageFolder root. `--image-size` sets input.image_size for all of them (default 96: the 2-core
 CPU this table was made on takes ~1 s per fine-tuning step at 224 px).
 """
 
@@ -39,7 +39,7 @@ def data_overrides(name: str) -> list[str]:
 def run(strategy: str, data: str, epochs: int, image_size: int, extra: list[str], work: Path) -> dict:
     folder = work / f"{Path(data).name}-{strategy}"
     command = [sys.executable, str(REPO / "train.py"), *data_overrides(data), f"strategy={strategy}",
-               f"trainer.max_epochs={epochs}", f"data.image_size={image_size}", "logger=csv",
+               f"trainer.max_epochs={epochs}", f"input.image_size={image_size}", "logger=csv",
                "worst_samples=0", f"hydra.run.dir={folder}", *extra]  # fmt: skip
     seconds, _, _ = timed(command, Path.cwd())
     summary = json.loads((folder / "summary.json").read_text())

@@ -37,7 +37,7 @@ def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> d
         [
             "data=imagefolder",
             f"data.root={data}",
-            f"data.image_size={args.image_size}",
+            f"input.image_size={args.image_size}",
             f"data.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}",
             f"strategy={strategy}",
@@ -84,7 +84,7 @@ def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) 
         command = [
             sys.executable, str(ROOT / "train.py"), trainer, "trainer.devices=2",
             f"trainer.precision={precision}", f"trainer.max_epochs={args.epochs}", f"strategy={strategy}",
-            "data=imagefolder", f"data.root={Path(data).resolve()}", f"data.image_size={args.image_size}",
+            "data=imagefolder", f"data.root={Path(data).resolve()}", f"input.image_size={args.image_size}",
             f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "logger=csv",
             f"hydra.run.dir={work}/run", "worst_samples=0",
         ]  # fmt: skip

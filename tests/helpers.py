@@ -34,7 +34,7 @@ def build(
         [
             "data=imagefolder",
             f"data.root={root}",
-            f"data.image_size={image_size}",
+            f"input.image_size={image_size}",
             f"data.batch_size={batch_size}",
             "data.num_workers=0",
             "data.verify_images=false",

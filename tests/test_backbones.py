@@ -201,12 +201,12 @@ def test_input_size_below_the_minimum_is_a_config_error():
 def test_fixed_size_models_refuse_other_sizes_unless_the_size_is_only_a_preference(caplog):
     vit = preprocessing_on_meta("vit_b_32")
     assert vit.fixed_size and vit.crop_size == 224
-    with pytest.raises(ConfigError, match=r"data\.image_size=64, but this backbone only accepts 224x224"):
+    with pytest.raises(ConfigError, match=r"input\.image_size=64, but this backbone only accepts 224x224"):
         resolve_input_size(vit, 64)
     with caplog.at_level("INFO", logger="transfer_learning.model.preprocessing"):
         assert resolve_input_size(vit, 64, strict=False) is vit
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "data.image_size=64 does not apply" in line and "own size, 224 px" in line
+    assert "input.image_size=64 does not apply" in line and "own size, 224 px" in line
 
 
 def test_network_needs_two_classes():

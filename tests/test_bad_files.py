@@ -182,7 +182,7 @@ def test_a_run_with_on_bad_file_skip_completes_and_counts_them(tmp_path):
     build_corpus(tmp_path / "corpus")
     result = run_cli(
         tmp_path, "data=imagefolder", f"data.root={tmp_path / 'corpus'}", "data.on_bad_file=skip",
-        "data.image_size=48", "trainer.max_epochs=1", "logger=csv", "data.val_fraction=0.25",
+        "input.image_size=48", "trainer.max_epochs=1", "logger=csv", "data.val_fraction=0.25",
         "data.test_fraction=0.25",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

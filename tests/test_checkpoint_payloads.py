@@ -35,7 +35,7 @@ class Trap:
 def run_folder(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
     """A real one-epoch run (48 px): its folder holds checkpoints/ and run_config.yaml."""
     base = tmp_path_factory.mktemp("payload_run")
-    result = run_cli(base, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1",
+    result = run_cli(base, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
                      "logger=csv", "worst_samples=0")  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return base / "run"
@@ -147,7 +147,7 @@ def test_eval_predict_and_export_refuse_the_payload_and_train_resume_ignores_it(
         assert f"refusing checkpoint {path}" in output and "Traceback" not in output, name
         assert not marker.exists(), f"{name} ran the payload"
     # Resuming builds everything from the config typed now; the checkpoint gives weights and state only.
-    resumed = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=2",
+    resumed = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=2",
                       "logger=csv", "worst_samples=0", f"ckpt_path={path}")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not marker.exists(), "resume ran the payload"

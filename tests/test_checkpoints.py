@@ -115,7 +115,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_on_predict(tmp_path, shap
 
 @pytest.mark.slow
 def test_resuming_from_another_models_or_other_classes_checkpoint_says_so(tmp_path, shapes_dir):
-    first = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1",
+    first = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
                     "logger=csv")  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -140,7 +140,7 @@ def test_resuming_from_another_models_or_other_classes_checkpoint_says_so(tmp_pa
 def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_path, shapes_dir):
     """SIGTERM during fine-tuning (epochs of a few seconds): a fresh last.ckpt, the reason in
     train.log, exit code 143; resuming from that checkpoint finishes the run."""
-    args = [f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8", "strategy=finetune",
+    args = [f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8", "strategy=finetune",
             "logger=csv", "trainer.max_epochs=40"]  # fmt: skip
     command = [
         sys.executable,
@@ -178,7 +178,7 @@ def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_pa
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, shapes_dir):
     """Fine-tuning with augmentation and shuffling: killed (SIGKILL, no chance to save) during
     epoch 2 or later, resumed from last.ckpt, it ends where a run that was never stopped ends."""
-    args = [f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8", "strategy=finetune",
+    args = [f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8", "strategy=finetune",
             "logger=csv", "trainer.max_epochs=4", "worst_samples=0"]  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()
@@ -213,7 +213,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(
 
 @pytest.mark.slow
 def test_ckpt_path_last_continues_the_latest_run_in_its_own_folder(tmp_path, shapes_dir):
-    data = ["data=imagefolder", f"data.root={shapes_dir}", "data.image_size=48", "data.num_workers=0",
+    data = ["data=imagefolder", f"data.root={shapes_dir}", "input.image_size=48", "data.num_workers=0",
             "strategy=finetune", "data.batch_size=8"]  # fmt: skip
     first = train_cli(tmp_path, *data, "trainer.max_epochs=2")
     assert first.returncode == 0, first.stderr[-3000:]

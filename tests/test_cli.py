@@ -33,7 +33,7 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
         tmp_path,
         "strategy=feature_extract",
         f"data.root={shapes_dir}",
-        "data.image_size=64",
+        "input.image_size=64",
         "trainer.max_epochs=3",
         "logger=wandb",
     )
@@ -68,7 +68,7 @@ def test_finetune_from_the_command_line_with_csv_logging(tmp_path, shapes_dir):
         "strategy=finetune",
         "strategy.backbone_lr=2e-4",
         f"data.root={shapes_dir}",
-        "data.image_size=64",
+        "input.image_size=64",
         "trainer.max_epochs=2",
         "logger=csv",
     )
@@ -85,7 +85,7 @@ def test_default_command_generates_the_demo_data_on_first_use(tmp_path):
         tmp_path,
         "data.generate.images_per_class=10",
         "data.generate.image_size=48",
-        "data.image_size=48",
+        "input.image_size=48",
         "trainer.max_epochs=1",
         "logger=csv",
     )
@@ -128,7 +128,7 @@ def test_torchvision_backbone_from_the_command_line_uses_the_torch_home_cache(tm
         "model=resnet18",
         "strategy=feature_extract",
         f"data.root={shapes_dir}",
-        "data.image_size=64",
+        "input.image_size=64",
         "trainer.max_epochs=1",
         "logger=csv",
     )
@@ -148,7 +148,7 @@ def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
         "strategy=feature_extract,finetune",
         f"hydra.sweep.dir={tmp_path}/sweep",
         f"data.root={shapes_dir}",
-        "data.image_size=48",
+        "input.image_size=48",
         "trainer.max_epochs=1",
         "logger=csv",
         multirun=True,
@@ -161,7 +161,7 @@ def test_multirun_sweeps_both_strategies(tmp_path, shapes_dir):
 
 @pytest.mark.slow
 def test_fast_dev_run_writes_no_checkpoint_and_links_only_files_that_exist(tmp_path, shapes_dir):
-    result = run_cli(tmp_path, "debug=fast_dev_run", f"data.root={shapes_dir}", "data.image_size=32")
+    result = run_cli(tmp_path, "debug=fast_dev_run", f"data.root={shapes_dir}", "input.image_size=32")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best checkpoint"] == "(none saved)"
@@ -180,7 +180,7 @@ def test_a_bare_tilde_on_the_command_line_is_the_home_folder(tmp_path, shapes_di
         tmp_path,
         "data=imagefolder",
         "data.root=~/data/birds",
-        "data.image_size=32",
+        "input.image_size=32",
         "trainer.max_epochs=1",
         "logger=csv",
         env={"HOME": str(home)},

@@ -156,7 +156,7 @@ def test_path_values_written_in_yaml_or_quoted_are_expanded_when_built(monkeypat
         [
             "data=imagefolder",
             'data.root="~/birds"',
-            "data.image_size=32",
+            "input.image_size=32",
             'model.weights="$WEIGHTS_DIR/lite0.pth"',
         ]
     )

@@ -25,7 +25,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_the_offline_wandb_run_holds_config_history_confusion_matrix_and_predictions(tmp_path, shapes_dir):
-    data = ["data=imagefolder", f"data.root={shapes_dir}", "data.image_size=48", "data.num_workers=0",
+    data = ["data=imagefolder", f"data.root={shapes_dir}", "input.image_size=48", "data.num_workers=0",
             "data.batch_size=8"]  # fmt: skip
     result = train_cli(
         tmp_path, "strategy=finetune", *data, "trainer.max_epochs=2", "trainer.log_every_n_steps=1",

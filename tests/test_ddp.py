@@ -21,7 +21,7 @@ def test_ddp_on_two_cpu_processes_keeps_the_frozen_backbone_pretrained(tmp_path,
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         f"data.root={shapes_dir}",
-        "data.image_size=48",
+        "input.image_size=48",
         "trainer.max_epochs=2",
         "logger=csv",
     )
@@ -43,7 +43,7 @@ def test_ddp_on_two_cpu_processes_keeps_the_frozen_backbone_pretrained(tmp_path,
 def test_ddp_with_and_without_the_feature_cache_gives_the_same_test_numbers(tmp_path, shapes_dir):
     """Cached features under DDP are the features the backbone computes on the fly."""
     common = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"data.root={shapes_dir}",
-              "data.image_size=64", "data.augment.enabled=false", "strategy.bf16=false",
+              "input.image_size=64", "data.augment.enabled=false", "strategy.bf16=false",
               "trainer.max_epochs=2", "logger=csv"]  # fmt: skip
     cached = check_run(tmp_path, run_cli(tmp_path, *common), "feature_extract")
     uncached_dir = tmp_path / "uncached"
@@ -66,7 +66,7 @@ def test_ddp_validation_and_test_count_every_sample_exactly_once(tmp_path):
         f"data.root={root}",
         "data.val_fraction=0.2",
         "data.test_fraction=0.2",
-        "data.image_size=32",
+        "input.image_size=32",
         "data.batch_size=4",
         "data.num_workers=0",
     ]

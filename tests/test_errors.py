@@ -47,7 +47,7 @@ def test_zero_epochs_would_test_an_untrained_head():
 
 def test_an_image_size_the_network_cannot_see_anything_at():
     weights = Preprocessing(resize_size=256, crop_size=224)
-    with pytest.raises(ConfigError, match=r"data.image_size=8: too small to learn from.*32 px or more"):
+    with pytest.raises(ConfigError, match=r"input.image_size=8: too small to learn from.*32 px or more"):
         resolve_input_size(weights, 8)
     assert resolve_input_size(weights, 32).crop_size == 32
 
@@ -78,7 +78,7 @@ def test_the_command_line_reports_them_without_a_traceback(tmp_path, shapes_dir)
     cases = {
         f"hydra.run.dir={blocker}/run": f"cannot write to {blocker}/run (hydra.run.dir): Not a directory",
         f"ckpt_path={tmp_path}/nope.ckpt": f"checkpoint {tmp_path}/nope.ckpt does not exist",
-        "data.image_size=8": "data.image_size=8: too small to learn from",
+        "input.image_size=8": "input.image_size=8: too small to learn from",
         "trainer.max_epochs=0": "trainer.max_epochs=0 trains nothing",
     }
     for override, message in cases.items():
@@ -98,7 +98,7 @@ def test_the_command_line_reports_them_without_a_traceback(tmp_path, shapes_dir)
 @pytest.mark.slow
 def test_predict_names_a_missing_or_non_image_file(tmp_path, shapes_dir):
     trained = run_cli(
-        tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1", "logger=csv"
+        tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1", "logger=csv"
     )
     assert trained.returncode == 0, trained.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -39,7 +39,7 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path
     root = base / "data"
     for split, count, seed in (("train", 12, 0), ("val", 5, 1), ("test", 7, 2)):
         generate_shapes(root / split, images_per_class=count, image_size=64, seed=seed)
-    result = run_cli(base, "data=imagefolder", f"data.root={root}", "data.image_size=48",
+    result = run_cli(base, "data=imagefolder", f"data.root={root}", "input.image_size=48",
                      "trainer.max_epochs=2", "logger=csv", "worst_samples=0",
                      "data.batch_size=8")  # fmt: skip
     summary = check_run(base, result, "feature_extract")
@@ -106,7 +106,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(held_out, tmp_path):
 @pytest.mark.slow
 def test_eval_after_a_two_process_ddp_run_gives_the_one_device_numbers(tmp_path, shapes_dir):
     """The DDP run's own test numbers (distributed, every sample once) equal eval's plain loop."""
-    result = run_cli(tmp_path, "trainer=ddp_cpu", f"data.root={shapes_dir}", "data.image_size=48",
+    result = run_cli(tmp_path, "trainer=ddp_cpu", f"data.root={shapes_dir}", "input.image_size=48",
                      "trainer.max_epochs=1", "logger=csv", "worst_samples=0",
                      "strategy=finetune")  # fmt: skip
     summary = check_run(tmp_path, result, "finetune")

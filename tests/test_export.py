@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 def exported(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> dict[str, Any]:
     """One tiny trained checkpoint, exported in both formats next to itself."""
     tmp_path = tmp_path_factory.mktemp("export")
-    result = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1",
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
                      "logger=csv", "worst_samples=0")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt = Path(json.loads((tmp_path / "run" / "summary.json").read_text())["best checkpoint"])

@@ -182,7 +182,7 @@ def test_ddp_gradual_unfreeze_synchronises_the_body_after_it_unfreezes(tmp_path,
     batches."""
     replicas = tmp_path / "replicas"
     result = run_cli(
-        tmp_path, "trainer=ddp_cpu", f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8",
+        tmp_path, "trainer=ddp_cpu", f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8",
         "strategy=gradual_unfreeze", "trainer.max_epochs=2", "logger=csv", "worst_samples=0",
         "+callbacks.replicas._target_=probes.SaveReplicas", f"+callbacks.replicas.folder={replicas}",
         env=PROBES,
@@ -207,7 +207,8 @@ def test_ddp_gradual_unfreeze_synchronises_the_body_after_it_unfreezes(tmp_path,
 def test_resume_after_the_unfreeze_epoch_ends_where_the_uninterrupted_run_ends(tmp_path, shapes_dir):
     """Killed right after the unfreeze epoch's checkpoint, resumed: the body keeps training, and
     the run ends with the uninterrupted run's weights and optimizer state."""
-    args = [f"data.root={shapes_dir}", "data.image_size=48", "data.batch_size=8", "strategy=gradual_unfreeze",
+    args = [f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8",
+            "strategy=gradual_unfreeze",
             "strategy.ramp_epochs=2", "logger=csv", "trainer.max_epochs=4", "worst_samples=0"]  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()

@@ -27,7 +27,7 @@ def data_args(shapes_dir: Path) -> list[str]:
         "trainer.accelerator=cpu",
         "data=imagefolder",
         f"data.root={shapes_dir}",
-        "data.image_size=48",
+        "input.image_size=48",
         "data.num_workers=0",
         "trainer.max_epochs=1",
         "logger=csv",

@@ -47,7 +47,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(s
 
 @pytest.mark.slow
 def test_the_command_says_why_and_exits_non_zero(tmp_path: Path, shapes_dir: Path) -> None:
-    result = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "strategy.head_lr=1e30",
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "strategy.head_lr=1e30",
                      "trainer.max_epochs=3", "logger=csv")  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]

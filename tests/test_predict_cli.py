@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Pa
     """One tiny model trained once (48 px, one epoch) for every test here."""
     tmp_path = tmp_path_factory.mktemp("trained")
     result = run_cli(
-        tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "trainer.max_epochs=1", "logger=csv",
+        tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1", "logger=csv",
         "worst_samples=0",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

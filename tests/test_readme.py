@@ -33,7 +33,7 @@ SHRINK = [
     "++trainer.limit_val_batches=2",
     "++trainer.limit_test_batches=2",
     "data.batch_size=8",
-    "data.image_size=64",
+    "input.image_size=64",
     "data.num_workers=0",
 ]
 

@@ -109,7 +109,7 @@ def test_epoch_curves_read_each_epochs_last_values():
 
 @pytest.mark.slow
 def test_a_training_run_writes_its_report_next_to_its_checkpoints(tmp_path, shapes_dir):
-    result = run_cli(tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "strategy=gradual_unfreeze",
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "strategy=gradual_unfreeze",
                      "trainer.max_epochs=2", "logger=csv")  # fmt: skip
     summary = check_run(tmp_path, result, "gradual_unfreeze")
     report = Path(summary["report"])

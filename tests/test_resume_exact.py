@@ -35,7 +35,7 @@ from transfer_learning.run.preemption import SaveOnPreemption
 PROBES = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
 # Fine-tuning (augmentation, shuffling, dropout) with two loader worker processes, a loss row at
 # every step: 6 training batches and 2 validation batches per epoch.
-ARGS = ["data.image_size=48", "data.batch_size=8", "data.num_workers=2", "strategy=finetune", "logger=csv",
+ARGS = ["input.image_size=48", "data.batch_size=8", "data.num_workers=2", "strategy=finetune", "logger=csv",
         "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "worst_samples=0"]  # fmt: skip
 BATCHES_PER_EPOCH = 6
 

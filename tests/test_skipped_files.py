@@ -60,7 +60,7 @@ def test_a_run_that_meets_broken_files_counts_them_and_never_mislabels(tmp_path:
     for path in broken:
         path.write_text("this is a text file named .jpg\n")
     result = run_cli(tmp_path, "data=imagefolder", f"data.root={root}", "data.verify_images=false",
-                     "data.on_bad_file=skip", "strategy=finetune", "data.image_size=48",
+                     "data.on_bad_file=skip", "strategy=finetune", "input.image_size=48",
                      "data.batch_size=8", "trainer.max_epochs=1", "logger=csv")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

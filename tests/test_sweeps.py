@@ -27,7 +27,7 @@ def tiny(shapes_dir: Path, epochs: int = 2) -> list[str]:
     return [
         "data=imagefolder",
         f"data.root={shapes_dir}",
-        "data.image_size=48",
+        "input.image_size=48",
         "data.num_workers=0",
         f"trainer.max_epochs={epochs}",
     ]

@@ -159,7 +159,7 @@ def _metrics(summary: dict) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_tune_lr_on_the_command_line_fine_tuning(tmp_path, shapes_dir):
     result = run_cli(
-        tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "tune_lr=true", "tune_lr_steps=20",
+        tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "tune_lr=true", "tune_lr_steps=20",
         "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logger=csv", "strategy=finetune",
         "scheduler=constant",
     )  # fmt: skip
@@ -192,7 +192,7 @@ def test_tune_lr_on_the_command_line_feature_extraction(tmp_path, shapes_dir):
     """The default strategy: features cached once (the sweep trains the head on them), the head's
     rate the only one."""
     result = run_cli(
-        tmp_path, f"data.root={shapes_dir}", "data.image_size=48", "tune_lr=true", "tune_lr_steps=20",
+        tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "tune_lr=true", "tune_lr_steps=20",
         "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logger=csv",
     )  # fmt: skip
     summary = check_run(tmp_path, result, "feature_extract")

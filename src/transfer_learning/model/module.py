@@ -108,7 +108,7 @@ class TransferLearningModule(L.LightningModule):
     It is built from plain config values only (saved as hyperparameters), so a checkpoint
     alone rebuilds it: :meth:`load_for_inference` restores the trained network, its class
     names and its preprocessing without the pretrained weights files. The module owns the
-    input size: ``image_size`` (``data.image_size``) is resolved against the weights here, and
+    input size: ``image_size`` (``input.image_size``) is resolved against the weights here, and
     the data module is handed the result.
     """
 

@@ -67,7 +67,7 @@ MIN_IMAGE_SIZE = 32
 
 
 def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bool = True) -> Preprocessing:
-    """The input size rule: the weights' own size by default; ``requested`` (``data.image_size``)
+    """The input size rule: the weights' own size by default; ``requested`` (``input.image_size``)
     where the network can take it; otherwise a clear error, or, when the size is only a data
     set's preference (``strict=False``, the small demo images), the weights' size and one log line.
     """
@@ -75,26 +75,26 @@ def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bo
         return weights
     if requested < MIN_IMAGE_SIZE:
         raise ConfigError(
-            f"data.image_size={requested}: too small to learn from. The backbones downsample by 32, "
+            f"input.image_size={requested}: too small to learn from. The backbones downsample by 32, "
             f"so below {MIN_IMAGE_SIZE} px their last feature map is under one pixel and the features "
             f"carry almost nothing (training ends near chance). Use {MIN_IMAGE_SIZE} px or more, or "
-            f"data.image_size=null for the weights' own size ({weights.crop_size})."
+            f"input.image_size=null for the weights' own size ({weights.crop_size})."
         )
     problem = weights.size_problem(requested)
     if problem is None:
         if requested < weights.crop_size // 3:
             log.warning(
-                "data.image_size=%d is far below the %d px the weights were trained at: pretrained "
+                "input.image_size=%d is far below the %d px the weights were trained at: pretrained "
                 "features degrade at this size (expect lower accuracy).", requested, weights.crop_size,
             )  # fmt: skip
         return weights.at_size(requested)
     if strict:
         raise ConfigError(
-            f"data.image_size={requested}, but {problem}. Set data.image_size=null (the weights' "
+            f"input.image_size={requested}, but {problem}. Set input.image_size=null (the weights' "
             f"size, {weights.crop_size}) or a size this backbone accepts."
         )
     log.info(
-        "data.image_size=%d does not apply: %s. Training at the model's own size, %d px.",
+        "input.image_size=%d does not apply: %s. Training at the model's own size, %d px.",
         requested, problem, weights.crop_size,
     )  # fmt: skip
     return weights

@@ -107,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device)).to(device)
     data, saved = data_config(cfg, checkpoint)
     for key in ("image_size", "image_size_strict"):
-        data.pop(key, None)  # the checkpoint's preprocessing decides
+        data.pop(key, None)  # run_config.yaml from before the input group: the checkpoint decides
     # A run folder's file is data: its data module is built from the allow-list, never imported by name.
     datamodule: ImageFolderDataModule = (
         instantiate(data) if saved is None else registry.build("data", data, f"{saved} (data)")

@@ -107,8 +107,7 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
     from transfer_learning.model.strategies import FeatureExtraction, LinearProbeFineTune
 
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
-    image_size = data.pop("image_size", None)
-    image_size_strict = data.pop("image_size_strict", True)
+    size = cfg.get("input") or {}
     datamodule: ImageFolderDataModule = instantiate(data)
     module = TransferLearningModule(
         model=expand_paths(OmegaConf.to_container(cfg.model, resolve=True)),
@@ -116,8 +115,8 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModul
         class_names=datamodule.discover(),
         optimizer=cfg.optimizer,
         scheduler=cfg.get("scheduler"),
-        image_size=image_size,
-        image_size_strict=image_size_strict,
+        image_size=size.get("image_size"),
+        image_size_strict=size.get("image_size_strict", True),
         label_smoothing=cfg.get("label_smoothing", 0.0),
         channels_last=cfg.get("channels_last", True),
     )

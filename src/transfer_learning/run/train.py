@@ -15,26 +15,15 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.errors import ConfigError
-from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import (
-    per_class_metrics,
-    predict_split,
     run_facts,
-    worst_samples,
-    write_rows,
 )
 from transfer_learning.results.evaluate import RUN_CONFIG
-from transfer_learning.results.report import write_report
+from transfer_learning.results.finish import finish_run
 from transfer_learning.results.reporting import (
     best_checkpoint,
-    build_summary,
-    format_summary,
     number,
-    save_confusion_matrix,
-    save_confusion_table,
-    write_summary,
 )
 from transfer_learning.run.checkpoints import SafeCheckpointIO, check_compatible, safe_load
 from transfer_learning.run.config import build, check_writable, expand_path, expand_paths
@@ -42,12 +31,7 @@ from transfer_learning.run.loggers import (
     CSVLogger,
     add_tags,
     close_loggers,
-    log_checkpoint,
-    log_confusion_matrix,
     log_facts,
-    log_picture,
-    log_table,
-    logger_locations,
 )
 from transfer_learning.run.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.run.preemption import SaveOnPreemption
@@ -161,88 +145,10 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
         preemption.check()
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        skipped = datamodule.count_skipped()  # files that broke mid-run (data.on_bad_file=skip)
-        if skipped and trainer.is_global_zero:
-            log.warning(
-                "Left out %d file(s) that could not be read during the run, each with its label: %s",
-                sum(skipped.values()), ", ".join(f"{split} {n}" for split, n in skipped.items()),
-            )  # fmt: skip
-
-        summary = build_summary(
-            trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
+        summary = finish_run(
+            cfg, trainer, module, datamodule, loggers, best_path, fit_metrics, test_metrics, facts, tuned
         )
-        summary.update(tuned)
-        if trainer.is_global_zero:
-            summary.update(
-                _report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics, summary)
-            )
-            summary.update(logger_locations(loggers))
-            write_summary(summary, output_dir / "summary.json")
-            print(format_summary(summary), flush=True)
         status = "success"
         return {**fit_metrics, **test_metrics, "best_checkpoint": best_path, "summary": summary}
     finally:
         close_loggers(loggers, status)
-
-
-def _write_report(
-    output_dir: Path,
-    loggers: list[Logger],
-    confusion: Path,
-    per_class: list[dict[str, Any]],
-    worst: list[dict[str, Any]],
-    summary: dict[str, Any],
-) -> Path:
-    """report.md beside the checkpoints (its pictures also go to W&B)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    csv_path = None
-    for logger in loggers:
-        if isinstance(logger, CSVLogger):
-            logger.save()
-            csv_path = Path(logger.log_dir) / "metrics.csv"
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    path = write_report(output_dir, summary, overrides, csv_path, confusion, per_class, worst)
-    for name in ("learning_curves", "learning_rates", "confident_mistakes"):
-        if (output_dir / f"{name}.png").is_file():
-            log_picture(loggers, f"report/{name}", output_dir / f"{name}.png")
-    return path
-
-
-def _report(
-    cfg: DictConfig,
-    module: TransferLearningModule,
-    datamodule: ImageFolderDataModule,
-    loggers: list[Logger],
-    output_dir: Path,
-    best_path: str,
-    test_metrics: dict[str, float | None],
-    summary: dict[str, Any],
-) -> dict[str, str]:
-    """Rank zero, after testing: the confusion matrix, per-class metrics and the worst validation
-    images, as files in the run folder and (with W&B) as pictures and tables."""
-    matrix, names = module.test_confusion_matrix, module.class_names
-    assert matrix is not None
-    picture = save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
-    save_confusion_table(matrix, names, output_dir / "confusion_matrix.csv")
-    log_picture(loggers, "test/confusion_matrix", picture)
-    log_confusion_matrix(loggers, "test/confusion_matrix_plot", matrix, names)
-    per_class = per_class_metrics(matrix, names)
-    log_table(loggers, "test/per_class", per_class)
-    where = {
-        "confusion matrix": str(picture),  # counts: confusion_matrix.csv
-        "per-class metrics": str(write_rows(per_class, output_dir / "per_class_metrics.csv")),
-    }
-    limit = int(cfg.get("worst_samples") or 0)
-    worst: list[dict[str, Any]] = []
-    if limit > 0:
-        worst = worst_samples(*predict_split(module, datamodule, "val"), names, limit)
-        where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
-        log_table(
-            loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
-        )
-    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
-    log_checkpoint(
-        loggers, best_path, {"class_names": names, **{k: v for k, v in test_metrics.items() if v is not None}}
-    )
-    return where

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import ResNet18_Weights, get_model
 
-from transfer_learning.data.datamodule import build_transforms
+from transfer_learning.data.transforms import build_transforms
 from transfer_learning.errors import ConfigError, WeightsError
 from transfer_learning.model.backbones import LITE0_PREPROCESSING, efficientnet_lite0, torchvision_backbone
 from transfer_learning.model.backbones.lite0 import bundled_lite0_file, map_lite0_state_dict

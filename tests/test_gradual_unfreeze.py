@@ -150,7 +150,7 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_a_reference_logistic_regression
     pretrained = snapshot(module)
     trainer(callbacks=[record], max_epochs=1, limit_train_batches=2).fit(module, datamodule)
 
-    features = datamodule.probe_features()
+    features = module._features_before_fit()  # what the build path handed over: the probe's features
     x, y = features["train"].features[0].double().numpy(), features["train"].labels.numpy()
     reference = LogisticRegression(C=1 / (1e-3 * len(y)), max_iter=5000, tol=1e-10).fit(x, y)
     weight, bias = record.head
@@ -250,7 +250,7 @@ def test_the_unfreeze_ramp_multiplies_any_schedule_without_disturbing_it(shapes_
     while the body trains at schedule x ramp; the head's and the body's ratio is kept."""
     import math
 
-    from transfer_learning.model.module import one_cycle
+    from transfer_learning.model.schedules import one_cycle
 
     module, datamodule = build(
         shapes_dir, "strategy=gradual_unfreeze", "strategy.ramp_epochs=2", f"scheduler={scheduler}",
@@ -281,7 +281,7 @@ def test_the_unfreeze_ramp_multiplies_any_schedule_without_disturbing_it(shapes_
 def test_one_cycle_rises_then_falls_and_keeps_the_groups_ratio():
     a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.1}])
-    from transfer_learning.model.module import one_cycle
+    from transfer_learning.model.schedules import one_cycle
 
     schedule = one_cycle(optimizer, total_steps=100, pct_start=0.25)
     rates = []

@@ -7,7 +7,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from helpers import build, trainer
 from transfer_learning.data.demo import SHAPES, generate_shapes
-from transfer_learning.model.module import classification_metrics
+from transfer_learning.model.metrics import classification_metrics
 
 
 def test_top5_accuracy_only_with_more_than_five_classes():

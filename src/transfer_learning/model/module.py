@@ -1,115 +1,56 @@
-"""The LightningModule: forward, losses, metrics, and the optimizer built from the strategy."""
+"""The LightningModule: forward, the training, validation and test steps, and checkpoints.
+
+What depends on the task (loss, outputs, metrics) is :mod:`transfer_learning.model.tasks`;
+the optimizer and schedule, :mod:`transfer_learning.model.optimization`. What the strategy
+needs it declares through hooks (:class:`~transfer_learning.model.strategies.Strategy`); the
+data reach the module only as the build path hands them over (:meth:`use_loss_weights`,
+:meth:`use_features_before_fit`), never by the module reading the data module.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-)
+from torchmetrics import MaxMetric, MeanMetric
 
-from transfer_learning.data.feature_cache import infer_features, is_convolutional, use_bf16
-from transfer_learning.errors import TransferLearningError
+from transfer_learning.data.feature_cache import CachedFeatures, infer_features, is_convolutional, use_bf16
+from transfer_learning.errors import ConfigError, TransferLearningError
+from transfer_learning.model import loading
 from transfer_learning.model.network import Network
+from transfer_learning.model.optimization import StrategyOptimization
 from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
-from transfer_learning.model.strategies import LinearProbeFineTune, Strategy
-from transfer_learning.run import registry
-from transfer_learning.run.checkpoints import CheckpointError, check_compatible, safe_load
+from transfer_learning.model.strategies import Split, Strategy
+from transfer_learning.model.tasks import ClassificationLoss, TaskMetrics, check_task, task_metrics
+from transfer_learning.run.checkpoints import check_compatible
 
 log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor] | None  # None: every file of the batch skipped (on_bad_file=skip)
 
 
 class NonFiniteLossError(TransferLearningError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-# Keys of the scheduler config that are Lightning's, not the scheduler's own arguments.
-LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
-
-
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.1
-) -> LambdaLR:
-    """Linear warm-up, then cosine decay to zero. One multiplier for every group, so the
-    ratio between the backbone's and the head's learning rate holds throughout."""
-    warmup = max(1, int(total_steps * warmup_fraction)) if warmup_fraction > 0 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return LambdaLR(optimizer, factor)
-
-
-def one_cycle(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    pct_start: float = 0.25,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
-) -> LambdaLR:
-    """The one-cycle policy (Smith; fastai's ``fit_one_cycle``) as one multiplier on every group's
-    rate: cosine from ``1/div_factor`` up to 1 over the first ``pct_start`` of the steps, then
-    cosine down to ``1/(div_factor * final_div_factor)``. Unlike torch's ``OneCycleLR``, which
-    sets every group to one ``max_lr``, it keeps the ratios between param groups."""
-    warmup = max(1, int(total_steps * pct_start))
-    low, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return low + (1 - low) * 0.5 * (1 - math.cos(math.pi * step / warmup))
-        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
-
-
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Accuracy, macro F1 and (above five classes) top-5 accuracy, each from its own state.
-
-    ``compute_groups=False``: torchmetrics would otherwise merge metrics whose states happen to
-    be equal after the first batch (F1 and top-5 accuracy when that batch is all correct) and
-    report one metric's value under the other's name for the rest of the run.
-    """
-    metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
-
-
-class TransferLearningModule(L.LightningModule):
-    """A pretrained backbone adapted to ``class_names`` by a transfer-learning strategy.
+class TransferLearningModule(StrategyOptimization):
+    """A pretrained backbone adapted to ``class_names`` by a transfer-learning strategy, for one
+    ``task``: ``multiclass`` (one label per image) or ``multilabel`` (any number).
 
     It is built from plain config values only (saved as hyperparameters), so a checkpoint
     alone rebuilds it: :meth:`load_for_inference` restores the trained network, its class
-    names and its preprocessing without the pretrained weights files. The module owns the
-    input size: ``image_size`` (``input.image_size``) is resolved against the weights here, and
-    the data module is handed the result.
+    names, its preprocessing and (multi-label) its decision thresholds without the pretrained
+    weights files. The module owns the input size: ``image_size`` (``input.image_size``) is
+    resolved against the weights here, and the data module is handed the result.
     """
 
     def __init__(
@@ -123,6 +64,7 @@ class TransferLearningModule(L.LightningModule):
         image_size_strict: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        task: str = "multiclass",
         *,
         trusted: bool = True,
     ) -> None:
@@ -138,11 +80,11 @@ class TransferLearningModule(L.LightningModule):
                 "image_size_strict": image_size_strict,
                 "label_smoothing": label_smoothing,
                 "channels_last": channels_last,
+                "task": check_task(task),
             }
         )
         self.class_names = list(class_names)
-        # Settings from the user's own config are Hydra's to build; read from a checkpoint
-        # (trusted=False) they are data, built only from the template's allow-lists.
+        self.task = task
         self._trusted = trusted
         self.net: Network = self._build("model", num_classes=len(class_names))
         self.strategy: Strategy = self._build("strategy")
@@ -150,37 +92,68 @@ class TransferLearningModule(L.LightningModule):
         self.preprocessing: Preprocessing = resolve_input_size(
             self.net.preprocessing, image_size, strict=image_size_strict
         )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_criterion = self.criterion  # class-weighted with data.balance=weighted_loss
+        self.metrics: TaskMetrics = task_metrics(task, class_names)
+        self.criterion = ClassificationLoss(self.metrics.multilabel, label_smoothing)  # validation, test
+        self.train_criterion = self.criterion  # weighted after use_loss_weights()
         # channels_last: the memory layout fast convolution kernels want (CPU and GPU).
         self._channels_last = channels_last and is_convolutional(self.net.backbone)
         if self._channels_last:
             self.net.backbone.to(memory_format=torch.channels_last)
-        n = len(class_names)
-        self.train_acc = MulticlassAccuracy(n, average="micro")
-        self.val_metrics = classification_metrics(n, "val/")
-        self.test_metrics = classification_metrics(n, "test/")
         # Sample-weighted mean losses, exact across processes with unequal shards.
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.val_acc_best = MaxMetric()
+        self.val_best = MaxMetric()
         self._resumed_best: float | None = None
-        self.test_confusion = MulticlassConfusionMatrix(n)
-        self.test_confusion_matrix: torch.Tensor | None = None
-        # The scheduler's learning rate of each param group, before the strategy's factor
-        # (Strategy.lr_scale: gradual unfreezing's ramps); None until the first training batch.
-        self._base_lrs: list[float] | None = None
-        self._saved_base_lrs: list[float] | None = None
-        self._lr_progress = 0.0
-        self.probe_result: dict[str, float] | None = None
+        self.test_results: dict[str, Any] = {}
+        self.test_confusion_matrix: torch.Tensor | None = None  # single-label, after testing
+        self._features_before_fit: Callable[[], Mapping[str, CachedFeatures]] | None = None
+        self.probe_result: dict[str, float] | None = None  # what the strategy's before_fit returned
         self.stop_on_nonfinite_loss = True  # off while the learning-rate finder sweeps
 
-    def _build(self, kind: str, _source: str = "the checkpoint", **extra: Any) -> Any:
-        spec = self.hparams[kind]
-        if self._trusted:
-            return instantiate(spec, **extra)
-        return registry.build(kind, spec, _source, **extra)
+    # -- what the build path hands over -----------------------------------------------------
 
-    # -- forward and steps -----------------------------------------------------------------
+    def use_loss_weights(self, weights: torch.Tensor | None) -> None:
+        """The training loss's class weights (multiclass) or ``pos_weight`` (multilabel), from
+        ``data.balance=weighted_loss``; None: unweighted. Validation and test stay unweighted."""
+        if weights is None or not self.strategy.uses_loss_weights:
+            self.train_criterion = self.criterion
+            return
+        self.train_criterion = ClassificationLoss(
+            self.metrics.multilabel, self.hparams["label_smoothing"], weights.detach().float().to(self.device)
+        )
+
+    def use_features_before_fit(self, features: Callable[[], Mapping[str, CachedFeatures]]) -> None:
+        """Where the features of :meth:`Strategy.features_before_fit` come from: called when fit
+        starts (the device is known then), on every process."""
+        self._features_before_fit = features
+
+    # -- what the task decides ----------------------------------------------------------------
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that picks the best checkpoint: ``val/acc`` or ``val/map``."""
+        return self.metrics.monitor
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """Multi-label: each class's decision threshold, chosen on validation; else None."""
+        return self.metrics.thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: torch.Tensor | None) -> None:
+        if not self.metrics.multilabel:
+            raise ValueError("thresholds belong to multi-label models")
+        self.metrics.thresholds = value
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes (multiclass) or one sigmoid per class (multilabel)."""
+        return self.metrics.probabilities(logits)
+
+    def decide(self, probs: torch.Tensor) -> list[list[int]]:
+        """The predicted class indices of each row: the top class, or every class at or above
+        its threshold (multilabel; possibly none)."""
+        return self.metrics.decide(probs)
+
+    # -- forward and steps ------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of images, or of cached backbone features (a 2-D batch: head only)."""
@@ -195,14 +168,12 @@ class TransferLearningModule(L.LightningModule):
 
     def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen backbone as pure inference, as the feature cache runs it."""
-        features = infer_features(self.net.forward_features, x, self._bf16(x.device), self._channels_last)
+        bf16 = use_bf16(self.strategy.bf16, x.device)
+        features = infer_features(self.net.forward_features, x, bf16, self._channels_last)
         return features.clone()  # a normal tensor again: the head's backward may save it
 
-    def _bf16(self, device: torch.device) -> bool:
-        return use_bf16(getattr(self.strategy, "bf16", False), device)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> Any:
-        if batch is None:  # every file of the batch skipped (data.on_bad_file=skip): no step
+    def training_step(self, batch: Batch, batch_idx: int) -> Any:
+        if batch is None:
             return None
         x, y = batch
         aux: list[torch.Tensor] = []
@@ -214,9 +185,9 @@ class TransferLearningModule(L.LightningModule):
         for aux_logits in aux:
             loss = loss + self.net.aux_loss_weight * self.train_criterion(aux_logits, y)
         self._check_finite(loss, batch_idx)
-        self.train_acc(logits, y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
+        for name, metric in self.metrics.train_metrics(logits, y).items():
+            self.log(name, metric, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
@@ -241,22 +212,45 @@ class TransferLearningModule(L.LightningModule):
             "with NaN/inf values). Checkpoints of the last finished epoch are kept."
         )
 
-    def _evaluate(
-        self, batch: tuple[torch.Tensor, torch.Tensor] | None, metrics: MetricCollection, loss: MeanMetric
-    ) -> torch.Tensor | None:
-        if batch is None:  # every file of the batch skipped (data.on_bad_file=skip)
-            return None
+    def _evaluate(self, batch: Batch, stage: str, loss: MeanMetric) -> None:
+        if batch is None:
+            return
         x, y = batch
         logits = self(x)
         loss.update(self.criterion(logits, y), weight=len(y))
-        metrics.update(logits, y)
-        return logits
+        self.metrics.update(stage, logits, y)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_loss)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        # Reduced over processes; every sample counts once (see the data module's samplers).
+        values, _ = self.metrics.finish("val")
+        values["val/loss"] = self.val_loss.compute()
+        self.val_loss.reset()
+        self.val_best(values[self.monitor])
+        values[f"{self.monitor}_best"] = self.val_best.compute()
+        shown = ("val/loss", self.monitor, f"{self.monitor}_best")
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
+        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        values, self.test_results = self.metrics.finish("test")
+        values["test/loss"] = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log_dict(values, sync_dist=True)
+        self.test_confusion_matrix = self.test_results.get("confusion_matrix")
+
+    # -- fit hooks ----------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if stage == "fit" and self.strategy.changes_what_trains and isinstance(strategy, DDPStrategy):
+        trainer_strategy = self.trainer.strategy  # Lightning's (DDP...), not the transfer strategy
+        if stage == "fit" and self.strategy.changes_what_trains and isinstance(trainer_strategy, DDPStrategy):
             # Frozen stages get no gradients in some epochs: DDP must not wait for them.
-            kwargs = strategy._ddp_kwargs
+            kwargs = trainer_strategy._ddp_kwargs
             if not kwargs.get("find_unused_parameters"):
                 log.info(
                     "DDP: find_unused_parameters=True (strategy=%s freezes by epoch)", self.strategy.name
@@ -267,14 +261,8 @@ class TransferLearningModule(L.LightningModule):
         problem = self.strategy.check_epochs(int(self.trainer.max_epochs or -1))
         if problem and self.trainer.is_global_zero:
             log.warning(problem)
-        if isinstance(self.strategy, LinearProbeFineTune) and self.trainer.ckpt_path is None:
-            self._linear_probe()
-        weights = getattr(getattr(self.trainer, "datamodule", None), "loss_weights", lambda: None)()
-        if weights is not None:
-            smoothing = self.hparams["label_smoothing"]
-            self.train_criterion = nn.CrossEntropyLoss(
-                weight=weights.to(self.device), label_smoothing=smoothing
-            )
+        if self.trainer.ckpt_path is None:  # a resumed run has had its step before fit
+            self._before_fit()
         if self.net.backbone_frozen and not self.net.pretrained and self.trainer.is_global_zero:
             log.warning(
                 "\n%s\n  The frozen backbone is RANDOM (model.weights=null): only the head trains, on\n"
@@ -283,210 +271,69 @@ class TransferLearningModule(L.LightningModule):
                 "!" * 78, "!" * 78,
             )  # fmt: skip
 
+    def _before_fit(self) -> None:
+        """The strategy's step before fit (LP-FT's probe), on the features it asked for. Every
+        process runs it on the same features; rank zero's head is kept."""
+        features: dict[str, Split] = {}
+        if self.strategy.features_before_fit() is not None:
+            if self._features_before_fit is None:
+                raise ConfigError(
+                    f"strategy={self.strategy.name} needs features before fit, and this module was given "
+                    "none: build it with transfer_learning.run.config.build (which hands them over)."
+                )
+            device = self.net.head.weight.device
+            features = {
+                split: (f.features[0].to(device), f.labels.to(device))
+                for split, f in self._features_before_fit().items()
+            }
+        result = self.strategy.before_fit(self.net, features, self.metrics.multilabel)
+        if result is None:
+            return
+        state = {k: v.detach().clone() for k, v in self.net.head.state_dict().items()}
+        self.net.head.load_state_dict(self.trainer.strategy.broadcast(state))
+        self.probe_result = result
+        if self.trainer.is_global_zero:
+            numbers = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+            log.info("strategy=%s, before fit: %s", self.strategy.name, numbers)
+
     def on_validation_model_train(self) -> None:
         # Lightning would restore each submodule's flag as it found it; train() re-applies
         # the network's policy (a frozen backbone and frozen BatchNorm layers stay in eval mode).
         self.trainer.model.train()  # type: ignore[union-attr]
 
     def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # drop values from the sanity-check run
+        self.val_best.reset()  # drop values from the sanity-check run
         if self._resumed_best is not None:  # a resumed run keeps its best-so-far
-            self.val_acc_best.update(torch.tensor(self._resumed_best))
+            self.val_best.update(torch.tensor(self._resumed_best))
 
     def on_train_epoch_start(self) -> None:
-        set_epoch = getattr(getattr(self.trainer, "datamodule", None), "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(self.current_epoch)  # which cached view this epoch reads
         self.strategy.on_epoch_start(self.net, self.current_epoch)  # what trains this epoch
         self._scale_lrs(float(self.current_epoch))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._scale_lrs(self._progress(batch_idx))
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # After the optimizer and scheduler steps: the next batch's rates, so that the learning
-        # rate monitor (which logs before this module's batch hook) shows what the step will use.
-        self._scale_lrs(self._progress(batch_idx + 1))
-
-    def _linear_probe(self) -> None:
-        """LP-FT's first phase: the head fitted on frozen features before fine-tuning starts.
-        Every process fits the same head from the same cached features; rank zero's is kept."""
-        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
-        assert isinstance(self.strategy, LinearProbeFineTune)
-        features = datamodule.probe_features()
-        device = self.net.head.weight.device
-        train, val = ((f.features[0].to(device), torch.as_tensor(f.labels, device=device))
-                      for f in (features["train"], features["val"]))  # fmt: skip
-        result = self.strategy.fit_probe(self.net.head, train, val)
-        state = self.trainer.strategy.broadcast(
-            {k: v.detach().clone() for k, v in self.net.head.state_dict().items()}
-        )
-        self.net.head.load_state_dict(state)
-        self.probe_result = result
-        if self.trainer.is_global_zero:
-            log.info(
-                "Linear probe (LP-FT): head fitted on %d cached feature vectors, L2 %.0e chosen on val "
-                "(val acc %.4f, val loss %.4f, train acc %.4f); fine-tuning everything next.",
-                len(train[1]), result["weight_decay"], result["val_acc"], result["val_loss"],
-                result["train_acc"],
-            )  # fmt: skip
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, self.val_loss)
-
-    def on_validation_epoch_end(self) -> None:
-        # compute() reduces over processes; every sample counts once (see the data module).
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        values["val/loss"] = self.val_loss.compute()
-        self.val_loss.reset()
-        self.val_acc_best(values["val/acc"])
-        values["val/acc_best"] = self.val_acc_best.compute()
-        shown = ("val/loss", "val/acc", "val/acc_best")
-        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
-        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
-        logits = self._evaluate(batch, self.test_metrics, self.test_loss)
-        if logits is not None and batch is not None:
-            self.test_confusion.update(logits, batch[1])
-
-    def on_test_epoch_end(self) -> None:
-        values = self.test_metrics.compute()
-        self.test_metrics.reset()
-        values["test/loss"] = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log_dict(values, sync_dist=True)
-        # Every process takes part in the reduction; only rank zero draws the picture later.
-        self.test_confusion_matrix = self.test_confusion.compute().cpu()
-        self.test_confusion.reset()
-
-    # -- optimisation ----------------------------------------------------------------------
-
-    def configure_optimizers(self) -> Any:
-        self._base_lrs = None  # a new optimizer (the LR finder builds its own first)
-        groups = self.strategy.param_groups(self.net)
-        optimizer = self._build("optimizer")(groups)
-        if not (self.hparams["scheduler"] or {}).get("_target_"):  # scheduler=constant
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
-
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Any ``torch.optim.lr_scheduler`` class (or factory) with its own arguments, plus
-        Lightning's ``interval`` (step | epoch), ``frequency`` and ``monitor``. A scheduler that
-        takes ``total_steps`` and is not given one gets the run's length in its interval."""
-        spec = dict(self.hparams["scheduler"])
-        lightning = {k: spec.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in spec}
-        lightning.setdefault("interval", "epoch")
-        factory = (
-            instantiate(spec, _partial_=True)
-            if self._trusted
-            else registry.build("scheduler", {**spec, "_partial_": True}, "the checkpoint")
-        )
-        kwargs = {}
-        if "total_steps" in inspect.signature(factory).parameters and "total_steps" not in spec:
-            by_step = lightning["interval"] == "step"
-            total = self.trainer.estimated_stepping_batches if by_step else self.trainer.max_epochs
-            kwargs["total_steps"] = int(total or 0)
-        return {"scheduler": factory(optimizer, **kwargs), **lightning}
-
-    # The strategy's per-group factor (Strategy.lr_scale) sits on top of the schedule: each group
-    # trains at base * factor, and the scheduler only ever sees and steps the base rates, so
-    # every torch scheduler (chainable or closed-form) composes with it, and checkpoints keep
-    # the bases for resuming.
-
-    def _progress(self, batch_idx: int) -> float:
-        batches = self.trainer.num_training_batches
-        fraction = batch_idx / batches if batches and math.isfinite(batches) else 0.0
-        return self.current_epoch + fraction
-
-    def _lr_groups(self) -> list[dict[str, Any]] | None:
-        if not self.strategy.changes_what_trains or not self.trainer.optimizers:
-            return None  # no factors: the optimizer's rates are the schedule's
-        groups = self.trainer.optimizers[0].param_groups
-        if self._base_lrs is None:
-            saved, self._saved_base_lrs = self._saved_base_lrs, None
-            self._base_lrs = saved if saved and len(saved) == len(groups) else [g["lr"] for g in groups]
-        return groups
-
-    def _scale_lrs(self, progress: float) -> None:
-        groups = self._lr_groups()
-        if groups is None:
-            return
-        self._lr_progress = progress
-        assert self._base_lrs is not None
-        for group, base in zip(groups, self._base_lrs, strict=True):
-            group["lr"] = base * self.strategy.lr_scale(group["name"], progress)
-
-    @contextlib.contextmanager
-    def _unscaled_lrs(self) -> Iterator[None]:
-        groups = self._lr_groups()
-        if groups is None:
-            yield
-            return
-        assert self._base_lrs is not None
-        for group, base in zip(groups, self._base_lrs, strict=True):
-            group["lr"] = base
-        yield
-        self._base_lrs = [g["lr"] for g in groups]
-        self._scale_lrs(self._lr_progress)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        with self._unscaled_lrs():
-            super().lr_scheduler_step(scheduler, metric)
 
     # -- checkpoints -----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["preprocessing"] = self.preprocessing.to_dict()
-        if self.val_acc_best.update_called:
-            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+        if self.val_best.update_called:
+            checkpoint["val_best"] = float(self.val_best.compute())
+        if self.thresholds is not None:
+            checkpoint["thresholds"] = [float(t) for t in self.thresholds]
         checkpoint["arch_kwargs"] = self.net.arch_kwargs
-        if self._base_lrs is not None:  # the optimizer state holds base * factor
-            checkpoint["base_lrs"] = list(self._base_lrs)
+        self.save_base_lrs(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
-        self._resumed_best = checkpoint.get("val_acc_best")
-        self._saved_base_lrs = checkpoint.get("base_lrs")
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = loading.model_state(checkpoint["state_dict"])
+        # "val_acc_best": checkpoints written before multi-label (the best val/acc).
+        self._resumed_best = checkpoint.get("val_best", checkpoint.get("val_acc_best"))
+        self.load_base_lrs(checkpoint)
         if "preprocessing" in checkpoint:
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+        if self.metrics.multilabel and checkpoint.get("thresholds") is not None:
+            self.thresholds = torch.tensor(checkpoint["thresholds"], dtype=torch.float32)
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str = "cpu") -> TransferLearningModule:
-        """Rebuild from a checkpoint alone: no pretrained weights file or network needed.
-
-        The checkpoint's settings are data: its backbone builder, strategy, optimizer and
-        scheduler must be the template's own (:mod:`transfer_learning.run.registry`), with plain
-        values; anything else is refused before anything is built."""
-        checkpoint = safe_load(path, map_location=map_location)
-        hparams = checkpoint.get("hyper_parameters")
-        if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-            raise CheckpointError(
-                f"{path} is not a checkpoint of this template (no hyper_parameters/state_dict)."
-            )
-        source = f"checkpoint {path}"
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "trusted"}
-        unknown = sorted(set(hparams) - known)
-        if unknown or "model" not in hparams or "strategy" not in hparams:
-            raise registry.UnsafeSpecError(
-                f"refusing {source}: its hyper_parameters ({sorted(hparams)}) are not this template's "
-                f"({sorted(known)})."
-            )
-        for key, value in hparams.items():  # the four specs are checked by registry.resolve below
-            if key not in registry.KINDS:
-                registry.check_plain(value, key, source)
-        model_cfg = dict(hparams["model"], weights=None)
-        if checkpoint.get("arch_kwargs"):
-            registry.check_plain(checkpoint["arch_kwargs"], "arch_kwargs", source)
-            model_cfg["arch_kwargs"] = checkpoint["arch_kwargs"]
-        hparams = {**hparams, "model": model_cfg}
-        for kind in ("model", "strategy", "optimizer", "scheduler"):
-            spec = hparams.get(kind)
-            if kind == "scheduler" and not (spec or {}).get("_target_"):
-                continue  # scheduler=constant
-            registry.resolve(kind, spec, source)
-        module = cls(**hparams, trusted=False)
-        module.load_state_dict(checkpoint["state_dict"])
-        module.on_load_checkpoint(checkpoint)
-        return module.eval()
+        """Rebuild from a checkpoint alone (:func:`transfer_learning.model.loading.load_for_inference`)."""
+        return loading.load_for_inference(cls, path, map_location)

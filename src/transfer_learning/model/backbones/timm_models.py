@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from torch import nn
 
 from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
 from transfer_learning.model.preprocessing import Preprocessing
@@ -82,6 +83,7 @@ def timm_network(
     )
 
 
+@backbone_builder
 def timm_backbone(
     name: str,
     num_classes: int,

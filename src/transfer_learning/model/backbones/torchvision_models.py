@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from transfer_learning.errors import ConfigError, WeightsError
+from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.surgery import (
     aux_classifier_paths,
     find_classifier,
@@ -125,6 +126,7 @@ def _aux_min_size(p: Preprocessing, name: str, kwargs: dict[str, Any]) -> int:
     return low
 
 
+@backbone_builder
 def torchvision_backbone(
     name: str,
     num_classes: int,

@@ -1,0 +1,66 @@
+"""A trained module rebuilt from its checkpoint alone, its settings treated as data."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transfer_learning.run import registry
+from transfer_learning.run.checkpoints import CheckpointError, safe_load
+
+if TYPE_CHECKING:
+    from transfer_learning.model.module import TransferLearningModule
+
+# State-dict entries of losses, which are not part of the model: checkpoints written before the
+# loss weights became a non-persistent buffer hold ``train_criterion.weight`` (weighted_loss).
+LOSS_KEYS = ("criterion.", "train_criterion.")
+
+
+def model_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the losses' entries."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(LOSS_KEYS)}
+
+
+def load_for_inference(
+    cls: type[TransferLearningModule], path: str | Path, map_location: str = "cpu"
+) -> TransferLearningModule:
+    """Rebuild from a checkpoint alone: no pretrained weights file or network needed.
+
+    The checkpoint's settings are data: its backbone builder, strategy, optimizer and scheduler
+    must be the template's own (:mod:`transfer_learning.run.registry`), with plain values;
+    anything else is refused before anything is built. A checkpoint without ``task`` is a
+    single-label one (written before multi-label existed)."""
+    checkpoint = safe_load(path, map_location=map_location)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this template (no hyper_parameters/state_dict)."
+        )
+    source = f"checkpoint {path}"
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "trusted"}
+    unknown = sorted(set(hparams) - known)
+    if unknown or "model" not in hparams or "strategy" not in hparams:
+        raise registry.UnsafeSpecError(
+            f"refusing {source}: its hyper_parameters ({sorted(hparams)}) are not this template's "
+            f"({sorted(known)})."
+        )
+    for key, value in hparams.items():  # the four specs are checked by registry.resolve below
+        if key not in registry.KINDS:
+            registry.check_plain(value, key, source)
+    for key in ("arch_kwargs", "thresholds"):
+        if checkpoint.get(key) is not None:
+            registry.check_plain(checkpoint[key], key, source)
+    model_cfg = dict(hparams["model"], weights=None)
+    if checkpoint.get("arch_kwargs"):
+        model_cfg["arch_kwargs"] = checkpoint["arch_kwargs"]
+    hparams = {**hparams, "model": model_cfg}
+    for kind in ("model", "strategy", "optimizer", "scheduler"):
+        spec = hparams.get(kind)
+        if kind == "scheduler" and not (spec or {}).get("_target_"):
+            continue  # scheduler=constant
+        registry.resolve(kind, spec, source)
+    module = cls(**hparams, trusted=False)
+    module.on_load_checkpoint(checkpoint)  # drops the losses' entries, restores thresholds
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()

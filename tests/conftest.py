@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer_learning.data.demo import generate_shapes
+from transfer_learning.data.demo import generate_multilabel_shapes, generate_shapes
 
 # huggingface_hub reads this once, at import (timm imports it): set it before any test module loads.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -34,3 +34,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five classes of 16 generated 48 px JPEGs, one folder per class (read-only for tests)."""
     return generate_shapes(tmp_path_factory.mktemp("data") / "shapes", images_per_class=16, image_size=48)
+
+
+@pytest.fixture(scope="session")
+def multilabel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """90 generated 48 px JPEGs with 1 to 3 of five shapes each, and their labels.csv (path,
+    labels: the shapes separated by spaces); read-only for tests."""
+    return generate_multilabel_shapes(tmp_path_factory.mktemp("data") / "multi", images=90, image_size=48)

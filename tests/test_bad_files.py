@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from helpers import run_cli
-from transfer_learning.data.datamodule import ImageFolderDataModule, samples
-from transfer_learning.data.images import identity, list_images, load_rgb, scan_cache_file, scan_images
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datasets import samples
+from transfer_learning.data.images import identity, list_images, load_rgb
+from transfer_learning.data.scan import scan_cache_file, scan_images
 from transfer_learning.data.skipping import skipped_positions
 from transfer_learning.errors import DataError
 from transfer_learning.model.preprocessing import Preprocessing
@@ -103,10 +105,10 @@ def test_discovery_ignores_hidden_entries_and_fences_off_other_classes(tmp_path)
     build_corpus(tmp_path)
     dm = module(tmp_path, verify_images=False)
     assert dm.class_names == ["a", "b"]  # no __MACOSX class
-    a_files = {p.name for p in dm.files[tmp_path]["a"]}
+    a_files = {p.name for p in dm.class_files()["a"]}
     assert not any(name.startswith(".") or "checkpoint" in name for name in a_files)
-    assert not {f"ok_{i}.jpg" for i in range(4)} - {p.name for p in dm.files[tmp_path]["b"]}
-    assert all(p.parent.name == "a" for p in dm.files[tmp_path]["a"])  # nothing of b via the link
+    assert not {f"ok_{i}.jpg" for i in range(4)} - {p.name for p in dm.class_files()["b"]}
+    assert all(p.parent.name == "a" for p in dm.class_files()["a"])  # nothing of b via the link
     assert dm.left_out == {"unsupported extension": 2}
 
 
@@ -124,7 +126,7 @@ def test_the_scan_reports_each_bad_file_and_the_policy_decides(tmp_path):
     dm = module(tmp_path, on_bad_file="skip")
     dm.discover()
     assert dm.left_out == {"unsupported extension": 2, "cannot be decoded": 3}
-    kept = {p.name for p in dm.files[tmp_path]["a"]}
+    kept = {p.name for p in dm.class_files()["a"]}
     assert not {files[k].name for k in ("truncated", "empty", "text")} & kept
     assert {files[k].name for k in ("gray16", "float", "alpha", "cmyk", "rotated", "tiny")} <= kept
 

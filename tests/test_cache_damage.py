@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from helpers import REPO, build
-from transfer_learning.data.datamodule import ClassFolder
+from transfer_learning.data.datasets import ClassFolder
 from transfer_learning.data.feature_cache import FeatureCache
 from transfer_learning.data.images import load_rgb
 from transfer_learning.errors import DataError, TransferLearningError, find_user_error, user_message

@@ -161,6 +161,6 @@ def test_path_values_written_in_yaml_or_quoted_are_expanded_when_built(monkeypat
         ]
     )
     datamodule, module = build(cfg)
-    assert datamodule.root == tmp_path / "birds"
+    assert datamodule.source.root == tmp_path / "birds"
     assert module.hparams["model"]["weights"] == str(tmp_path / "weights" / "lite0.pth")
     assert module.net.pretrained

@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from transfer_learning.data.datamodule import ImageFolderDataModule, load_rgb, samples, stratified_split
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import CLASSES, generate_shapes
+from transfer_learning.data.images import load_rgb
+from transfer_learning.data.splits import stratified_split
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.preprocessing import Preprocessing
 
@@ -104,9 +107,7 @@ def test_single_folder_split_is_disjoint_complete_and_stratified(tmp_path):
     assert train_counts == {c: n - 2 * max(1, round(n * 0.2)) for c, n in COUNTS.items()}
 
     # Labels agree with class_names.
-    subset = dm.datasets["val"]
-    for index in subset.indices:
-        path, label = subset.dataset.samples[index]
+    for path, label in zip(*samples(dm.datasets["val"]), strict=True):
         assert dm.class_names[label] == class_of(path)
 
 
@@ -483,7 +484,7 @@ def test_stratified_split_too_few_images_names_the_class():
 
 def test_trivial_augment_works_with_the_default_backbones_bicubic_interpolation(tmp_path):
     """TrivialAugmentWide rejects bicubic on tensors; the default backbone's recipe is bicubic."""
-    from transfer_learning.data.datamodule import build_transforms
+    from transfer_learning.data.transforms import build_transforms
     from transfer_learning.model.backbones import LITE0_PREPROCESSING
     from transfer_learning.model.preprocessing import resolve_input_size
 

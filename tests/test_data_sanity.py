@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import generate_shapes
 from transfer_learning.model.preprocessing import Preprocessing
 

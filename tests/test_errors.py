@@ -119,8 +119,8 @@ def test_an_unreadable_class_folder_is_not_called_empty(tmp_path, monkeypatch):
     raised where the folder is listed, as the OS would."""
     import os
 
-    from transfer_learning.data.datamodule import class_folders
     from transfer_learning.data.demo import generate_shapes
+    from transfer_learning.data.sources.imagefolder import class_folders
 
     root = generate_shapes(tmp_path / "data", images_per_class=2, image_size=32, classes=("circle", "star"))
     locked = root / "star"

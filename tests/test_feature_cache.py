@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -88,9 +89,9 @@ def test_a_second_run_reuses_the_cache_and_a_changed_image_rebuilds_its_split(sh
 
 
 def _files(datamodule, split: str) -> list[str]:
-    from transfer_learning.data.datamodule import samples
+    from transfer_learning.data.datasets import samples
 
-    return samples(datamodule._image_datasets(augment_train=False)[split])[0]
+    return samples(datamodule.eval_datasets()[split])[0]
 
 
 def test_augmented_views_are_cached_and_picked_by_epoch(shapes_dir, tmp_path):
@@ -107,9 +108,10 @@ def test_augmented_views_are_cached_and_picked_by_epoch(shapes_dir, tmp_path):
     assert train.features.shape == (3, 60, 1280)
     assert not torch.equal(train.features[0], train.features[1])  # different augmentations
     seen = []
-    for epoch in range(4):
-        datamodule.set_epoch(epoch)
+    for epoch in range(4):  # the data module reads the trainer's epoch
+        datamodule.trainer = SimpleNamespace(current_epoch=epoch)
         seen.append(train[5][0])
+    datamodule.trainer = None
     assert torch.equal(seen[0], train.features[0, 5]) and torch.equal(seen[3], seen[0])
     assert torch.equal(seen[1], train.features[1, 5]) and torch.equal(seen[2], train.features[2, 5])
     assert datamodule.datasets["val"].features.shape[0] == 1  # evaluation is always exact

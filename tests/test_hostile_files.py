@@ -21,9 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
-from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import generate_shapes
-from transfer_learning.data.images import scan_cache_file, scan_images
+from transfer_learning.data.scan import scan_cache_file, scan_images
 from transfer_learning.errors import DataError
 from transfer_learning.model.preprocessing import Preprocessing
 from transfer_learning.results.analysis import write_rows
@@ -104,7 +105,7 @@ def test_the_scan_reports_special_files_without_reading_them(tmp_path):
     good = tmp_path / "a" / "ok_0.jpg"
     result = isolated(
         """
-        from transfer_learning.data.images import scan_images
+        from transfer_learning.data.scan import scan_images
         result = scan_images([Path(f) for f in args["files"]], Path(args["cache"]), workers=2)
         print(json.dumps({"bad": result.bad, "digests": result.digests}))
         """,
@@ -136,7 +137,7 @@ def test_discovery_completes_and_counts_special_files(tmp_path):
         logging.getLogger().addHandler(Keep())
         dm = ImageFolderDataModule(args["root"], num_workers=0, scan_cache_dir=args["cache"])
         dm.discover()
-        files = {name: [p.name for p in paths] for name, paths in dm.files[Path(args["root"])].items()}
+        files = {name: [p.name for p in paths] for name, paths in dm.class_files().items()}
         print(json.dumps({"files": files, "left_out": dm.left_out, "log": records}))
         """,
         root=root,

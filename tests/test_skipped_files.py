@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers import build, run_cli
-from transfer_learning.data.datamodule import samples
+from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import generate_shapes
 from transfer_learning.data.skipping import collate_present, kept_positions, skipped_positions
 from transfer_learning.results.analysis import predict_probabilities

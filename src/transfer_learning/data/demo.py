@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +38,100 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     return [(cx + d * math.cos(a + angle), cy + d * math.sin(a + angle)) for a, d in corners]
 
 
+def _colours(rng: np.random.Generator, background: np.ndarray) -> tuple[int, int, int]:
+    """A foreground colour that stands out from ``background``."""
+    while True:
+        foreground = rng.integers(0, 256, 3)
+        if np.abs(foreground.astype(int) - background.astype(int)).sum() > 180:
+            return int(foreground[0]), int(foreground[1]), int(foreground[2])
+
+
+def _canvas(size: int, rng: np.random.Generator, background: np.ndarray) -> Image.Image:
+    pixels = np.empty((size, size, 3), np.float32)
+    pixels[:] = background
+    pixels += rng.normal(0, 12, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _paint(image: Image.Image, kind: str, cx: float, cy: float, r: float, fill: tuple, angle: float) -> None:
+    if kind not in SHAPES:
+        raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPES)}")
+    draw = ImageDraw.Draw(image)
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, r, angle), fill=fill)
+
+
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One RGB image of ``kind`` with random colours, placement, size, rotation and noise."""
     if kind not in SHAPES:
         raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPES)}")
     background = rng.integers(0, 256, 3)
-    while True:  # a foreground that stands out from the background
-        foreground = rng.integers(0, 256, 3)
-        if np.abs(foreground.astype(int) - background.astype(int)).sum() > 180:
-            break
-    pixels = np.empty((size, size, 3), np.float32)
-    pixels[:] = background
-    pixels += rng.normal(0, 12, pixels.shape)
-    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
+    fill = _colours(rng, background)
+    image = _canvas(size, rng, background)
     r = size * rng.uniform(0.2, 0.38)
     cx, cy = rng.uniform(r, size - r, 2)
-    fill = (int(foreground[0]), int(foreground[1]), int(foreground[2]))
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon(_polygon(kind, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=fill)
+    _paint(image, kind, cx, cy, r, fill, rng.uniform(0, 2 * math.pi))
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def draw_shapes(kinds: list[str], size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image with each of ``kinds`` (up to four) in its own quarter of the picture."""
+    background = rng.integers(0, 256, 3)
+    image = _canvas(size, rng, background)
+    half = size / 2
+    for kind, cell in zip(kinds, rng.permutation(4), strict=False):
+        r = half * rng.uniform(0.3, 0.45)
+        x0, y0 = (cell % 2) * half, (cell // 2) * half
+        cx, cy = x0 + rng.uniform(r, half - r), y0 + rng.uniform(r, half - r)
+        _paint(image, kind, cx, cy, r, _colours(rng, background), rng.uniform(0, 2 * math.pi))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
+
+
+def _write_once(root: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a temporary folder renamed to ``root``, unless ``root`` exists:
+    concurrent callers (one per DDP process) never see a half-written data set."""
+    root = Path(root).expanduser()
+    if root.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        write(tmp)
+        os.rename(tmp, root)
+    except OSError:
+        if not root.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def generate_multilabel_shapes(
+    root: str | Path,
+    images: int = 600,
+    image_size: int = 96,
+    seed: int = 0,
+    classes: tuple[str, ...] | list[str] = CLASSES,
+    max_labels: int = 3,
+) -> Path:
+    """Write ``root/images/<n>.jpg`` with 1 to ``max_labels`` different shapes each, and
+    ``root/labels.csv`` (columns ``path``, ``labels``: the shapes, separated by spaces), unless
+    ``root`` exists."""
+    rng = np.random.default_rng(seed)
+
+    def write(folder: Path) -> None:
+        (folder / "images").mkdir()
+        rows = ["path,labels"]
+        for n in range(images):
+            count = int(rng.integers(1, max_labels + 1))
+            kinds = sorted(rng.choice(list(classes), size=count, replace=False).tolist())
+            draw_shapes(kinds, image_size, rng).save(folder / "images" / f"{n:04d}.jpg", quality=92)
+            rows.append(f"images/{n:04d}.jpg,{' '.join(kinds)}")
+        (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    return _write_once(root, write)
 
 
 def generate_shapes(
@@ -68,26 +141,13 @@ def generate_shapes(
     seed: int = 0,
     classes: tuple[str, ...] | list[str] = CLASSES,
 ) -> Path:
-    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists.
-
-    Files are written to a temporary folder and renamed into place, so concurrent callers
-    (one per DDP process) never see a half-written data set.
-    """
-    root = Path(root).expanduser()
-    if root.exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists."""
     rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
+
+    def write(folder: Path) -> None:
         for kind in classes:
-            (tmp / kind).mkdir()
+            (folder / kind).mkdir()
             for n in range(images_per_class):
-                draw_shape(kind, image_size, rng).save(tmp / kind / f"{n:04d}.jpg", quality=92)
-        os.rename(tmp, root)
-    except OSError:
-        if not root.exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+                draw_shape(kind, image_size, rng).save(folder / kind / f"{n:04d}.jpg", quality=92)
+
+    return _write_once(root, write)

@@ -47,6 +47,7 @@ from transfer_learning.data.cache_files import (
     remove_stale_temporaries,
     write_features,
 )
+from transfer_learning.data.datasets import CachedFeatures
 from transfer_learning.data.skipping import collate_present, kept_positions
 from transfer_learning.errors import DataError
 
@@ -125,33 +126,6 @@ def file_identity(paths: Sequence[str]) -> list[tuple[str, int, int]]:
         stat = os.stat(path)
         out.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
     return out
-
-
-class CachedFeatures(Dataset):
-    """(feature vector, label) pairs; with several views, :meth:`set_epoch` picks which one.
-    ``kept``: the positions (in the order of the images it was computed from) it holds when
-    some images were skipped as unreadable; None when it holds them all."""
-
-    def __init__(self, features: torch.Tensor, labels: Sequence[int], kept: list[int] | None = None) -> None:
-        if features.ndim != 3 or features.shape[1] != len(labels):
-            raise ValueError(f"features of shape {tuple(features.shape)} do not match {len(labels)} labels")
-        self.features = features
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.kept = kept
-        self.view = 0
-
-    @property
-    def views(self) -> int:
-        return int(self.features.shape[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.view = epoch % self.views
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features[self.view, index], self.labels[index]
 
 
 class FeatureCache:

@@ -1,4 +1,4 @@
-"""Image files: finding them, decoding them the same way everywhere, and scanning them.
+"""Image files: finding them and decoding them the same way everywhere.
 
 * :func:`list_images` walks a class folder once per real file: hidden entries (``.*``,
   ``__MACOSX``) are ignored at every level, symlink loops are detected instead of followed, a
@@ -9,24 +9,19 @@
   orientation applied, 16- and 32-bit images scaled to 8 bits (not clipped to white),
   transparency composited onto white. Like the scan, it reads regular files only, and never
   more bytes than the file's size (:func:`read_regular`).
-* :func:`scan_images` decodes every image before training (in parallel), remembering the
-  result per file (size and modification time) so that a second run decodes nothing. A scan
-  cache that is damaged or not one (it is data: read as JSON, checked, never trusted) is
-  named in a warning, ignored and rebuilt.
+
+The decode scan before training is :mod:`transfer_learning.data.scan`.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
-import json
 import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,121 +262,3 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 # -- the scan ------------------------------------------------------------------------------
-
-
-@dataclass
-class ScanResult:
-    bad: dict[str, str]  # path -> reason
-    decoded: int  # files decoded by this scan (the others were known from the cache)
-    total: int
-    digests: dict[str, str] = field(default_factory=dict)  # path -> content hash (readable files)
-
-
-def _fingerprint(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _check(path: Path) -> tuple[str | None, str | None]:
-    """(problem or None, content hash or None) of one file: its bytes are read once (a regular
-    file only, at most its size), hashed and decoded."""
-    try:
-        data = read_regular(path)
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}", None
-    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-    try:
-        image = decode(data, path)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}", digest
-    if min(image.size) < 1:
-        return "empty image (0 pixels)", digest
-    return None, digest
-
-
-def _cache_entry(value: object) -> bool:
-    """``[size, mtime_ns, problem or null, digest or null]``, as :func:`scan_images` writes them."""
-    return (
-        isinstance(value, list)
-        and len(value) == 4
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[:2])
-        and all(v is None or isinstance(v, str) for v in value[2:])
-    )
-
-
-def read_scan_cache(cache_file: Path) -> dict[str, list]:
-    """The scan cache in ``cache_file``; empty when there is none. A file that is not one (not
-    JSON, another shape, truncated, not a regular file) is ignored, with one warning naming it:
-    this scan rebuilds it."""
-    try:
-        data = json.loads(read_regular(cache_file))
-        problem = None if isinstance(data, dict) else f"JSON {type(data).__name__}, not an object"
-        if problem is None:
-            wrong = next((k for k, v in data.items() if not _cache_entry(v)), None)
-            if wrong is not None:
-                problem = f"entry {wrong[:200]!r} is not [size, mtime, problem, digest]"
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        problem = f"cannot be read: {exc.strerror or exc}"
-    except ValueError as exc:  # not JSON (UnicodeDecodeError included), truncated
-        problem = f"not JSON: {exc}"
-    if problem is None:
-        return data
-    log.warning("The image scan cache %s is damaged or not a scan cache (%s): ignored, and rebuilt by "
-                "this scan.", cache_file, problem)  # fmt: skip
-    return {}
-
-
-def scan_images(files: Sequence[Path], cache_file: Path | None = None, workers: int = 8) -> ScanResult:
-    """Decode every file (as training will) and hash its bytes; the results are cached by path,
-    size and modification time."""
-    cache: dict[str, list] = read_scan_cache(cache_file) if cache_file is not None else {}
-    results: dict[str, tuple[str | None, str | None]] = {}
-    todo: list[Path] = []
-    fingerprints: dict[str, list[int]] = {}
-    for path in files:
-        key = str(path)
-        try:
-            fingerprints[key] = _fingerprint(path)
-        except OSError as exc:
-            results[key] = (f"cannot be opened: {exc.strerror}", None)
-            continue
-        known = cache.get(key)
-        if known is not None and known[:2] == fingerprints[key]:
-            results[key] = (known[2], known[3])
-        else:
-            todo.append(path)
-    if todo:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for path, result in zip(todo, pool.map(_check, todo), strict=True):
-                results[str(path)] = result
-    if cache_file is not None and todo:
-        cache.update({k: [*fingerprints[k], *v] for k, v in results.items() if k in fingerprints})
-        _write_json(cache_file, cache)
-    bad = {k: problem for k, (problem, _) in results.items() if problem is not None}
-    digests = {k: digest for k, (problem, digest) in results.items() if problem is None and digest}
-    return ScanResult(bad=bad, decoded=len(todo), total=len(files), digests=digests)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
-    except OSError as exc:  # a read-only data folder: the scan simply runs again next time
-        log.info("Could not write the image scan cache %s: %s", path, exc)
-
-
-def scan_cache_file(folder: Path, root: Path) -> Path:
-    """The scan cache of data root ``root``, kept in ``folder``."""
-    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return folder / f"{digest}.json"
-
-
-def describe_bad(bad: dict[str, str], limit: int = 20) -> str:
-    lines = [f"  {path}: {reason}" for path, reason in sorted(bad.items())[:limit]]
-    if len(bad) > limit:
-        lines.append(f"  ... and {len(bad) - limit} more")
-    return "\n".join(lines)

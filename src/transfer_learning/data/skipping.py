@@ -59,3 +59,15 @@ def kept_positions(dataset: Dataset) -> list[int]:
     """Positions of the samples not skipped so far, in order."""
     skipped = set(skipped_positions(dataset))
     return [i for i in range(len(dataset)) if i not in skipped]  # type: ignore[arg-type]
+
+
+def gather_sets(local: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The union, over every process of a DDP run, of each process's ``local`` name -> set."""
+    merged = {name: set(items) for name, items in local.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, merged)
+        for other in everyone:
+            for name, items in other.items():
+                merged.setdefault(name, set()).update(items)
+    return merged

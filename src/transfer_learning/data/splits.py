@@ -1,0 +1,171 @@
+"""The seeded split: the same images and labels give the same split for a seed, whatever order
+a source lists them in (the data module sorts a listing first), and each class keeps its share
+in every split.
+
+Single-label data are split class by class (:func:`stratified_split`). Multi-label data use
+iterative stratification (Sechidis, Tsoumakas and Vlahavas, "On the Stratification of
+Multi-Label Data", ECML PKDD 2011; :func:`iterative_split`): the rarest label goes first, each
+of its images into the split that still wants the most of that label; so rare labels are
+spread before common ones use up the room. Ties are broken by the split's remaining room, then
+at random (seeded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from transfer_learning.data.sources.base import Listing
+from transfer_learning.errors import ConfigError, DataError
+
+
+class TooFewToSplit(DataError):
+    """A class has too few images to give every split one: ``label`` names it."""
+
+    def __init__(self, message: str, label: int) -> None:
+        super().__init__(message)
+        self.label = label
+
+
+def wanted(count: int, fraction: float) -> int:
+    """Images of a class that a split with ``fraction`` gets: at least one, unless it is 0."""
+    return max(1, round(count * fraction)) if fraction > 0 else 0
+
+
+def too_few(
+    label: int, count: int, fractions: Mapping[str, float], class_names: Sequence[str]
+) -> TooFewToSplit:
+    return TooFewToSplit(
+        f"class {class_names[label]!r} has only {count} image(s): too few to split into train and "
+        f"{', '.join(name for name, f in fractions.items() if f > 0)}. Add images or lower the "
+        "split fractions.",
+        label,
+    )
+
+
+def stratified_split(
+    labels: Sequence[int], fractions: Mapping[str, float], seed: int, class_names: Sequence[str]
+) -> dict[str, list[int]]:
+    """Indices per split; each class is shuffled with ``seed`` and cut by ``fractions``."""
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    for label, indices in sorted(by_class.items()):
+        order = [indices[i] for i in torch.randperm(len(indices), generator=generator)]
+        start = 0
+        for name, fraction in fractions.items():
+            count = wanted(len(order), fraction)
+            out[name] += order[start : start + count]
+            start += count
+        if start >= len(order):
+            raise too_few(label, len(order), fractions, class_names)
+        out["train"] += order[start:]
+    return {name: sorted(indices) for name, indices in out.items()}
+
+
+def iterative_split(
+    targets: Sequence[Sequence[int]], fractions: Mapping[str, float], seed: int, class_names: Sequence[str]
+) -> dict[str, list[int]]:
+    """Indices per split of multi-label ``targets`` (class indices per image), by iterative
+    stratification. Each split wants :func:`wanted` positives of each class (train the rest),
+    and ``fraction`` of all images; images without any label fill the splits' remaining room."""
+    names = ["train", *fractions]
+    rng = np.random.default_rng(seed)
+    n, classes = len(targets), len(class_names)
+    positives = np.zeros(classes, dtype=np.int64)
+    for row in targets:
+        positives[list(row)] += 1
+    want = np.zeros((len(names), classes))  # split x class: positives still wanted
+    for j, name in enumerate(names[1:], start=1):
+        want[j] = [wanted(int(c), fractions[name]) for c in positives]
+    want[0] = positives - want[1:].sum(axis=0)
+    for short in np.flatnonzero((want[0] < 1) & (positives > 0)):
+        raise too_few(int(short), int(positives[short]), fractions, class_names)
+    room = np.array([n * (1 - sum(fractions.values())), *(n * fractions[k] for k in names[1:])])
+    label_sets = [set(row) for row in targets]
+    todo = set(rng.permutation(n).tolist())
+    out: dict[str, list[int]] = {name: [] for name in names}
+
+    def assign(i: int, j: int) -> None:
+        out[names[j]].append(i)
+        todo.discard(i)
+        room[j] -= 1
+        for label in targets[i]:
+            want[j, label] -= 1
+
+    remaining = positives.astype(np.float64)
+    while todo:
+        alive = remaining > 0
+        if not alive.any():
+            break
+        label = int(np.flatnonzero(alive)[np.argmin(remaining[alive])])  # the rarest label left
+        holders = sorted(i for i in todo if label in label_sets[i])
+        for i in rng.permutation(holders).tolist():
+            scores = np.stack([want[:, label], room], axis=1)
+            best = np.flatnonzero(scores[:, 0] == scores[:, 0].max())
+            best = best[room[best] == room[best].max()]
+            assign(i, int(rng.choice(best)))
+            for other in targets[i]:
+                remaining[other] -= 1
+    for i in rng.permutation(sorted(todo)).tolist():  # images without labels: where room is left
+        best = np.flatnonzero(room == room.max())
+        assign(i, int(rng.choice(best)))
+    return {name: sorted(indices) for name, indices in out.items()}
+
+
+def seeded_split(
+    targets: Sequence[Sequence[int]],
+    task: str,
+    fractions: Mapping[str, float],
+    seed: int,
+    class_names: Sequence[str],
+) -> dict[str, list[int]]:
+    """Indices per split (``train`` and the splits of ``fractions``) for the listing's task."""
+    if task == "multilabel":
+        return iterative_split(targets, fractions, seed, class_names)
+    return stratified_split([row[0] for row in targets], fractions, seed, class_names)
+
+
+def split_deviation(
+    targets: Sequence[Sequence[int]], split: Mapping[str, Sequence[int]], classes: int
+) -> float:
+    """The largest difference, over classes and splits, between a class's share of positives
+    in a split and in the whole set: 0 for a perfectly stratified split."""
+
+    def shares(indices: Sequence[int]) -> np.ndarray:
+        counts = np.zeros(classes)
+        for i in indices:
+            counts[list(targets[i])] += 1
+        return counts / max(1, len(indices))
+
+    whole = shares(range(len(targets)))
+    return float(max(np.abs(shares(indices) - whole).max() for indices in split.values() if len(indices)))
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> dict[str, float]:
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError(
+            f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be "
+            "in [0, 1) and together below 1."
+        )
+    return {"val": val_fraction, "test": test_fraction}
+
+
+def split_listing(listing: Listing, fractions: Mapping[str, float], seed: int) -> dict[str, list[int]]:
+    """Positions of ``listing``'s files per split: as listed, and what is missing (val; test
+    too, when none is listed) split off the training files with :func:`seeded_split`."""
+    given: dict[str, list[int]] = {}
+    for i, name in enumerate(listing.splits or ["train"] * len(listing.files)):
+        given.setdefault(name, []).append(i)
+    if "train" not in given:
+        raise DataError(f"{listing.where} lists no training images: mark some as train.")
+    if "val" in given:
+        return given
+    wanted = {k: v for k, v in fractions.items() if k == "val" or "test" not in given}
+    pool = given["train"]
+    parts = seeded_split([listing.targets[i] for i in pool], listing.task, wanted, seed, listing.class_names)
+    return {**given, **{name: [pool[j] for j in positions] for name, positions in parts.items()}}

@@ -83,8 +83,8 @@ def test_eval_on_the_held_out_folder_matches_the_training_runs_test_metrics(held
 
 @pytest.mark.slow
 def test_flip_tta_averages_each_image_with_its_mirror(held_out, tmp_path):
-    from transfer_learning.data.datamodule import build_transforms
     from transfer_learning.data.images import load_rgb
+    from transfer_learning.data.transforms import build_transforms
     from transfer_learning.model.module import TransferLearningModule
 
     root, summary, _ = held_out

@@ -12,13 +12,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.data.feature_cache import CachedFeatures
 from transfer_learning.data.skipping import collate_present, kept_positions
 from transfer_learning.model.module import TransferLearningModule
 
 
-def run_facts(module: TransferLearningModule, datamodule: ImageFolderDataModule, trainer: L.Trainer) -> dict:
+def run_facts(module: TransferLearningModule, datamodule: ImageDataModule, trainer: L.Trainer) -> dict:
     """Parameter counts (what the strategy trains) and the batch arithmetic of this run."""
     params = list(module.net.parameters())
     total = sum(p.numel() for p in params)
@@ -81,9 +81,10 @@ def predict_probabilities(
     tta: str = "none",
     progress: bool = False,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Class probabilities of every readable sample of ``dataset`` in order, on this process
-    alone, with the module in eval mode, and the positions of those samples (a file that
-    cannot be read any more under ``data.on_bad_file=skip`` is left out, label and all).
+    """Class probabilities (softmax; multi-label: a sigmoid per class) of every readable sample
+    of ``dataset`` in order, on this process alone, with the module in eval mode, and the
+    positions of those samples (a file that cannot be read any more under
+    ``data.on_bad_file=skip`` is left out, label and all).
     ``tta="flip"`` averages each image's probabilities with its horizontally flipped copy's
     (images only, not cached features)."""
     from tqdm.auto import tqdm
@@ -98,9 +99,9 @@ def predict_probabilities(
         if batch is None:  # every file of the batch skipped
             continue
         x = batch[0].to(module.device)
-        probs = module(x).float().softmax(dim=-1)
+        probs = module.probabilities(module(x))
         if tta == "flip":
-            probs = (probs + module(x.flip(-1)).float().softmax(dim=-1)) / 2
+            probs = (probs + module.probabilities(module(x.flip(-1)))) / 2
         out.append(probs.cpu())
     module.train(was_training)
     probs = torch.cat(out) if out else torch.empty(0, len(module.class_names))
@@ -110,11 +111,11 @@ def predict_probabilities(
 
 
 def predict_split(
-    module: TransferLearningModule, datamodule: ImageFolderDataModule, split: str
-) -> tuple[list[str], list[int], torch.Tensor]:
-    """Files, labels and class probabilities of every readable sample of ``split`` in dataset
-    order, on this process alone (cached features when the run used them, else the evaluation
-    transform of each image)."""
+    module: TransferLearningModule, datamodule: ImageDataModule, split: str
+) -> tuple[list[str], list[Any], torch.Tensor]:
+    """Files, targets (a class index; multi-label: a tuple of them) and class probabilities of
+    every readable sample of ``split`` in dataset order, on this process alone (cached features
+    when the run used them, else the evaluation transform of each image)."""
     dataset = datamodule.datasets[split]
     workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
     probs, kept = predict_probabilities(module, dataset, max(datamodule.batch_size, 64), workers)

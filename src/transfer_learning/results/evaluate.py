@@ -11,6 +11,12 @@ recall, F1 and support, the confusion matrix, the settings), ``confusion_matrix.
 ``per_class_metrics.csv`` and ``predictions.csv`` in the eval folder; and
 ``<checkpoint>.threshold.json`` next to the checkpoint, the confidence threshold predict uses to
 flag inputs unlike the training data (see :func:`confidence_threshold`).
+
+A multi-label checkpoint (``task=multilabel``) is measured as its run's test was: macro mAP,
+macro and micro F1 and exact match at the thresholds stored in the checkpoint (the same
+functions, :mod:`transfer_learning.model.metrics`), per-class AP / precision / recall / F1 /
+support in ``per_class_metrics.csv``, ``pr_curves.png``, and ``predictions.csv`` with the true
+and predicted label sets (names joined by a space) and every class's probability.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, Dataset
 
-from transfer_learning.data.datamodule import ImageFolderDataModule, samples
+from transfer_learning.data.datamodule import ImageDataModule
+from transfer_learning.data.datasets import samples
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.model.module import TransferLearningModule, classification_metrics
+from transfer_learning.model.metrics import classification_metrics
+from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
+from transfer_learning.results.multilabel import evaluate_multilabel, format_per_class
 from transfer_learning.results.predict import threshold_file
 from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
 from transfer_learning.run import registry
@@ -84,11 +93,11 @@ def data_config(cfg: DictConfig, checkpoint: Path) -> tuple[dict[str, Any], Path
     return expand_paths(OmegaConf.to_container(base, resolve=True)), saved
 
 
-def eval_dataset(datamodule: ImageFolderDataModule, split: str) -> Dataset:
+def eval_dataset(datamodule: ImageDataModule, split: str) -> Dataset:
     """``split`` of the data module under the evaluation transform; ``all``: every image."""
     if split not in SPLITS:
         raise ConfigError(f"split={split}: one of {', '.join(SPLITS)}.")
-    datasets = datamodule._image_datasets(augment_train=False)  # every split: evaluation transform
+    datasets = datamodule.eval_datasets()  # every split: evaluation transform
     if split != "all":
         return datasets[split]
     parts = [datasets[name] for name in ("train", "val", "test") if name in datasets]
@@ -108,97 +117,120 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data, saved = data_config(cfg, checkpoint)
     for key in ("image_size", "image_size_strict"):
         data.pop(key, None)  # run_config.yaml from before the input group: the checkpoint decides
-    # A run folder's file is data: its data module is built from the allow-list, never imported by name.
-    datamodule: ImageFolderDataModule = (
-        instantiate(data) if saved is None else registry.build("data", data, f"{saved} (data)")
+    # A run folder's file is data: its data module is built from the allow-list, never imported by
+    # name. The checkpoint decides the task (a CSV with space-separated labels is multi-label).
+    datamodule: ImageDataModule = (
+        instantiate(data, task=module.task)
+        if saved is None
+        else registry.build("data", data, f"{saved} (data)", task=module.task)
     )
     names = datamodule.discover()
+    where = datamodule.describe()
     unknown = sorted(set(names) - set(module.class_names))
     if unknown:
         raise DataError(
-            f"{datamodule.root} has class folders the checkpoint does not know: {unknown}. Its classes: "
-            f"{module.class_names}. Evaluate on folders named after those classes."
+            f"{where} has classes the checkpoint does not know: {unknown}. Its classes: "
+            f"{module.class_names}. Evaluate on data labelled with those classes."
         )
     datamodule.set_preprocessing(module.preprocessing)
     split = str(cfg.get("split") or "test")
     dataset = eval_dataset(datamodule, split)
     files, local = samples(dataset)
     if not files:
-        raise DataError(f"the {split} split of {datamodule.root} has no images.")
-    labels = torch.tensor([module.class_names.index(names[i]) for i in local])
-    workers = datamodule.num_workers
+        raise DataError(f"the {split} split of {where} has no images.")
+    # the checkpoint's class order (the data may name fewer classes, in another order)
+    order = [module.class_names.index(name) for name in names]
+    targets = [tuple(order[i] for i in t) if isinstance(t, tuple) else order[t] for t in local]
     batch_size = int(cfg.get("batch_size") or datamodule.batch_size)
-    probs, kept = predict_probabilities(module, dataset, batch_size, workers, tta=tta, progress=True)
+    probs, kept = predict_probabilities(
+        module, dataset, batch_size, datamodule.num_workers, tta=tta, progress=True
+    )
     skipped = [files[i] for i in sorted(set(range(len(files))) - set(kept))]
     if skipped:  # data.on_bad_file=skip: files that broke after the scan count nowhere
         log.warning("Left out %d image(s) that could not be read: %s", len(skipped), ", ".join(skipped[:5]))
-    files, labels = [files[i] for i in kept], labels[kept]
+    files, targets = [files[i] for i in kept], [targets[i] for i in kept]
     if not files:
-        raise DataError(f"no image of the {split} split of {datamodule.root} could be read.")
-
-    n = len(module.class_names)
-    metrics = classification_metrics(n, "")
-    metrics.update(probs, labels)
-    scores = {k: float(v) for k, v in metrics.compute().items()}
-    predicted = probs.argmax(1)
-    matrix = torch.zeros(n, n, dtype=torch.long)
-    matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
-    per_class = per_class_metrics(matrix, module.class_names)
-    confidence = probs.max(1).values
-    threshold = confidence_threshold(confidence, predicted == labels)
+        raise DataError(f"no image of the {split} split of {where} could be read.")
 
     output = Path(str(cfg.paths.output_dir))
     output.mkdir(parents=True, exist_ok=True)
-    rows = [
-        {"file": f, "label": module.class_names[int(t)], "predicted": module.class_names[int(p)],
-         "confidence": float(c), **{name: float(v) for name, v in zip(module.class_names, row, strict=True)}}
-        for f, t, p, c, row in zip(files, labels, predicted, confidence, probs, strict=True)
-    ]  # fmt: skip
-    title = f"Confusion matrix ({split})"
-    written = {
-        "eval.json": str(output / "eval.json"),
-        "confusion matrix": str(
-            save_confusion_matrix(matrix, module.class_names, output / "confusion_matrix.png", title=title)
-        ),
-        "confusion counts": str(
-            save_confusion_table(matrix, module.class_names, output / "confusion_matrix.csv")
-        ),
-        "per-class metrics": str(write_rows(per_class, output / "per_class_metrics.csv")),
-        "predictions": str(write_rows(rows, output / "predictions.csv")),
-    }
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "data": str(datamodule.root),
+        "data": where,
         "split": split,
         "images": len(files),
         "skipped": skipped,
         "tta": tta,
+        "task": module.task,
+        "class_names": module.class_names,
+    }
+    measure = evaluate_multilabel if module.task == "multilabel" else _multiclass
+    result.update(measure(module, checkpoint, files, targets, probs, output, split))
+    (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(format_result(result), flush=True)
+    return result
+
+
+def _multiclass(
+    module: TransferLearningModule, checkpoint: Path, files: list[str], targets: list[Any],
+    probs: torch.Tensor, output: Path, split: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy, macro F1, the confusion matrix, per-class metrics, predictions.csv and the
+    confidence threshold predict uses (``<checkpoint>.threshold.json``)."""
+    names = module.class_names
+    labels = torch.tensor(targets, dtype=torch.long)
+    metrics = classification_metrics(len(names), "")
+    metrics.update(probs, labels)
+    scores = {k: float(v) for k, v in metrics.compute().items()}
+    predicted = probs.argmax(1)
+    matrix = torch.zeros(len(names), len(names), dtype=torch.long)
+    matrix.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = per_class_metrics(matrix, names)
+    confidence = probs.max(1).values
+    threshold = confidence_threshold(confidence, predicted == labels)
+    rows = [
+        {"file": f, "label": names[int(t)], "predicted": names[int(p)], "confidence": float(c),
+         **{name: float(v) for name, v in zip(names, row, strict=True)}}
+        for f, t, p, c, row in zip(files, labels, predicted, confidence, probs, strict=True)
+    ]  # fmt: skip
+    picture = save_confusion_matrix(
+        matrix, names, output / "confusion_matrix.png", title=f"Confusion matrix ({split})"
+    )
+    written = {
+        "eval.json": str(output / "eval.json"),
+        "confusion matrix": str(picture),
+        "confusion counts": str(save_confusion_table(matrix, names, output / "confusion_matrix.csv")),
+        "per-class metrics": str(write_rows(per_class, output / "per_class_metrics.csv")),
+        "predictions": str(write_rows(rows, output / "predictions.csv")),
+    }
+    if threshold is not None:
+        _write_threshold(checkpoint, threshold, output, split, written)
+    return {
         "accuracy": scores["acc"],
         "macro_f1": scores["f1"],
         **({"top5_accuracy": scores["acc_top5"]} if "acc_top5" in scores else {}),
         "per_class": per_class,
-        "class_names": module.class_names,
         "confusion_matrix": matrix.tolist(),
         "max_softmax_threshold": threshold,
         "files": written,
     }
-    if threshold is not None:
-        note = {
-            "max_softmax_threshold": threshold,
-            "from": str(output / "eval.json"),
-            "split": split,
-            "meaning": f"{FLAGGED_CORRECT_SHARE:.0%} of the correctly classified {split} images have a "
-            "lower top probability (a heuristic out-of-distribution signal)",
-        }
-        where = threshold_file(checkpoint)
-        try:
-            where.write_text(json.dumps(note, indent=2) + "\n")
-            written["threshold"] = str(where)
-        except OSError as exc:  # a read-only checkpoint folder: the threshold is still in eval.json
-            log.warning("Could not write %s (%s); the threshold is in eval.json", where, exc)
-    (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(format_result(result), flush=True)
-    return result
+
+
+def _write_threshold(checkpoint: Path, threshold: float, output: Path, split: str, written: dict) -> None:
+    """``<checkpoint>.threshold.json``: the confidence threshold predict flags inputs below."""
+    note = {
+        "max_softmax_threshold": threshold,
+        "from": str(output / "eval.json"),
+        "split": split,
+        "meaning": f"{FLAGGED_CORRECT_SHARE:.0%} of the correctly classified {split} images have a "
+        "lower top probability (a heuristic out-of-distribution signal)",
+    }
+    where = threshold_file(checkpoint)
+    try:
+        where.write_text(json.dumps(note, indent=2) + "\n")
+        written["threshold"] = str(where)
+    except OSError as exc:  # a read-only checkpoint folder: the threshold is still in eval.json
+        log.warning("Could not write %s (%s); the threshold is in eval.json", where, exc)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -213,16 +245,27 @@ def format_result(result: dict[str, Any]) -> str:
             else []
         ),
         "=" * 72,
-        f"  accuracy   {result['accuracy']:.4f}",
-        f"  macro F1   {result['macro_f1']:.4f}",
     ]
-    if "top5_accuracy" in result:
-        lines.append(f"  top-5 acc  {result['top5_accuracy']:.4f}")
-    lines += ["", f"  {'class':<{width}}  precision  recall      f1  support"]
-    for r in result["per_class"]:
-        lines.append(f"  {r['class']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}"
-                     f"  {r['support']:>7}")  # fmt: skip
-    if result["max_softmax_threshold"] is not None:
-        lines += ["", f"  confidence threshold for predict: {result['max_softmax_threshold']:.4f}"]
+    if result["task"] == "multilabel":
+        lines += [
+            f"  {name:<12} {result[key]:.4f}"
+            for name, key in (
+                ("mAP", "map"),
+                ("macro F1", "f1"),
+                ("micro F1", "f1_micro"),
+                ("exact match", "exact_match"),
+            )
+        ]
+        lines += ["", *format_per_class(result["per_class"])]  # fmt: skip
+    else:
+        lines += [f"  accuracy   {result['accuracy']:.4f}", f"  macro F1   {result['macro_f1']:.4f}"]
+        if "top5_accuracy" in result:
+            lines.append(f"  top-5 acc  {result['top5_accuracy']:.4f}")
+        lines += ["", f"  {'class':<{width}}  precision  recall      f1  support"]
+        for r in result["per_class"]:
+            lines.append(f"  {r['class']:<{width}}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  "
+                         f"{r['f1']:>6.4f}  {r['support']:>7}")  # fmt: skip
+        if result["max_softmax_threshold"] is not None:
+            lines += ["", f"  confidence threshold for predict: {result['max_softmax_threshold']:.4f}"]
     lines += [""] + [f"  {k:<18} {v}" for k, v in result["files"].items()] + ["=" * 72]
     return "\n".join(lines)

@@ -1,18 +1,22 @@
 """Export a trained checkpoint to ONNX or TorchScript, then check the file against PyTorch.
 
-``python scripts/export.py ckpt_path=CKPT [format=onnx|torchscript] [output=PATH] [images=DIR,FILE...]``
+``tl-export ckpt_path=CKPT [format=onnx|torchscript] [output=PATH] [images=PATH|[PATH,...]]
+[max_images=N] [atol=X]`` (or ``python scripts/export.py key=value ...``; ``--help`` lists them;
+the command line is read in :mod:`transfer_learning.cli.export`)
 
 What is exported is the network alone (``module.net`` in eval mode): a float32 batch of
 preprocessed images ``[batch, 3, H, W]`` in, class **logits** ``[batch, classes]`` out, with a
-dynamic batch dimension. Apply a softmax for probabilities. The class names and the
+dynamic batch dimension. Apply a softmax for probabilities (a multi-label model: a sigmoid per
+class, each class called when its probability reaches its threshold; the metadata says which:
+``activation``, ``task`` and ``thresholds``). The class names and the
 preprocessing (input size, resize size, mean, std, interpolation) travel with the file, in
 its metadata (ONNX ``metadata_props``; TorchScript ``_extra_files["metadata.json"]``) and in a
 sidecar ``<output>.json``.
 
 After every export the file is run on real image files, preprocessed exactly as
 ``transfer_learning.results.predict`` does, at batch size 1 and N, next to the PyTorch module; the
-export fails (exit code 1) when the logits differ by more than ``atol`` or any top-1 class
-differs.
+export fails (exit code 1) when the logits differ by more than ``atol`` or any decision differs
+(the top-1 class; multi-label: the label set at the checkpoint's thresholds).
 """
 
 from __future__ import annotations
@@ -29,29 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from transfer_learning.cli import export as cli_export
+from transfer_learning.cli.export import DEMO_IMAGES, ExportArgs
 from transfer_learning.data.images import is_image, list_images, load_rgb
 from transfer_learning.errors import ConfigError, TransferLearningError, user_message
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-# Measured on EfficientNet-Lite0 and ResNet-18 checkpoints (CPU, float32): the exported files'
-# logits differ from PyTorch's by up to ~1e-4 (ONNX Runtime fuses and reorders operations),
-# TorchScript by ~1e-6. 1e-3 leaves room for larger backbones and other CPUs.
-DEFAULT_ATOL = 1e-3
-DEFAULT_MAX_IMAGES = 8
-DEMO_IMAGES = Path("data") / "demo_shapes"
-ARGUMENTS = {
-    "ckpt_path": "the checkpoint to export (required)",
-    "format": f"{' | '.join(FORMATS)} (default: onnx)",
-    "output": "where to write the model (default: next to the checkpoint, <ckpt stem>.onnx or "
-    "<ckpt stem>.torchscript.pt)",
-    "images": "image files or folders, comma-separated, for the parity check (default: "
-    f"{DEMO_IMAGES} under $PROJECT_ROOT or the working directory, if it exists)",
-    "max_images": f"how many of those images the check runs (the batch of N; default {DEFAULT_MAX_IMAGES})",
-    "atol": f"the largest absolute difference of logits the check accepts (default {DEFAULT_ATOL:g})",
-}
 
 
 class ParityError(Exception):
@@ -59,68 +48,15 @@ class ParityError(Exception):
 
 
 @dataclass(frozen=True)
-class ExportArgs:
-    ckpt_path: Path
-    format: str = "onnx"
-    output: Path | None = None
-    images: tuple[str, ...] = ()
-    max_images: int = DEFAULT_MAX_IMAGES
-    atol: float = DEFAULT_ATOL
-
-    @property
-    def output_path(self) -> Path:
-        if self.output is not None:
-            return self.output
-        return self.ckpt_path.with_name(self.ckpt_path.stem + FORMATS[self.format])
-
-
-@dataclass(frozen=True)
 class ParityRow:
     batch_size: int
     max_abs_logits: float
     max_abs_probs: float
-    top1_agree: int
+    top1_agree: int  # images with the same decision (top-1 class; multi-label: label set)
 
     @property
     def ok(self) -> bool:
         return self.top1_agree == self.batch_size
-
-
-def usage() -> str:
-    lines = [__doc__.strip(), "", "Arguments (key=value):"]
-    lines += [f"  {key:<11} {text}" for key, text in ARGUMENTS.items()]
-    return "\n".join(lines)
-
-
-def parse_args(argv: Sequence[str]) -> ExportArgs:
-    """Hydra-style ``key=value`` arguments, as train.py takes them."""
-    values: dict[str, str] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep or key not in ARGUMENTS:
-            raise ConfigError(
-                f"unexpected argument {arg!r}: expected key=value with key one of {', '.join(ARGUMENTS)} "
-                "(see --help)."
-            )
-        values[key] = value
-    if not values.get("ckpt_path"):
-        raise ConfigError("ckpt_path=... is required: the checkpoint to export (see --help).")
-    fmt = values.get("format", "onnx").lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt}: expected one of {', '.join(FORMATS)}.")
-    try:
-        max_images = int(values.get("max_images", DEFAULT_MAX_IMAGES))
-        atol = float(values.get("atol", DEFAULT_ATOL))
-    except ValueError as exc:
-        raise ConfigError(f"{exc}: max_images takes an integer, atol a number.") from None
-    if max_images < 2:
-        raise ConfigError(f"max_images={max_images}: the check needs at least 2 images (batch 1 and N).")
-    if not atol >= 0:
-        raise ConfigError(f"atol={atol}: expected a number >= 0.")
-    images = tuple(part for part in values.get("images", "").split(",") if part)
-    output = Path(values["output"]) if values.get("output") else None
-    return ExportArgs(Path(values["ckpt_path"]), fmt, output, images, max_images, atol)
 
 
 # -- what travels with the file ------------------------------------------------------------
@@ -129,13 +65,24 @@ def parse_args(argv: Sequence[str]) -> ExportArgs:
 def model_metadata(module: TransferLearningModule, checkpoint: Path) -> dict[str, Any]:
     preprocessing = module.preprocessing.to_dict()
     size = preprocessing["crop_size"]
+    multilabel = module.task == "multilabel"
+    activation = "sigmoid" if multilabel else "softmax"
+    thresholds = [float(t) for t in module.thresholds] if module.thresholds is not None else None
+    decision = (
+        "a class is called when its sigmoid probability >= its entry of thresholds"
+        if multilabel
+        else "the class of the highest probability"
+    )
     return {
         "class_names": list(module.class_names),
         "preprocessing": preprocessing,
         "input": f"{INPUT_NAME}: float32 [batch, 3, {size}, {size}], RGB; resize the shorter side to "
         "resize_size (interpolation, antialias), center crop crop_size, scale to 0..1, normalize (mean, std)",
         "output": f"{OUTPUT_NAME}: float32 [batch, {len(module.class_names)}], class logits in class_names "
-        "order (softmax for probabilities)",
+        f"order ({activation} for probabilities; {decision})",
+        "activation": activation,
+        "task": module.task,
+        **({"thresholds": thresholds} if multilabel else {}),
         "model": dict(module.hparams["model"]).get("_target_", ""),
         "checkpoint": checkpoint.name,
     }
@@ -153,7 +100,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         import onnx
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return {k: json.loads(v) if k in ("class_names", "preprocessing") else v for k, v in props.items()}
+        nested = ("class_names", "preprocessing", "thresholds")
+        return {k: json.loads(v) if k in nested else v for k, v in props.items()}
     extra = {"metadata.json": ""}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -232,7 +180,7 @@ def find_images(sources: Sequence[str], limit: int) -> tuple[list[Path], str]:
         demo = Path(os.environ.get("PROJECT_ROOT", ".")) / DEMO_IMAGES
         if not demo.is_dir():
             raise ConfigError(
-                f"no images for the parity check: pass images=<folder or image files> (comma-separated); "
+                f"no images for the parity check: pass images=<folder or image file> or a list images=[a,b]; "
                 f"the default, the demo data set {demo}, does not exist here."
             )
         sources, where = [str(demo)], f"{demo} (the demo data set; pass images=... for your own)"
@@ -268,35 +216,42 @@ def parity(
         if got.shape != expected.shape:
             raise ParityError(f"batch of {len(batch)}: exported output {tuple(got.shape)}, "
                               f"PyTorch {tuple(expected.shape)}")  # fmt: skip
+        got_probs, expected_probs = module.probabilities(got), module.probabilities(expected)
+        decided = zip(module.decide(got_probs), module.decide(expected_probs), strict=True)
         rows.append(
             ParityRow(
                 batch_size=len(batch),
                 max_abs_logits=float((got - expected).abs().max()),
-                max_abs_probs=float((got.softmax(-1) - expected.softmax(-1)).abs().max()),
-                top1_agree=int((got.argmax(-1) == expected.argmax(-1)).sum()),
+                max_abs_probs=float((got_probs - expected_probs).abs().max()),
+                top1_agree=sum(a == b for a, b in decided),
             )
         )
     return rows
 
 
-def table(rows: Sequence[ParityRow], atol: float) -> str:
-    lines = [f"{'batch':>5}  {'max |dlogits|':>13}  {'max |dprobs|':>12}  {'top-1 agree':>11}  result"]
+def decision(module: TransferLearningModule) -> str:
+    """What the parity check compares beside the numbers: ``top-1 class`` or ``label set``."""
+    return "label set" if module.task == "multilabel" else "top-1 class"
+
+
+def table(rows: Sequence[ParityRow], atol: float, what: str = "top-1 class") -> str:
+    lines = [f"{'batch':>5}  {'max |dlogits|':>13}  {'max |dprobs|':>12}  {what + ' agree':>17}  result"]
     for r in rows:
         ok = r.ok and r.max_abs_logits <= atol
         lines.append(
             f"{r.batch_size:>5}  {r.max_abs_logits:>13.2e}  {r.max_abs_probs:>12.2e}  "
-            f"{f'{r.top1_agree}/{r.batch_size}':>11}  {'ok' if ok else 'FAIL'}"
+            f"{f'{r.top1_agree}/{r.batch_size}':>17}  {'ok' if ok else 'FAIL'}"
         )
     return "\n".join(lines)
 
 
-def check(rows: Sequence[ParityRow], atol: float, fmt: str) -> None:
+def check(rows: Sequence[ParityRow], atol: float, fmt: str, what: str = "top-1 class") -> None:
     problems = [
         f"batch of {r.batch_size}: max |logit difference| {r.max_abs_logits:.2e} > atol={atol:g}"
         for r in rows
         if not r.max_abs_logits <= atol
     ]
-    problems += [f"batch of {r.batch_size}: top-1 class differs for {r.batch_size - r.top1_agree} image(s)"
+    problems += [f"batch of {r.batch_size}: {what} differs for {r.batch_size - r.top1_agree} image(s)"
                  for r in rows if not r.ok]  # fmt: skip
     if problems:
         raise ParityError(f"the {fmt} model does not match the checkpoint: " + "; ".join(problems))
@@ -325,22 +280,26 @@ def export(args: ExportArgs) -> tuple[Path, list[ParityRow]]:
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {sidecar}")
     print(f"parity check on {len(files)} image(s) from {where}:")
     rows = parity(module, load_runner(output, args.format), files)
-    print(table(rows, args.atol))
-    check(rows, args.atol, args.format)
-    print(f"ok: the {args.format} model matches the checkpoint (atol={args.atol:g}, top-1 identical)")
+    what = decision(module)
+    print(table(rows, args.atol, what))
+    check(rows, args.atol, args.format, what)
+    print(f"ok: the {args.format} model matches the checkpoint (atol={args.atol:g}, {what} identical)")
     return output, rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(usage())
-        return
+def run(args: ExportArgs) -> None:
+    """The command, its arguments read (:mod:`transfer_learning.cli.export`): exit status 0
+    exported and checked, 1 the parity check failed, 2 a usage error (one line on stderr)."""
     try:
-        export(parse_args(argv))
+        export(args)
     except TransferLearningError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``tl-export``: :func:`transfer_learning.cli.export.main`."""
+    cli_export.main(argv)

@@ -11,9 +11,10 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import per_class_metrics, predict_split, worst_samples, write_rows
+from transfer_learning.results.multilabel import multi_hot, save_pr_curves, set_mistakes
 from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import (
     build_summary,
@@ -27,6 +28,7 @@ from transfer_learning.run.loggers import (
     log_checkpoint,
     log_confusion_matrix,
     log_picture,
+    log_pr_curves,
     log_table,
     logger_locations,
 )
@@ -38,7 +40,7 @@ def finish_run(
     cfg: DictConfig,
     trainer: L.Trainer,
     module: TransferLearningModule,
-    datamodule: ImageFolderDataModule,
+    datamodule: ImageDataModule,
     loggers: list[Logger],
     best_path: str,
     fit_metrics: dict[str, float | None],
@@ -74,7 +76,7 @@ def finish_run(
 def _write_report(
     output_dir: Path,
     loggers: list[Logger],
-    confusion: Path,
+    results_picture: Path,
     per_class: list[dict[str, Any]],
     worst: list[dict[str, Any]],
     summary: dict[str, Any],
@@ -88,7 +90,7 @@ def _write_report(
             logger.save()
             csv_path = Path(logger.log_dir) / "metrics.csv"
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    path = write_report(output_dir, summary, overrides, csv_path, confusion, per_class, worst)
+    path = write_report(output_dir, summary, overrides, csv_path, results_picture, per_class, worst)
     for name in ("learning_curves", "learning_rates", "confident_mistakes"):
         if (output_dir / f"{name}.png").is_file():
             log_picture(loggers, f"report/{name}", output_dir / f"{name}.png")
@@ -98,37 +100,73 @@ def _write_report(
 def _report(
     cfg: DictConfig,
     module: TransferLearningModule,
-    datamodule: ImageFolderDataModule,
+    datamodule: ImageDataModule,
     loggers: list[Logger],
     output_dir: Path,
     best_path: str,
     test_metrics: dict[str, float | None],
     summary: dict[str, Any],
 ) -> dict[str, str]:
-    """Rank zero, after testing: the confusion matrix, per-class metrics and the worst validation
-    images, as files in the run folder and (with W&B) as pictures and tables."""
+    """Rank zero, after testing: the confusion matrix (multi-label: the per-class AP table and
+    the precision-recall curves), per-class metrics and the worst validation images, as files in
+    the run folder and (with W&B) as pictures and tables."""
+    names = module.class_names
+    if module.task == "multilabel":
+        picture, per_class = _multilabel_results(module, loggers, output_dir)
+        where = {"precision-recall curves": str(picture)}
+    else:
+        picture, per_class = _confusion_results(module, loggers, output_dir)
+        where = {"confusion matrix": str(picture)}  # counts: confusion_matrix.csv
+    log_table(loggers, "test/per_class", per_class)
+    where["per-class metrics"] = str(write_rows(per_class, output_dir / "per_class_metrics.csv"))
+    limit = int(cfg.get("worst_samples") or 0)
+    worst: list[dict[str, Any]] = []
+    if limit > 0:
+        worst = _worst(module, datamodule, limit)
+        where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
+        log_table(
+            loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
+        )
+    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
+    metadata: dict[str, Any] = {"class_names": names, "task": module.task}
+    if module.thresholds is not None:
+        metadata["thresholds"] = [float(t) for t in module.thresholds]
+    log_checkpoint(
+        loggers, best_path, {**metadata, **{k: v for k, v in test_metrics.items() if v is not None}}
+    )
+    return where
+
+
+def _confusion_results(
+    module: TransferLearningModule, loggers: list[Logger], output_dir: Path
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Single-label: the confusion matrix (picture, counts, W&B plot) and per-class metrics."""
     matrix, names = module.test_confusion_matrix, module.class_names
     assert matrix is not None
     picture = save_confusion_matrix(matrix, names, output_dir / "confusion_matrix.png")
     save_confusion_table(matrix, names, output_dir / "confusion_matrix.csv")
     log_picture(loggers, "test/confusion_matrix", picture)
     log_confusion_matrix(loggers, "test/confusion_matrix_plot", matrix, names)
-    per_class = per_class_metrics(matrix, names)
-    log_table(loggers, "test/per_class", per_class)
-    where = {
-        "confusion matrix": str(picture),  # counts: confusion_matrix.csv
-        "per-class metrics": str(write_rows(per_class, output_dir / "per_class_metrics.csv")),
-    }
-    limit = int(cfg.get("worst_samples") or 0)
-    worst: list[dict[str, Any]] = []
-    if limit > 0:
-        worst = worst_samples(*predict_split(module, datamodule, "val"), names, limit)
-        where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
-        log_table(
-            loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
-        )
-    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
-    log_checkpoint(
-        loggers, best_path, {"class_names": names, **{k: v for k, v in test_metrics.items() if v is not None}}
-    )
-    return where
+    return picture, per_class_metrics(matrix, names)
+
+
+def _multilabel_results(
+    module: TransferLearningModule, loggers: list[Logger], output_dir: Path
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Multi-label: the per-class AP / precision / recall / F1 / support rows and the
+    precision-recall curves (picture and W&B line plot), from the test results."""
+    per_class = list(module.test_results["per_class"])
+    curves = module.test_results["pr_curves"]
+    picture = save_pr_curves(curves, per_class, output_dir / "pr_curves.png")
+    log_picture(loggers, "test/pr_curves", picture)
+    log_pr_curves(loggers, "test/pr_curves_plot", curves)
+    return picture, per_class
+
+
+def _worst(module: TransferLearningModule, datamodule: ImageDataModule, limit: int) -> list[dict[str, Any]]:
+    """The validation samples the model gets most wrong (multi-label: by their worst class)."""
+    files, labels, probs = predict_split(module, datamodule, "val")
+    if module.task != "multilabel":
+        return worst_samples(files, labels, probs, module.class_names, limit)
+    truth = multi_hot(labels, len(module.class_names))
+    return set_mistakes(files, truth, probs, module.decide(probs), module.class_names, limit)

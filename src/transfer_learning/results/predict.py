@@ -1,9 +1,11 @@
 """Predict with a trained checkpoint.
 
-Usage: ``python -m transfer_learning.results.predict CKPT PATH... [--output preds.csv|preds.json]
-[--top-k K] [--batch-size N] [--device auto|cpu|cuda] [--threshold P] [--num-workers N]``
+Usage: ``tl-predict ckpt_path=CKPT images=PATH|[PATH,...] [output=preds.csv|preds.json] [top_k=K]
+[batch_size=N] [device=auto|cpu|cuda] [threshold=P] [num_workers=N]`` (or ``python -m
+transfer_learning.results.predict key=value ...``; ``--help`` lists the options; the command line
+is read in :mod:`transfer_learning.cli.predict`)
 
-* ``PATH`` is an image file, a folder (every image file under it, sorted; hidden entries left
+* Each ``images=`` path is an image file, a folder (every image file under it, sorted; hidden entries left
   out) or a glob pattern (``'photos/**/*.jpg'``, expanded here when no such path exists). Each
   real file is predicted once. Only regular files are read: a FIFO or a device (a link to
   ``/dev/zero``) named on the command line is reported as an error, one in a folder or matched by
@@ -13,13 +15,18 @@ Usage: ``python -m transfer_learning.results.predict CKPT PATH... [--output pred
   tab separated (tabs, newlines and other control characters in names written as ``\\t``,
   ``\\n``, ...). The CSV output neutralises cells a spreadsheet would run as formulas (a leading
   ``'`` before ``= + - @``).
-  ``--output`` also writes every probability to a CSV or JSON file (chosen by its suffix).
+  ``output=`` also writes every probability to a CSV or JSON file (chosen by its suffix).
+* A multi-label checkpoint (``task=multilabel``) gives each image its label set instead: every
+  class whose sigmoid probability reaches the class's threshold (stored in the checkpoint),
+  possibly none. Stdout: path, the label set (``(no label)`` when empty), every class's
+  probability; the CSV: ``file``, ``labels`` (names joined by a space), ``prob_<class>``; no
+  top-k and no ``uncertain`` flag (a maximum softmax probability means nothing here).
 * A file that cannot be read (missing, not an image, truncated) is reported on stderr and in the
   output file, and skipped. Exit status: 0 when every input was predicted, 1 when some were
   bad (the others are still written), 2 for a usage error (an unreadable checkpoint, say).
 * Out-of-distribution heuristic: an image whose top probability is below a threshold is marked
   ``uncertain``. Images far from the training data often, not always, get a low top
-  probability; a confident wrong answer is still possible. ``--threshold P`` sets it; without
+  probability; a confident wrong answer is still possible. ``threshold=P`` sets it; without
   it, ``<checkpoint stem>.threshold.json`` next to the checkpoint (written by the evaluation
   command, key ``max_softmax_threshold``) is used when it exists, else nothing is flagged.
 
@@ -32,12 +39,17 @@ In Python::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m transfer_learning.results.predict`: the command line is
+    # read before torch loads (--help answers at once); the work then imports this module.
+    from transfer_learning.cli.predict import main as command
+
+    raise SystemExit(command())
+
 import argparse
 import csv
 import glob
 import json
 import logging
-import math
 import os
 import stat
 import sys
@@ -53,7 +65,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_pil_image
 from tqdm import tqdm
 
-from transfer_learning.data.datamodule import build_transforms
+from transfer_learning.cli import predict as cli_predict
 from transfer_learning.data.images import (
     Listing,
     NotRegularFile,
@@ -64,6 +76,7 @@ from transfer_learning.data.images import (
     load_rgb,
     to_rgb,
 )
+from transfer_learning.data.transforms import build_transforms
 from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
 from transfer_learning.escaping import csv_dict, visible
 from transfer_learning.model.module import TransferLearningModule
@@ -71,7 +84,6 @@ from transfer_learning.model.module import TransferLearningModule
 Input: TypeAlias = str | Path | Image.Image | torch.Tensor
 THRESHOLD_KEY = "max_softmax_threshold"
 GLOB_CHARACTERS = frozenset("*?[")
-OUTPUT_FORMATS = (".csv", ".json")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,14 @@ class Prediction:
     top_k: list[tuple[str, float]] = field(default_factory=list)
     uncertain: bool = False
     source: str = ""
+    #: Multi-label checkpoints: the predicted label set (every class whose probability reaches its
+    #: threshold; possibly empty), ``label`` those names joined by a space, ``score`` the highest
+    #: probability, ``top_k`` empty (each class has its own sigmoid: no ranking of one answer).
+    labels: list[str] | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels is not None
 
 
 @dataclass(frozen=True)
@@ -264,7 +284,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda (or cuda:N).") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu.")
+        raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible; use device=cpu.")
     return resolved
 
 
@@ -295,7 +315,7 @@ def read_threshold(checkpoint: str | Path) -> float | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"{path} is not a threshold file ({type(exc).__name__}: {exc}); it needs "
-            f'{{"{THRESHOLD_KEY}": P}}. Fix or delete it, or pass --threshold.'
+            f'{{"{THRESHOLD_KEY}": P}}. Fix or delete it, or pass threshold=P.'
         ) from exc
     return check_threshold(value, str(path))
 
@@ -309,6 +329,7 @@ class Classifier:
     def __init__(self, module: TransferLearningModule, threshold: float | None = None) -> None:
         self.module = module.eval()
         self.class_names = list(module.class_names)
+        self.multilabel = module.task == "multilabel"
         self.transform = build_transforms(module.preprocessing, train=False, augment={})
         self.threshold = check_threshold(threshold, "threshold")
         self.threshold_from = "given" if self.threshold is not None else ""
@@ -382,7 +403,12 @@ class Classifier:
                     yield i, BadInput(describe(inputs[i], i), reason)
                 if batch is not None:
                     logits = self.module(batch.to(device, non_blocking=True))
-                    probs = logits.float().softmax(dim=-1).cpu()
+                    probs = self.module.probabilities(logits).cpu()
+                    if self.multilabel:
+                        for i, row, chosen in zip(indices, probs, self.module.decide(probs), strict=True):
+                            yield i, self._label_set(describe(inputs[i], i), row, chosen)
+                        bar.update(len(indices) + len(failed))
+                        continue
                     top = probs.topk(k, dim=-1)
                     for i, row, values, classes in zip(indices, probs, top.values, top.indices, strict=True):
                         yield i, self._prediction(describe(inputs[i], i), row, values, classes)
@@ -400,6 +426,16 @@ class Classifier:
             top_k=ranked,
             uncertain=self.threshold is not None and score < self.threshold,
             source=source,
+        )
+
+    def _label_set(self, source: str, row: torch.Tensor, chosen: Sequence[int]) -> Prediction:
+        labels = [self.class_names[c] for c in chosen]
+        return Prediction(
+            label=" ".join(labels),
+            score=float(row.max()),
+            probabilities=dict(zip(self.class_names, row.tolist(), strict=True)),
+            source=source,
+            labels=labels,
         )
 
     def predict(
@@ -458,6 +494,10 @@ def _number(p: float) -> float:
 def terminal_line(prediction: Prediction, threshold: float | None) -> str:
     """``path  label  probability  [other top-k]  [UNCERTAIN]``, tab separated, on one line:
     tabs, newlines and other control characters in names are written as escapes (``\\t``)."""
+    if prediction.multilabel:  # the label set, then every class's probability
+        chosen = " ".join(visible(n) for n in prediction.labels or []) or "(no label)"
+        every = ", ".join(f"{visible(n)} {p:.3f}" for n, p in prediction.probabilities.items())
+        return "\t".join([visible(prediction.source), chosen, every])
     fields = [visible(prediction.source), visible(prediction.label), f"{prediction.score:.3f}"]
     if len(prediction.top_k) > 1:
         fields.append("then " + ", ".join(f"{visible(n)} {p:.3f}" for n, p in prediction.top_k[1:]))
@@ -466,19 +506,27 @@ def terminal_line(prediction: Prediction, threshold: float | None) -> str:
     return "\t".join(fields)
 
 
-def csv_columns(class_names: Sequence[str], top_k: int) -> list[str]:
+def csv_columns(class_names: Sequence[str], top_k: int, multilabel: bool = False) -> list[str]:
+    if multilabel:  # the label set (names joined by a space), every probability
+        return ["file", "labels", *(f"prob_{n}" for n in class_names), "error"]
     ranks = [f"top{r}_{part}" for r in range(1, top_k + 1) for part in ("label", "prob")]
     return ["file", "label", "score", "uncertain", *ranks, *(f"prob_{n}" for n in class_names), "error"]
 
 
 def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
-              class_names: Sequence[str], top_k: int) -> None:  # fmt: skip
+              class_names: Sequence[str], top_k: int, multilabel: bool = False) -> None:  # fmt: skip
     """One row per image; then one row per skipped input, with only ``file`` and ``error``. Text
     cells that a spreadsheet would run as a formula get a leading ``'`` (:func:`csv_dict`)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=csv_columns(class_names, top_k))
+        writer = csv.DictWriter(f, fieldnames=csv_columns(class_names, top_k, multilabel))
         writer.writeheader()
         for p in predictions:
+            if p.multilabel:
+                cells = {"file": p.source, "labels": p.label, "error": ""}
+                writer.writerow(
+                    csv_dict({**cells, **{f"prob_{n}": f"{v:.9g}" for n, v in p.probabilities.items()}})
+                )
+                continue
             row: dict[str, Any] = {"file": p.source, "label": p.label, "score": f"{p.score:.9g}",
                                    "uncertain": str(p.uncertain).lower(), "error": ""}  # fmt: skip
             for rank, (name, prob) in enumerate(p.top_k, start=1):
@@ -496,6 +544,12 @@ def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadI
         "predictions": [
             {
                 "file": p.source,
+                "labels": p.labels,
+                "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
+            }
+            if p.multilabel
+            else {
+                "file": p.source,
                 "label": p.label,
                 "score": _number(p.score),
                 "uncertain": p.uncertain,
@@ -512,62 +566,6 @@ def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadI
 # -- the command ---------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not (0 <= value <= 1) or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m transfer_learning.results.predict",
-        description="\n\n".join(  # the module doc, less its usage line (argparse prints one)
-            part
-            for part in (__doc__ or "").split("\n\nIn Python")[0].split("\n\n")
-            if not part.startswith("Usage")
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit status: 0 all predicted, 1 some inputs skipped (listed on stderr), 2 usage error.",
-    )
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint written by train.py (.ckpt)")
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    parser.add_argument(
-        "--output", "-o", type=Path, metavar="FILE", help="also write the results to a .csv or .json file"
-    )
-    parser.add_argument(
-        "--top-k", type=positive_int, default=1, metavar="K", help="classes per image (default 1)"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=32, metavar="N", help="images per batch (default 32)"
-    )
-    parser.add_argument(
-        "--device", default="auto", metavar="DEVICE", help="auto (GPU when there is one), cpu, cuda, cuda:N"
-    )
-    parser.add_argument(
-        "--threshold", type=probability, default=None, metavar="P",
-        help="mark images whose top probability is below P as uncertain (default: the value in "
-        "<checkpoint stem>.threshold.json next to the checkpoint, if any; 0 turns it off)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--num-workers", type=int, default=None, metavar="N",
-        help="image decoding processes (default: none for a few batches, else up to 4)",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
-        parser.error(f"--output {args.output}: use a .csv or .json file name")
-    if args.num_workers is not None and args.num_workers < 0:
-        parser.error("--num-workers cannot be negative")
-    return args
-
-
 def auto_workers(n_files: int, batch_size: int) -> int:
     if n_files <= 2 * batch_size:
         return 0
@@ -575,8 +573,14 @@ def auto_workers(n_files: int, batch_size: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command; returns its exit status (argparse exits with 2 on bad arguments)."""
-    args = parse_args(argv)
+    """``tl-predict``: :func:`transfer_learning.cli.predict.main` (its exit status; a mistake in
+    the command line exits with 2 there)."""
+    return cli_predict.main(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command, its arguments read (:func:`transfer_learning.cli.predict.parse_args`);
+    returns its exit status."""
     if not args.checkpoint.is_file():
         print(
             f"error: checkpoint {args.checkpoint} does not exist (train.py writes them to "
@@ -619,10 +623,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             if args.output.suffix.lower() == ".csv":
-                write_csv(args.output, predictions, bad, classifier.class_names, k)
+                write_csv(args.output, predictions, bad, classifier.class_names, k, classifier.multilabel)
             else:
                 header = {"checkpoint": str(args.checkpoint), "classes": classifier.class_names,
-                          "threshold": threshold, "top_k": k}  # fmt: skip
+                          "threshold": threshold, "top_k": k, "task": classifier.module.task}  # fmt: skip
+                if classifier.module.thresholds is not None:
+                    header["thresholds"] = [float(t) for t in classifier.module.thresholds]
                 write_json(args.output, predictions, bad, header)
         except OSError as exc:
             print(f"error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
@@ -638,7 +644,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary += f"; wrote {args.output}"
     print(summary, file=sys.stderr)
     return 1 if bad or not predictions else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

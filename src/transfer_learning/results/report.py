@@ -5,6 +5,9 @@ learning rate, the normalised confusion matrix, the per-class metrics and the va
 images the model got most confidently wrong; the pictures are PNG files beside it, linked
 relatively, so the report renders wherever the run folder is copied. The curves come from the
 run's CSV metrics (kept across resumes), so they need the CSV logger (on by default).
+A multi-label run (``task=multilabel``) shows mean average precision in the curves, the
+precision-recall curves (``pr_curves.png``) where the confusion matrix would be, per-class AP
+and thresholds in the table, and the validation images whose label set is most confidently wrong.
 
 Names go in as they are written: ``|`` and newlines in a class or file name are escaped in the
 tables, and a ``$`` in a picture's title is not a formula. A validation image that cannot be
@@ -52,13 +55,14 @@ def read_metrics(path: Path | None) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def epoch_curves(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[int, float]]:
-    """Per-epoch values of the train and val loss and accuracy (the last logged per epoch)."""
+def epoch_curves(rows: Sequence[Mapping[str, str]], score: str = "acc") -> dict[str, dict[int, float]]:
+    """Per-epoch values of the train and val loss and ``score`` (``acc``; multi-label ``map``,
+    logged for validation only), the last logged per epoch."""
     keys = {
         "train/loss": "train/loss_epoch",
-        "train/acc": "train/acc",
+        "train/acc": f"train/{score}",
         "val/loss": "val/loss",
-        "val/acc": "val/acc",
+        "val/acc": f"val/{score}",
     }
     curves: dict[str, dict[int, float]] = {name: {} for name in keys}
     for row in rows:
@@ -72,9 +76,12 @@ def epoch_curves(rows: Sequence[Mapping[str, str]]) -> dict[str, dict[int, float
     return curves
 
 
-def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path) -> Path | None:
-    """Loss and accuracy per epoch, train and val, side by side in one PNG."""
-    curves = epoch_curves(rows)
+def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path, score: str = "acc") -> Path | None:
+    """Loss and accuracy (multi-label: ``score="map"``) per epoch, train and val, side by side
+    in one PNG."""
+    curves = epoch_curves(rows, score)
+    score_name = "accuracy" if score == "acc" else "mean average precision"
+    loss_name = "cross-entropy loss" if score == "acc" else "binary cross-entropy loss"
     if not any(curves.values()):
         return None
     plt = pyplot()
@@ -85,8 +92,8 @@ def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path) -> Path 
             if points:
                 ax.plot([e + 1 for e, _ in points], [v for _, v in points], style, ms=4, lw=2, label=split)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if kind == "acc" else "cross-entropy loss")
-        ax.set_title("Accuracy" if kind == "acc" else "Loss")
+        ax.set_ylabel(score_name if kind == "acc" else loss_name)
+        ax.set_title(score_name.capitalize() if kind == "acc" else "Loss")
         ax.grid(alpha=0.3)
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -171,7 +178,8 @@ def plot_confident_mistakes(
     for ax, (row, image) in zip(axes.flat, drawn, strict=False):
         ax.imshow(image)
         ax.set_title(
-            f"true: {row['true']}\npredicted: {row['predicted']} ({float(row['confidence']):.0%})",
+            f"true: {row['true'] or '(none)'}\npredicted: {row['predicted'] or '(none)'} "
+            f"({float(row['confidence']):.0%})",
             fontsize=9, color="firebrick", parse_math=False,
         )  # fmt: skip
     fig.suptitle("Most confidently wrong validation images", fontsize=13)
@@ -190,6 +198,8 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[st
     """A Markdown table; each cell on one line, with its ``|`` escaped (:func:`markdown_cell`)."""
 
     def cell(value: Any) -> str:
+        if value is None:
+            return "-"
         return f"{value:.4f}" if isinstance(value, float) else markdown_cell(value)
 
     return [
@@ -204,13 +214,16 @@ def write_report(
     summary: Mapping[str, Any],
     overrides: Sequence[str],
     metrics_csv: Path | None,
-    confusion_png: Path | None,
+    results_png: Path | None,
     per_class: Sequence[Mapping[str, Any]],
     worst: Sequence[Mapping[str, Any]],
 ) -> Path:
-    """Write ``folder/report.md`` and its pictures; return the report's path."""
+    """Write ``folder/report.md`` and its pictures; return the report's path. ``results_png``:
+    the confusion matrix, or for a multi-label run (``summary["task"]``) the precision-recall
+    curves, whose ``per_class`` rows also carry AP and the threshold."""
+    multilabel = summary.get("task") == "multilabel"
     rows = read_metrics(metrics_csv)
-    curves = plot_learning_curves(rows, folder / "learning_curves.png")
+    curves = plot_learning_curves(rows, folder / "learning_curves.png", "map" if multilabel else "acc")
     rates = plot_learning_rates(rows, folder / "learning_rates.png")
     skipped: list[tuple[str, str]] = []
     mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png", skipped=skipped)
@@ -223,8 +236,9 @@ def write_report(
             return [f"## {title}", "", f"_{missing}_", ""]
         return [f"## {title}", "", f"![{title}]({path.relative_to(folder).as_posix()})", ""]
 
-    headline = ("model", "strategy", "classes", "images train/val/test", "epochs run", "best val/acc",
-                "test/acc", "test/f1", "best checkpoint")  # fmt: skip
+    headline = ("model", "strategy", "task", "classes", "images train/val/test", "epochs run", "best val/acc",
+                "best val/map", "test/acc", "test/map", "test/f1", "test/f1_micro", "test/exact_match",
+                "thresholds", "best checkpoint")  # fmt: skip
     lines = [f"# Run report: {summary.get('model')} with {summary.get('strategy')}", ""]
     lines += _table(
         [{"": k, "value": summary[k]} for k in headline if summary.get(k) is not None], ["", "value"]
@@ -235,9 +249,14 @@ def write_report(
     no_csv = "No CSV metrics in this run (logger without csv): no curves."
     lines += picture("Learning curves", curves, no_csv)
     lines += picture("Learning rate of each param group", rates, no_csv)
-    lines += picture("Confusion matrix (test, rows normalised)", confusion_png, "No test confusion matrix.")
+    if multilabel:
+        lines += picture("Precision-recall curves (test)", results_png, "No test precision-recall curves.")
+        columns = ["class", "ap", "precision", "recall", "f1", "support", "threshold"]
+    else:
+        lines += picture("Confusion matrix (test, rows normalised)", results_png, "No test confusion matrix.")
+        columns = ["class", "precision", "recall", "f1", "support"]
     lines += ["## Per-class metrics (test)", ""]
-    lines += [*_table(per_class, ["class", "precision", "recall", "f1", "support"]), ""]
+    lines += [*_table(per_class, columns), ""]
     lines += picture(
         "Most confidently wrong validation images",
         mistakes,

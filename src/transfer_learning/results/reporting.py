@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_learning.data.datamodule import ImageFolderDataModule
+from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.escaping import csv_row, visible
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.report import pyplot
@@ -35,7 +35,7 @@ def best_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
 def build_summary(
     trainer: L.Trainer,
     module: TransferLearningModule,
-    datamodule: ImageFolderDataModule,
+    datamodule: ImageDataModule,
     model_name: str,
     fit_metrics: Mapping[str, float | None],
     test_metrics: Mapping[str, float | None],
@@ -51,6 +51,8 @@ def build_summary(
         "pretrained backbone": "yes" if module.net.pretrained else "NO (random init, model.weights=null)",
         "strategy": module.strategy.name,
         "input size": module.preprocessing.crop_size,
+        "data": datamodule.describe(),
+        "task": module.task,
         "classes": f"{len(names)} ({shorten(names)})",
         "parameters": _parameters(facts) if facts else None,
         "batch size": _batch(facts) if facts else None,
@@ -59,18 +61,32 @@ def build_summary(
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
         "linear probe": _probe(module.probe_result),
         "epochs run": trainer.current_epoch,
-        "best val/acc": number(best_score) if best_score is not None else fit_metrics.get("val/acc"),
+        f"best {module.monitor}": number(best_score)
+        if best_score is not None
+        else fit_metrics.get(module.monitor),
+        "thresholds": _thresholds(module),
         **{k: v for k, v in test_metrics.items() if k != "test/loss"},
         "best checkpoint": (checkpoint.best_model_path if checkpoint else "") or "(none saved)",
         "output dir": str(output_dir),
     }
 
 
+def _thresholds(module: TransferLearningModule) -> str | None:
+    """Multi-label: each class's decision threshold (chosen on validation)."""
+    if module.thresholds is None:
+        return None
+    pairs = zip(module.class_names, module.thresholds.tolist(), strict=True)
+    return ", ".join(f"{name} {value:.3f}" for name, value in pairs)
+
+
 def _probe(result: Mapping[str, float] | None) -> str | None:
-    """LP-FT: how the head started fine-tuning."""
+    """What the strategy's step before fit returned: for LP-FT, how the head started fine-tuning;
+    for any other strategy, its numbers as they are."""
     if not result:
         return None
-    return f"val acc {result['val_acc']:.4f} before fine-tuning (L2 {result['weight_decay']:.0e})"
+    if {"val_acc", "weight_decay"} <= set(result):
+        return f"val acc {result['val_acc']:.4f} before fine-tuning (L2 {result['weight_decay']:.0e})"
+    return ", ".join(f"{name} {value:.4g}" for name, value in result.items())
 
 
 def _count(n: int) -> str:

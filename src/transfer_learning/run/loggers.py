@@ -7,7 +7,7 @@ import csv
 import logging
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlparse
@@ -134,6 +134,27 @@ def log_confusion_matrix(
                 preds += [j] * int(count)
         plot = wandb.plot.confusion_matrix(
             y_true=y_true, preds=preds, class_names=list(class_names), title="Test confusion matrix"
+        )
+        logger.experiment.log({key: plot})
+
+
+def log_pr_curves(
+    loggers: Sequence[Logger], key: str, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]
+) -> None:
+    """Multi-label: W&B's line plot of each class's precision-recall curve (recall across),
+    where single-label runs log the confusion matrix. A class without positives has no curve."""
+    drawn = {name: curve for name, curve in curves.items() if curve[0]}
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or not drawn:
+            continue
+        import wandb
+
+        plot = wandb.plot.line_series(
+            xs=[list(recall) for _, recall in drawn.values()],
+            ys=[list(precision) for precision, _ in drawn.values()],
+            keys=list(drawn),
+            title="Test precision-recall curves",
+            xname="recall",
         )
         logger.experiment.log({key: plot})
 

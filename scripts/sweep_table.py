@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transfer_learning.run.sweeps import metric_mode, summarize_sweep
+from omegaconf import OmegaConf
+
+from transfer_learning.run.sweeps import collect, metric_mode, summarize_sweep, sweep_metric
 
 
 def main() -> None:
@@ -18,15 +20,17 @@ def main() -> None:
     )
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument(
-        "--metric", default="val/acc_best", help="the column to sort by (default val/acc_best)"
+        "--metric",
+        default="auto",
+        help="the column to sort by (default: the jobs' optimized_metric, e.g. val/acc_best)",
     )
     parser.add_argument("--mode", choices=("max", "min"), help="default: min for losses, else max")
     args = parser.parse_args()
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder (expected logs/<task>/multiruns/<date>)")
-    _, text = summarize_sweep(
-        args.sweep_dir.resolve(), args.metric, args.mode or metric_mode(None, args.metric)
-    )
+    sweep_dir = args.sweep_dir.resolve()
+    metric = sweep_metric(OmegaConf.create({"optimized_metric": args.metric}), collect(sweep_dir))
+    _, text = summarize_sweep(sweep_dir, metric, args.mode or metric_mode(None, metric))
     print(text)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from helpers import build, trainer
+from helpers import build, run_cli, trainer
 from transfer_learning.errors import ConfigError
 from transfer_learning.model.strategies import FeatureExtraction, FineTuning
 
@@ -197,3 +198,68 @@ def test_resuming_feature_extraction_keeps_the_backbone_frozen_and_the_groups(tm
     assert modes.backbone_training == [False] * len(modes.backbone_training)
     (group,) = second.optimizers[0].param_groups
     assert group["name"] == "head" and group["lr"] == pytest.approx(0.1)  # conf/strategy/feature_extract.yaml
+
+
+# -- the best-checkpoint monitor follows the task ---------------------------------------------
+
+
+@pytest.mark.parametrize(("monitor", "best"), [("val/acc", "val/acc_best"), ("val/map", "val/map_best")])
+def test_monitor_auto_follows_the_task_and_an_explicit_metric_stays(tmp_path, monitor, best):
+    from transfer_learning.run.config import compose_config
+    from transfer_learning.run.sweeps import optimized_metric
+    from transfer_learning.run.train import resolve_monitor
+
+    cfg = compose_config(["callbacks=early_stopping"], output_dir=tmp_path)
+    assert cfg.callbacks.model_checkpoint.monitor == "auto" and cfg.optimized_metric == "auto"
+    assert optimized_metric(cfg, {best: 0.5}) == best  # a job's metric before the run resolves it
+    resolve_monitor(cfg, monitor)
+    assert cfg.callbacks.model_checkpoint.monitor == monitor
+    assert cfg.callbacks.early_stopping.monitor == monitor
+    assert cfg.callbacks.last_checkpoint.monitor is None  # monitors nothing, as configured
+    assert cfg.optimized_metric == best
+
+    explicit = compose_config(
+        ["callbacks=early_stopping", "callbacks.model_checkpoint.monitor=val/loss",
+         "callbacks.model_checkpoint.mode=min", "callbacks.early_stopping.monitor=val/f1",
+         "optimized_metric=val/f1"],
+        output_dir=tmp_path,
+    )  # fmt: skip
+    resolve_monitor(explicit, monitor)
+    assert explicit.callbacks.model_checkpoint.monitor == "val/loss"
+    assert explicit.callbacks.early_stopping.monitor == "val/f1"
+    assert explicit.optimized_metric == "val/f1" and optimized_metric(explicit, {}) == "val/f1"
+
+
+def test_the_sweep_table_sorts_an_auto_sweep_by_what_its_jobs_resolved(tmp_path):
+    from omegaconf import OmegaConf
+
+    from transfer_learning.run.sweeps import sweep_metric, sweep_rows
+
+    records = [
+        {"job": n, "overrides": [f"lr={n}"], "status": "ok", "optimized_metric": "val/map_best",
+         "metrics": {"val/map_best": v, "test/map": v / 2}, "output_dir": f"/x/{n}"}
+        for n, v in enumerate([0.5, 0.9])
+    ]  # fmt: skip
+    metric = sweep_metric(OmegaConf.create({"optimized_metric": "auto"}), records)
+    assert metric == "val/map_best"
+    assert sweep_metric(OmegaConf.create({"optimized_metric": "val/loss"}), records) == "val/loss"
+    rows = sweep_rows(records, metric, "max")
+    assert [r["job"] for r in rows] == [1, 0] and rows[0]["best"] == "*" and rows[0]["test/map"] == 0.45
+
+
+@pytest.mark.slow
+def test_a_multilabel_run_keeps_its_best_checkpoint_by_val_map(multilabel_dir, tmp_path):
+    result = run_cli(
+        tmp_path, "data=csv", f"data.file={multilabel_dir / 'labels.csv'}", "data.label_column=labels",
+        "task=multilabel", "input.image_size=32", "data.batch_size=16", "trainer.max_epochs=2", "logger=csv",
+        f"paths.feature_cache_dir={tmp_path / 'cache'}", "callbacks=early_stopping",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["best val/map"] <= 1.0
+    saved = torch.load(summary["best checkpoint"], map_location="cpu", weights_only=True)
+    states = saved["callbacks"]
+    (best,) = [k for k in states if k.startswith("ModelCheckpoint") and "'monitor': None" not in k]
+    (stopping,) = [k for k in states if k.startswith("EarlyStopping")]
+    assert "'monitor': 'val/map'" in best and "'monitor': 'val/map'" in stopping, list(states)
+    assert float(states[best]["best_model_score"]) == pytest.approx(summary["best val/map"], abs=1e-4)

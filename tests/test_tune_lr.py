@@ -221,3 +221,27 @@ def test_tune_lr_with_ckpt_path_is_refused_without_a_traceback(tmp_path, shapes_
         f"tune_lr=true with ckpt_path={tmp_path}/last.ckpt: a resumed run keeps the learning rates" in output
     )
     assert "Traceback" not in output
+
+
+def test_the_finder_scales_the_rates_a_strategy_names_in_lr_names_only():
+    from transfer_learning.model.strategies import FeatureExtraction, FineTuning
+    from transfer_learning.run.lr_finder import _rates
+
+    class WithWarmup(FineTuning):
+        lr_names = ("backbone_lr", "head_lr", "neck_lr")
+
+        def __init__(self) -> None:
+            super().__init__(head_lr=1e-3, backbone_lr=1e-4)
+            self.neck_lr = 5e-4
+            self.warmup_lr = 1e-6  # named like a rate, but not one the strategy lists
+
+    assert _rates(WithWarmup()) == {"head_lr": 1e-3, "backbone_lr": 1e-4, "neck_lr": 5e-4}
+    # feature_extract accepts backbone_lr (one search space for both) but does not list it.
+    assert _rates(FeatureExtraction(head_lr=0.1)) == {"head_lr": 0.1}
+
+    class Broken(FineTuning):
+        lr_names = ("head_lr", "schedule_lr")
+        schedule_lr = "cosine"
+
+    with pytest.raises(ConfigError, match="lists 'schedule_lr' in lr_names, but its value is 'cosine'"):
+        _rates(Broken())

@@ -11,8 +11,9 @@ falls fastest against log(lr), computed here from the recorded curve: Lightning 
 :func:`steepest_descent`).
 
 The sweep has one rate for all groups; this template has several (backbone and head, one per
-block with ``layer_decay``), so the suggestion becomes ``head_lr`` and every other ``*_lr`` of the
-strategy is scaled by the same factor: the configured ratios between the groups hold.
+block with ``layer_decay``), so the suggestion becomes ``head_lr`` and every other rate the
+strategy names in :attr:`~transfer_learning.model.strategies.Strategy.lr_names` is scaled by the
+same factor: the configured ratios between the groups hold.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import inspect
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from transfer_learning.errors import ConfigError
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.model.strategies import Strategy
 from transfer_learning.results.report import pyplot
 from transfer_learning.run.loggers import log_picture
 
@@ -138,13 +139,20 @@ def tune_learning_rate(
     return summary
 
 
-def _rates(strategy: Any) -> dict[str, float]:
-    """The strategy's learning rates: its ``*_lr`` attributes that are set, head_lr first."""
-    found = {
-        name: float(value)
-        for name, value in vars(strategy).items()
-        if name.endswith("_lr") and isinstance(value, int | float) and not isinstance(value, bool)
-    }
+def _rates(strategy: Strategy) -> dict[str, float]:
+    """The learning rates the strategy declares in ``lr_names`` (its own hook, not attribute names
+    guessed from a pattern), head_lr first; a name that is unset (None) is left out."""
+    found: dict[str, float] = {}
+    for name in strategy.lr_names:
+        value = getattr(strategy, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(
+                f"strategy={strategy.name} lists {name!r} in lr_names, but its value is {value!r}, "
+                "not a learning rate: lr_names names the strategy's float learning-rate attributes."
+            )
+        found[name] = float(value)
     return dict(sorted(found.items(), key=lambda item: item[0] != "head_lr"))
 
 

@@ -88,7 +88,6 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
     the trial failed) and the sweep goes on; the sweep summary lists it and the command exits
     non-zero at the end.
     """
-    metric = str(cfg.get("optimized_metric") or "")
     multirun = in_multirun()
     output_dir = Path(str(cfg.paths.output_dir))
     started = time.time()
@@ -125,9 +124,19 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
                 # The scheduler's id of this job: SLURM's, or submitit's on this machine.
                 cluster_job_id=os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"),
             )
-            _write_job(cfg, record)
-    value = record["metrics"].get(metric)
+            _write_job(cfg, {"optimized_metric": optimized_metric(cfg, record["metrics"]), **record})
+    value = record["metrics"].get(optimized_metric(cfg, record["metrics"]))
     return float(value) if value is not None else None
+
+
+def optimized_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> str:
+    """The metric a job returns: ``optimized_metric`` as set, or for ``auto`` (which the run
+    resolves to ``<module.monitor>_best``) the task's best validation score among ``metrics``:
+    ``val/map_best`` for a multilabel run, ``val/acc_best`` otherwise."""
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric != "auto":
+        return metric
+    return "val/map_best" if "val/map_best" in metrics else "val/acc_best"
 
 
 @contextmanager
@@ -167,7 +176,6 @@ def _write_job(cfg: DictConfig, record: dict[str, Any]) -> None:
     record = {
         "job": hydra.job.num,
         "overrides": list(hydra.overrides.task),
-        "optimized_metric": str(cfg.get("optimized_metric") or ""),
         **record,
     }
     path = Path(record["output_dir"]) / JOB_FILE
@@ -260,6 +268,10 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
         v = (record.get("metrics") or {}).get(key)
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
+    # The test score beside the validation one: test/map for val/map_best, test/acc otherwise.
+    test_key = "test/acc"
+    if metric.startswith("val/"):
+        test_key = "test/" + metric.removeprefix("val/").removesuffix("_best")
     rows = []
     for record, overrides in zip(records, _varying(records), strict=True):
         ok = record.get("status") == "ok"
@@ -269,7 +281,7 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
                 "job": record.get("job"),
                 "overrides": " ".join(overrides) or "(none)",
                 metric: value(record, metric),
-                "test/acc": value(record, "test/acc"),
+                test_key: value(record, test_key),
                 "epochs": record.get("epochs"),
                 "wall_s": round(float(record["wall_s"])) if record.get("wall_s") is not None else None,
                 "status": "ok" if ok else f"{record.get('status')}: {record.get('error')}",
@@ -333,6 +345,22 @@ def summarize_sweep(sweep_dir: Path, metric: str, mode: str) -> tuple[list[dict[
     return rows, "\n".join(text)
 
 
+NOT_SET = (None, "", "auto")
+
+
+def sweep_metric(config: DictConfig, records: Sequence[Mapping[str, Any]]) -> str:
+    """The metric a sweep is sorted by: ``optimized_metric``, or with ``optimized_metric=auto``
+    the one its jobs resolved it to (``<module.monitor>_best``: val/acc_best for multiclass data,
+    val/map_best for multilabel), recorded in each job's ``job.json``."""
+    metric = str(config.get("optimized_metric") or "auto")
+    if metric != "auto":
+        return metric
+    resolved = [
+        str(r["optimized_metric"]) for r in records if r.get("optimized_metric") not in (None, "", "auto")
+    ]
+    return resolved[0] if resolved else "val/acc_best"
+
+
 class SweepSummary(Callback):
     """Hydra callback (conf/hydra/default.yaml): the results table at the end of a multirun.
 
@@ -346,7 +374,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).resolve()
-        metric = str(config.get("optimized_metric") or "val/acc_best")
+        metric = sweep_metric(config, collect(sweep_dir))
         rows, text = summarize_sweep(sweep_dir, metric, metric_mode(config, metric))
         print(text, flush=True)
         failed = [row for row in rows if row["status"] != "ok"]

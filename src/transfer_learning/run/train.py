@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.errors import ConfigError
 from transfer_learning.results.analysis import (
@@ -45,6 +45,22 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+AUTO = "auto"
+
+
+def resolve_monitor(cfg: DictConfig, monitor: str) -> None:
+    """``monitor: auto`` of every callback in ``cfg.callbacks`` (the best checkpoint, early
+    stopping) becomes ``monitor``, the task's validation metric (``module.monitor``: val/acc for
+    multiclass, val/map for multilabel), and ``optimized_metric: auto`` becomes ``<monitor>_best``,
+    in place, before the callbacks are built; an explicitly named metric stays as it is."""
+    with open_dict(cfg):
+        for callback in (cfg.get("callbacks") or {}).values():
+            if isinstance(callback, DictConfig) and callback.get("monitor") == AUTO:
+                callback.monitor = monitor
+        if cfg.get("optimized_metric") == AUTO:
+            cfg.optimized_metric = f"{monitor}_best"
 
 
 def check_trainer(cfg: DictConfig) -> None:
@@ -99,6 +115,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    resolve_monitor(cfg, module.monitor)
     callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption, RandomState()]
     loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(

@@ -14,6 +14,8 @@ from helpers import check_run, run_cli
 from transfer_learning.data.demo import CLASSES
 from transfer_learning.results.predict import Classifier
 
+PREDICT = [sys.executable, "-m", "transfer_learning.results.predict"]
+
 
 def check_checkpoint_predicts(summary: dict, data_root: Path, image_size: int) -> Classifier:
     classifier = Classifier.from_checkpoint(summary["best checkpoint"])
@@ -51,7 +53,7 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
     # The prediction command prints one line per image: path, class name, probability.
     star = shapes_dir / "star" / "0001.jpg"
     printed = subprocess.run(
-        [sys.executable, "-m", "transfer_learning.results.predict", summary["best checkpoint"], str(star)],
+        [*PREDICT, f"ckpt_path={summary['best checkpoint']}", f"images={star}"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import REPO, run_cli
+from transfer_learning.cli import export as cli
 from transfer_learning.data.images import list_images, load_rgb
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results import export as ex
@@ -38,8 +39,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> dict
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt = Path(json.loads((tmp_path / "run" / "summary.json").read_text())["best checkpoint"])
     out: dict[str, Any] = {"ckpt": ckpt, "module": TransferLearningModule.load_for_inference(ckpt)}
-    for fmt in ex.FORMATS:
-        out[fmt] = ex.export(ex.parse_args([f"ckpt_path={ckpt}", f"format={fmt}", f"images={shapes_dir}"]))
+    for fmt in cli.FORMATS:
+        out[fmt] = ex.export(cli.parse_args([f"ckpt_path={ckpt}", f"format={fmt}", f"images={shapes_dir}"]))
     return out
 
 
@@ -74,12 +75,12 @@ def test_files_and_metadata_next_to_the_checkpoint(exported: dict[str, Any]) -> 
     assert inp.name == "images" and isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 48, 48]
 
 
-@pytest.mark.parametrize("fmt", list(ex.FORMATS))
+@pytest.mark.parametrize("fmt", list(cli.FORMATS))
 def test_parity_on_real_images_batch_1_and_n(exported: dict[str, Any], shapes_dir: Path, fmt: str) -> None:
     path, rows = exported[fmt]
-    assert [r.batch_size for r in rows] == [1, ex.DEFAULT_MAX_IMAGES]
+    assert [r.batch_size for r in rows] == [1, cli.DEFAULT_MAX_IMAGES]
     for r in rows:
-        assert r.top1_agree == r.batch_size and r.max_abs_logits <= ex.DEFAULT_ATOL, r
+        assert r.top1_agree == r.batch_size and r.max_abs_logits <= cli.DEFAULT_ATOL, r
     # Independently of the command: another batch size, other files, the file's own runtime.
     files = list_images(shapes_dir).files[1::7][:5]
     expected = reference(exported["module"], files)
@@ -87,7 +88,7 @@ def test_parity_on_real_images_batch_1_and_n(exported: dict[str, Any], shapes_di
     got = torch.from_numpy(ex.load_runner(path, fmt)(torch.stack([transform(load_rgb(f)) for f in files])))
     assert got.shape == (5, 5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert float((got - expected).abs().max()) <= ex.DEFAULT_ATOL
+    assert float((got - expected).abs().max()) <= cli.DEFAULT_ATOL
 
 
 def test_fails_loudly_beyond_the_tolerance(
@@ -131,24 +132,6 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert "nope.ckpt does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["format=onnx"], "ckpt_path=... is required"),
-        (["ckpt_path=x.ckpt", "format=tflite"], "format=tflite"),
-        (["ckpt_path=x.ckpt", "batch=3"], "unexpected argument 'batch=3'"),
-    ],
-)
-def test_bad_arguments(
-    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)  # no data/demo_shapes here
-    out = io.StringIO()
-    with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(out):
-        ex.main(args)
-    assert exc.value.code == 2 and message in out.getvalue()
-
-
 def test_no_images_and_no_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PROJECT_ROOT", raising=False)
@@ -162,13 +145,6 @@ def test_no_images_and_no_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         (demo / f"{i}.png").write_bytes(b"")
     files, where = ex.find_images([], 8)
     assert len(files) == 3 and "demo" in where
-
-
-def test_help() -> None:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        ex.main(["--help"])
-    assert "ckpt_path" in out.getvalue() and "atol" in out.getvalue()
 
 
 def readme_snippet(text: str) -> str:

@@ -1,5 +1,6 @@
-"""`python -m transfer_learning.results.predict` and `Classifier`: folders, globs and bad files, batched
-inference, top-k, CSV/JSON output, the Python API's inputs, and the uncertainty threshold."""
+"""`tl-predict ckpt_path=... images=...` (`python -m transfer_learning.results.predict`) and
+`Classifier`: folders, globs and bad files, batched inference, top-k, CSV/JSON output, the Python
+API's inputs, and the uncertainty threshold."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
 
 CLASSES = ["circle", "cross", "square", "star", "triangle"]
+
+
+def images(*paths: str | Path) -> str:
+    """The ``images=`` argument naming ``paths``: a list, as a user types it."""
+    return "images=[" + ",".join(map(str, paths)) + "]"
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,7 @@ def mixed_folder(root: Path, shapes_dir: Path) -> dict[str, list[Path]]:
 def module_probabilities(checkpoint: Path, files: list[Path]) -> torch.Tensor:
     """The checkpoint's own probabilities, computed without predict.py: the module on the
     validation preprocessing of each file."""
-    from transfer_learning.data.datamodule import build_transforms
+    from transfer_learning.data.transforms import build_transforms
 
     module = TransferLearningModule.load_for_inference(checkpoint)
     transform = build_transforms(module.preprocessing, train=False, augment={})
@@ -123,20 +129,11 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
     made = mixed_folder(tmp_path, shapes_dir)
     missing = tmp_path / "missing.jpg"
     pattern = str(tmp_path / "extra" / "*.jpg")
-    args = [
-        str(checkpoint),
-        str(tmp_path / "photos"),
-        str(missing),
-        pattern,
-        "--top-k",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    args = [f"ckpt_path={checkpoint}", images(tmp_path / "photos", missing, pattern), "top_k=2", "device=cpu"]
     expected_files = [*sorted(made["good"]), *made["globbed"]]
     reference = module_probabilities(checkpoint, expected_files)
 
-    assert main([*args, "--output", str(tmp_path / "preds.csv")]) == 1
+    assert main([*args, f"output={tmp_path / 'preds.csv'}"]) == 1
     printed = capsys.readouterr()
     with open(tmp_path / "preds.csv") as f:
         rows = list(csv.DictReader(f))
@@ -148,7 +145,7 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
         assert values == pytest.approx(probs.tolist(), abs=1e-5)
         assert row["label"] == CLASSES[int(probs.argmax())] == row["top1_label"]
         assert float(row["score"]) == float(row["top1_prob"]) >= float(row["top2_prob"])
-        assert row["uncertain"] == "false"  # no threshold file, no --threshold
+        assert row["uncertain"] == "false"  # no threshold file, no threshold=
     errors = {r["file"]: r["error"] for r in rows if r["error"]}
     assert errors == {
         str(missing): "No such file or directory",
@@ -169,7 +166,7 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
     assert "5 image(s) predicted on cpu, 4 input(s) skipped" in printed.err
 
     # JSON: the same content, with the errors in their own list.
-    assert main([*args, "--output", str(tmp_path / "preds.json")]) == 1
+    assert main([*args, f"output={tmp_path / 'preds.json'}"]) == 1
     capsys.readouterr()
     data = json.loads((tmp_path / "preds.json").read_text())
     assert data["classes"] == CLASSES
@@ -182,7 +179,7 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
     assert {e["file"]: e["error"] for e in data["errors"]} == errors
 
     # Nothing bad: exit status 0.
-    assert main([str(checkpoint), *map(str, made["globbed"]), "--device", "cpu"]) == 0
+    assert main([f"ckpt_path={checkpoint}", images(*made["globbed"]), "device=cpu"]) == 0
 
 
 @pytest.mark.slow
@@ -191,8 +188,8 @@ def test_top_k_and_batch_size(tmp_path, shapes_dir, checkpoint, capsys):
     outputs = {}
     for batch_size, top_k in ((2, 3), (64, 3), (1, 99)):
         out = tmp_path / f"b{batch_size}_k{top_k}.json"
-        code = main([str(checkpoint), *files, "--batch-size", str(batch_size), "--top-k", str(top_k),
-                     "--device", "cpu", "-o", str(out)])  # fmt: skip
+        code = main([f"ckpt_path={checkpoint}", images(*files), f"batch_size={batch_size}", f"top_k={top_k}",
+                     "device=cpu", f"output={out}"])  # fmt: skip
         assert code == 0
         outputs[batch_size, top_k] = json.loads(out.read_text())["predictions"]
     capsys.readouterr()
@@ -252,7 +249,7 @@ def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_
     assert flagged == [s < cut for s in scores] and any(flagged) and not all(flagged)
 
     out = tmp_path / "preds.csv"
-    assert main([str(ckpt), *map(str, files), "--device", "cpu", "-o", str(out)]) == 0
+    assert main([f"ckpt_path={ckpt}", images(*files), "device=cpu", f"output={out}"]) == 0
     printed = capsys.readouterr()
     with open(out) as f:
         assert [r["uncertain"] == "true" for r in csv.DictReader(f)] == flagged
@@ -262,47 +259,60 @@ def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_
         f"{sum(flagged)} uncertain (top probability < {cut:.3f}, from {threshold_file(ckpt).name})"
         in printed.err
     )
-    # --threshold wins over the file; 0 flags nothing.
-    assert main([str(ckpt), *map(str, files), "--device", "cpu", "--threshold", "0"]) == 0
+    # threshold= wins over the file; 0 flags nothing.
+    assert main([f"ckpt_path={ckpt}", images(*files), "device=cpu", "threshold=0"]) == 0
     assert "UNCERTAIN" not in capsys.readouterr().out
     # A damaged threshold file is a usage error, named.
     threshold_file(ckpt).write_text("{not json")
-    assert main([str(ckpt), str(files[0]), "--device", "cpu"]) == 2
+    assert main([f"ckpt_path={ckpt}", f"images={files[0]}", "device=cpu"]) == 2
     assert f"{threshold_file(ckpt)} is not a threshold file" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
-    images = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
+    pictures = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
     # The real entry point: one tab-separated line per image on stdout, problems on stderr.
-    command = [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), *map(str, images)]
+    command = [sys.executable, "-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}"]
     result = subprocess.run(
-        [*command, "missing.jpg"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [*command, images(*pictures, "missing.jpg")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert result.returncode == 1, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in pictures]
     _, label, score = lines[0].split("\t")
     assert label in CLASSES and 0 < float(score) <= 1
     assert "error: cannot read image missing.jpg: No such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
     # All good: 0. A usage error: 2, with a message and no traceback.
-    assert main([str(checkpoint), *map(str, images), "--device", "cpu"]) == 0
+    assert main([f"ckpt_path={checkpoint}", images(*pictures), "device=cpu"]) == 0
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[:4000])
     for ckpt, message in (
         (tmp_path / "nope.ckpt", "does not exist"),
         (truncated, "cannot read checkpoint"),
-        (images[0], "cannot read checkpoint"),
+        (pictures[0], "cannot read checkpoint"),
     ):
         capsys.readouterr()
-        assert main([str(ckpt), str(images[0])]) == 2
+        assert main([f"ckpt_path={ckpt}", f"images={pictures[0]}"]) == 2
         assert message in capsys.readouterr().err
-    for bad_args, message in (
-        (["-o", "preds.txt"], "use a .csv or .json file name"),
-        (["--top-k", "0"], "must be at least 1"),
-        (["--threshold", "1.5"], "must be a probability"),
+    for bad_arg, message in (
+        ("output=preds.txt", "output=preds.txt: output must be a file name ending in .csv or .json."),
+        ("top_k=0", "top_k=0: top_k must be an integer >= 1."),
+        ("threshold=1.5", "threshold=1.5: threshold must be a number in [0, 1]."),
+        ("topk=3", "unknown option 'topk': did you mean top_k?"),
     ):
         with pytest.raises(SystemExit) as exit_info:
-            main([str(checkpoint), str(images[0]), *bad_args])
+            main([f"ckpt_path={checkpoint}", f"images={pictures[0]}", bad_arg])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # The old form (positional checkpoint and images, --flags): the command in the new form.
+    old = [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), *map(str, pictures),
+           "--top-k", "3", "-o", "preds.csv"]  # fmt: skip
+    result = subprocess.run(old, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    new = f"tl-predict ckpt_path={checkpoint} {images(*pictures)!r} output=preds.csv top_k=3"
+    assert result.stderr.strip().endswith(f"write: {new}"), result.stderr
+    assert not (tmp_path / "preds.csv").exists()

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 from helpers import REPO
-from transfer_learning.data.demo import generate_shapes
+from transfer_learning.data.demo import generate_multilabel_shapes, generate_shapes
 from transfer_learning.model.backbones.torchvision_models import torchvision_cache_file
 from transfer_learning.run.config import CONF_DIR
 
@@ -106,7 +107,7 @@ def test_the_readme_shows_the_commands_users_need():
     assert len(commands) >= 10
     for needed in ("strategy=feature_extract", " -m ", "data.root=$HOME", "trainer=ddp", "ckpt_path=",
                    "hparams_search=optuna", "hydra/launcher=submitit_local", "hydra/launcher=submitit_slurm",
-                   "trainer=ddp_cpu"):  # fmt: skip
+                   "trainer=ddp_cpu", "data=csv data.file=", "task=multilabel"):  # fmt: skip
         assert any(needed in c for c in commands), needed
     slurm = next(c for c in commands if "submitit_slurm" in c)
     assert "hydra.launcher.partition=" in slurm and "trainer.devices=4" in slurm  # joined lines
@@ -117,7 +118,16 @@ def test_every_readme_train_command_works_as_written(tmp_path):
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     generate_shapes(work / "data" / "demo_shapes", images_per_class=8, image_size=64)
-    generate_shapes(home / "data" / "birds", images_per_class=8, image_size=64, classes=("hexagon", "star"))
+    birds = generate_shapes(
+        home / "data" / "birds", images_per_class=8, image_size=64, classes=("hexagon", "star")
+    )
+    # The CSV lines: the same birds listed in a CSV, and a multi-label CSV.
+    rows = [f"{p.relative_to(home / 'data')},{p.parent.name}" for p in sorted(birds.glob("*/*.jpg"))]
+    (home / "data" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    multi = generate_multilabel_shapes(home / "data" / "multi", images=30, image_size=64)
+    shutil.move(multi / "labels.csv", home / "data" / "multi.csv")
+    text = (home / "data" / "multi.csv").read_text().replace("images/", "multi/images/")
+    (home / "data" / "multi.csv").write_text(text)
     env = {
         **os.environ,
         "HOME": str(home),
@@ -150,7 +160,9 @@ def test_every_readme_train_command_works_as_written(tmp_path):
         assert len(summaries) == jobs(command), command
         for path in summaries:
             summary = json.loads(path.read_text())
-            assert 0 <= summary["test/acc"] <= 1, command
+            assert 0 <= summary["test/map" if summary.get("task") == "multilabel" else "test/acc"] <= 1, (
+                command
+            )
             for key, value in summary.items():  # every file or folder the summary names exists
                 if isinstance(value, str) and value.startswith("/"):
                     assert Path(value.split()[0]).exists(), (command, key, value)

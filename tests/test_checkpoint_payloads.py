@@ -131,7 +131,13 @@ def test_eval_predict_and_export_refuse_the_payload_and_train_resume_ignores_it(
     path = craft(run_folder, tmp_path / "run", marker, edit)
     image = next(shapes_dir.glob("circle/*.jpg"))
     commands = {
-        "predict": [sys.executable, "-m", "transfer_learning.results.predict", str(path), str(image)],
+        "predict": [
+            sys.executable,
+            "-m",
+            "transfer_learning.results.predict",
+            f"ckpt_path={path}",
+            f"images={image}",
+        ],
         "eval": [
             sys.executable,
             str(REPO / "eval.py"),

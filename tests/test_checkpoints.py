@@ -105,7 +105,7 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_on_predict(tmp_path, shap
     assert f"refusing to load {path}" in output and "Traceback" not in output
     image = next(shapes_dir.glob("circle/*.jpg"))
     predict = subprocess.run(
-        [sys.executable, "-m", "transfer_learning.results.predict", str(path), str(image)],
+        [sys.executable, "-m", "transfer_learning.results.predict", f"ckpt_path={path}", f"images={image}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, **forced},
     )  # fmt: skip
     assert predict.returncode == 2 and "refusing to load" in predict.stderr

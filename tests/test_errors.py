@@ -106,7 +106,8 @@ def test_predict_names_a_missing_or_non_image_file(tmp_path, shapes_dir):
     text.write_text("not an image")
     for path, message in ((tmp_path / "missing.jpg", "No such file"), (text, "cannot identify image file")):
         result = subprocess.run(
-            [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), str(path)],
+            [sys.executable, "-m", "transfer_learning.results.predict",
+             f"ckpt_path={checkpoint}", f"images={path}"],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert result.returncode == 1  # a bad file is skipped and reported, not a usage error

@@ -72,7 +72,8 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     image = _canvas(size, rng, background)
     r = size * rng.uniform(0.2, 0.38)
     cx, cy = rng.uniform(r, size - r, 2)
-    _paint(image, kind, cx, cy, r, fill, rng.uniform(0, 2 * math.pi))
+    angle = 0.0 if kind == "circle" else rng.uniform(0, 2 * math.pi)  # a circle draws no angle
+    _paint(image, kind, cx, cy, r, fill, angle)
     return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 

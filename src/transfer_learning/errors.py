@@ -44,3 +44,8 @@ def byte_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError  # unreachable
+
+
+class RunFinished(Exception):
+    """``ckpt_path=`` names a run whose training and test have finished: nothing to continue.
+    Not an error (exit code 0); the message says where its results are and how to train longer."""

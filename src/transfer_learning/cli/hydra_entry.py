@@ -54,10 +54,18 @@ def launch(config_name: str, task: Task, positional: Sequence[str] = ()) -> None
         raise SystemExit(2)
     os.environ.setdefault("PROJECT_ROOT", os.getcwd())
     sys.argv = expand_overrides(sys.argv)
+    if config_name == "train":  # ckpt_path=...: the run's own settings, unless given again
+        from transfer_learning.run.resume import restore_settings
+
+        sys.argv = restore_settings(sys.argv)
     # conf/hydra/launcher/submitit_*.yaml set this template's defaults on top of the submitit
     # plugin's schema of the same name; Hydra validates them against it and says so each time.
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")
-    hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(task)()
+    except KeyboardInterrupt:  # Ctrl-C before a run handles it (composing, building) or pressed twice
+        print(f"\nInterrupted (Ctrl-C): {config_name} stopped.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def older_style(argv: Sequence[str], positional: Sequence[str] = ()) -> str | None:

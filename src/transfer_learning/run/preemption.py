@@ -1,9 +1,10 @@
-"""SIGTERM (how SLURM and spot instances preempt) in any phase of a run.
+"""SIGTERM (how SLURM and spot instances preempt) and Ctrl-C (SIGINT) in any phase of a run.
 
-:class:`SaveOnPreemption` stops a run with :class:`Preempted` (exit code 143) instead of
-Lightning's silent exit code 0: during training after saving a resumable ``last.ckpt`` (a
-validation under way is finished first), before or after training saying which checkpoint to go
-on from. :func:`loader_worker_init` keeps loader workers alive until the main process has saved.
+:class:`SaveOnPreemption` stops a run with :class:`Preempted` (exit code 143; 130 for Ctrl-C)
+instead of Lightning's silent exit code 0 (for Ctrl-C: exit code 1 and no word of a
+checkpoint): during training after saving a resumable ``last.ckpt`` (a validation under way is
+finished first), before or after training saying which checkpoint to go on from.
+:func:`loader_worker_init` keeps loader workers alive until the main process has saved.
 """
 
 from __future__ import annotations
@@ -28,22 +29,34 @@ from transfer_learning.run.checkpoints import checkpoint_folder
 log = logging.getLogger(__name__)
 
 
-class Preempted(Exception):
-    """The run was stopped by SIGTERM; the message says in which phase, what was saved and how
-    to go on (``train.py`` exits with code 143)."""
+SIGTERM_EXIT_CODE, SIGINT_EXIT_CODE = 143, 130  # 128 + the signal's number, as shells report it
 
-    def __init__(self, checkpoint: str | None, when: str = "", what: str = "", then: str = "") -> None:
+
+class Preempted(Exception):
+    """The run was stopped by SIGTERM or Ctrl-C; the message says in which phase, what was saved
+    and how to go on (``train.py`` exits with :attr:`exit_code`: 143, or 130 for Ctrl-C)."""
+
+    def __init__(
+        self,
+        checkpoint: str | None,
+        when: str = "",
+        what: str = "",
+        then: str = "",
+        interrupted: bool = False,
+    ) -> None:
+        from transfer_learning.run.resume import run_folder_of
+
         self.checkpoint = checkpoint
+        self.exit_code = SIGINT_EXIT_CODE if interrupted else SIGTERM_EXIT_CODE
         what = what or (
             f"saved a resumable checkpoint: {checkpoint}" if checkpoint else "no checkpoint could be saved"
         )
-        resume = (
-            f"\nResume with: python train.py <same overrides> ckpt_path={checkpoint}{then}"
-            if checkpoint
-            else ""
-        )
+        # In its run folder a checkpoint resumes with the run's own settings (run.resume).
+        same = "" if checkpoint and run_folder_of(Path(checkpoint)) else "<same overrides> "
+        resume = f"\nResume with: python train.py {same}ckpt_path={checkpoint}{then}" if checkpoint else ""
         when = f" {when}" if when else ""
-        super().__init__(f"stopped by SIGTERM (preemption or a scheduler's time limit){when}; {what}{resume}")
+        by = "Ctrl-C (SIGINT)" if interrupted else "SIGTERM (preemption or a scheduler's time limit)"
+        super().__init__(f"stopped by {by}{when}; {what}{resume}")
 
 
 class SaveOnPreemption(Callback):
@@ -74,6 +87,7 @@ class SaveOnPreemption(Callback):
         self._folder: Path | None = None
         self._finishing_validation = False
         self._handler: Callable[[int, FrameType | None], None] | None = None
+        self.interrupted = False  # the signal was Ctrl-C (SIGINT), handled as SIGTERM
         self._pid = os.getpid()
         self._logged = False
         self._epoch, self._in_epoch = 0, False
@@ -84,18 +98,36 @@ class SaveOnPreemption(Callback):
 
     @contextmanager
     def handling_sigterm(self) -> Iterator[None]:
-        """SIGTERM handled as this class says while the block runs (in the main thread; other
-        threads cannot set signal handlers)."""
+        """SIGTERM and SIGINT handled as this class says while the block runs (in the main
+        thread; other threads cannot set signal handlers)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         self._pid = os.getpid()
         self._handler = self._on_sigterm
         previous = signal.signal(signal.SIGTERM, self._handler)
+        previous_int = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             yield
         finally:  # None: a handler set outside Python, which cannot be put back; the default then
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            signal.signal(
+                signal.SIGINT, previous_int if previous_int is not None else signal.default_int_handler
+            )
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        """Ctrl-C: the same stop as SIGTERM (save ``last.ckpt``, say how to resume); a second
+        Ctrl-C stops at once."""
+        if os.getpid() != self._pid:
+            return
+        if self.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning(
+            "Ctrl-C: stopping at the next step and saving what can be saved (Ctrl-C again: quit at once)"
+        )
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler or this class's, as for SIGTERM
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:  # a forked child that inherited the handler: not its call
@@ -201,8 +233,9 @@ class SaveOnPreemption(Callback):
             where = f"epoch {self._epoch}, after batch {done} of {trainer.num_training_batches}"
         else:
             where = f"epoch {self._epoch}'s end"
+        signal_name = "Ctrl-C" if self.interrupted else "SIGTERM"
         log.warning(
-            "Received SIGTERM at %s (step %d): %s", where, trainer.global_step,
+            "Received %s at %s (step %d): %s", signal_name, where, trainer.global_step,
             f"saved {self.saved}" if self.saved else "no checkpoint saved",
         )  # fmt: skip
 
@@ -218,27 +251,34 @@ class SaveOnPreemption(Callback):
             when = "before training started"
             if self.resumed_from:
                 unchanged = f"the checkpoint it resumes from is unchanged: {self.resumed_from}"
-                error = Preempted(self.resumed_from, when, f"nothing was trained; {unchanged}")
+                error = Preempted(
+                    self.resumed_from, when, f"nothing was trained; {unchanged}", interrupted=self.interrupted
+                )
             else:
                 nothing = "nothing was trained, so there is nothing to save: run the same command again"
-                error = Preempted(None, when, nothing)
+                error = Preempted(None, when, nothing, interrupted=self.interrupted)
         elif self.phase == "training":
             when = "during training"
             if self.saved or last_path is None:
-                error = Preempted(self.saved, when)
+                error = Preempted(self.saved, when, interrupted=self.interrupted)
             else:
                 why = f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})" if cause else ""
                 older = f"could not save the interrupted step{why}; the last saved checkpoint is {last_path}"
-                error = Preempted(last_path, when, older)
+                error = Preempted(last_path, when, older, interrupted=self.interrupted)
         else:
             when = {"trained": "after training", "test": "during the test"}.get(self.phase, "while reporting")
             done = "training and the test had finished" if self.phase == "report" else "training had finished"
             where = f"; its checkpoints are in {self._folder}" if self._folder is not None else ""
             then = " (trains nothing more: tests the best checkpoint, writes the report)"
-            error = Preempted(last_path, when, f"{done}{where}", then)
+            error = Preempted(last_path, when, f"{done}{where}", then, interrupted=self.interrupted)
         if not self._logged:
             self._logged = True
-            log.warning("Received SIGTERM %s: %s", when, str(error).split("; ", 1)[-1].splitlines()[0])
+            log.warning(
+                "Received %s %s: %s",
+                "Ctrl-C" if self.interrupted else "SIGTERM",
+                when,
+                str(error).split("; ", 1)[-1].splitlines()[0],
+            )
         return error
 
 
@@ -252,6 +292,9 @@ def loader_worker_init(worker_id: int, rank: int = 0, main: int | None = None) -
 
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank)
+    # Ctrl-C in a terminal reaches every process of the foreground group: the main process
+    # stops the run (SaveOnPreemption), a worker that died of it would end the run with an error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: workers keep torch's handling
         return
     main = main or os.getppid()  # the process that made the loader (a forkserver is not it)

@@ -99,10 +99,14 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
         record["epochs"] = (metrics.get("summary") or {}).get("epochs run")
         record["best_checkpoint"] = metrics.get("best_checkpoint") or None
     except Exception as exc:
+        if type(exc).__name__ == "RunFinished":  # ckpt_path= of a finished run: nothing to do
+            log.info("%s", exc)
+            record.update(status="finished", error=None)
+            return None
         if type(exc).__name__ == "Preempted":  # preemption.Preempted; torch is not imported here
             record.update(status="preempted", error=_one_line(str(exc)))
             log.error("%s", exc)
-            raise SystemExit(PREEMPTED_EXIT_CODE) from None
+            raise SystemExit(getattr(exc, "exit_code", PREEMPTED_EXIT_CODE)) from None
         user_error = find_user_error(exc)
         message = user_message(user_error) if user_error else f"{type(exc).__name__}: {exc}"
         record["error"] = _one_line(message)

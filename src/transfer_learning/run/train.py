@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -25,7 +26,7 @@ from transfer_learning.results.reporting import (
     best_checkpoint,
     number,
 )
-from transfer_learning.run.checkpoints import SafeCheckpointIO, check_compatible, safe_load
+from transfer_learning.run.checkpoints import SafeCheckpointIO, check_resumable, safe_load
 from transfer_learning.run.config import build, check_writable, expand_path, expand_paths
 from transfer_learning.run.loggers import (
     CSVLogger,
@@ -36,6 +37,7 @@ from transfer_learning.run.loggers import (
 from transfer_learning.run.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.run.preemption import SaveOnPreemption
 from transfer_learning.run.random_state import RandomState
+from transfer_learning.run.resume import run_folder_of, save_run_settings
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,27 @@ def write_run_config(cfg: DictConfig, path: Path) -> None:
     OmegaConf.save(OmegaConf.create({"data": data}), path)
 
 
+def _resumable(ckpt_path: str, cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """The checkpoint to resume from, read (pickle-free) and checked against this run before
+    anything is trained or written: :func:`check_resumable`."""
+    saved = safe_load(ckpt_path)
+    max_epochs = cfg.trainer.get("max_epochs")
+    folder = run_folder_of(Path(ckpt_path))
+    done = check_resumable(
+        saved, dict(module.hparams), len(module.strategy.param_groups(module.net)),
+        None if max_epochs is None else int(max_epochs), ckpt_path, folder,
+    )  # fmt: skip
+    total = f" of {max_epochs}" if max_epochs is not None and int(max_epochs) >= 0 else ""
+    log.info(
+        "Continuing %s from %s: %d%s epochs done",
+        folder or "a new run folder",
+        Path(ckpt_path).name,
+        done,
+        total,
+    )
+    return saved
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test as ``cfg`` says; return the metrics (sweepers optimise one of them).
 
@@ -116,26 +139,28 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     resolve_monitor(cfg, module.monitor)
+    ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    saved = _resumable(ckpt_path, cfg, module) if ckpt_path else None  # before any logger makes files
     callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption, RandomState()]
     loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
     )
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     check_writable(output_dir, "hydra.run.dir")
     checkpoint_callback = best_checkpoint(trainer)
     if checkpoint_callback is not None and checkpoint_callback.dirpath:
         check_writable(Path(checkpoint_callback.dirpath), "callbacks.model_checkpoint.dirpath")
-    if ckpt_path:  # before any training: readable, pickle-free, and this model's and classes'
-        saved = safe_load(ckpt_path)
-        check_compatible(saved.get("hyper_parameters") or {}, dict(module.hparams), ckpt_path)
-        if trainer.is_global_zero:  # resuming in the run's own folder: one history, from the checkpoint on
-            for logger in loggers:
-                if isinstance(logger, CSVLogger):
-                    logger.drop_rows_after(int(saved.get("global_step", 0)))
-    if trainer.is_global_zero:  # what eval.py reads to rebuild this run's splits
+    if (
+        saved is not None and trainer.is_global_zero
+    ):  # in the run's own folder: one history, from the checkpoint on
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.drop_rows_after(int(saved.get("global_step", 0)))
+    if trainer.is_global_zero:  # what eval.py reads to rebuild this run's splits; what a resume restores
         write_run_config(cfg, output_dir / RUN_CONFIG)
+        if HydraConfig.initialized():
+            save_run_settings(output_dir, HydraConfig.get().overrides.task)
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = run_facts(module, datamodule, trainer)
     status = "failed"

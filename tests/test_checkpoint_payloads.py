@@ -152,12 +152,17 @@ def test_eval_predict_and_export_refuse_the_payload_and_train_resume_ignores_it(
         assert result.returncode == 2, f"{name}: {output[-2000:]}"
         assert f"refusing checkpoint {path}" in output and "Traceback" not in output, name
         assert not marker.exists(), f"{name} ran the payload"
-    # Resuming builds everything from the config typed now; the checkpoint gives weights and state only.
+    # Resuming builds everything from the config typed now; the strategy the checkpoint names is only
+    # compared by name, and a name that is not this run's strategy is refused before anything trains.
+    before = json.loads((tmp_path / "run" / "summary.json").read_text())
     resumed = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=2",
                       "logger=csv", "worst_samples=0", f"ckpt_path={path}")  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 2, output[-2000:]
+    assert f"cannot resume from {path}: it was trained with the load strategy" in output, output[-2000:]
+    assert "Traceback" not in output
     assert not marker.exists(), "resume ran the payload"
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs run"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == before
 
 
 @pytest.mark.slow

@@ -77,7 +77,7 @@ def test_the_command_line_reports_them_without_a_traceback(tmp_path, shapes_dir)
     blocker.write_text("")
     cases = {
         f"hydra.run.dir={blocker}/run": f"cannot write to {blocker}/run (hydra.run.dir): Not a directory",
-        f"ckpt_path={tmp_path}/nope.ckpt": f"checkpoint {tmp_path}/nope.ckpt does not exist",
+        f"ckpt_path={tmp_path}/nope.ckpt": f"ckpt_path={tmp_path}/nope.ckpt: no such file",
         "input.image_size=8": "input.image_size=8: too small to learn from",
         "trainer.max_epochs=0": "trainer.max_epochs=0 trains nothing",
     }

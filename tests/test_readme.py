@@ -135,6 +135,7 @@ def test_every_readme_train_command_works_as_written(tmp_path):
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("PROJECT_ROOT", None)
+    resumes = 0
     for command in readme_commands():
         place_torchvision_weights(command)
         line = command.replace("python train.py", f"python {REPO / 'train.py'}", 1)
@@ -142,6 +143,13 @@ def test_every_readme_train_command_works_as_written(tmp_path):
             last = sorted((work / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))[-1]
             line = line.replace("<date>", last.parents[1].name)
         extra = shrink(line)
+        if (
+            "ckpt_path=" in command
+        ):  # each resume trains the run one epoch further (a finished run is left as it is)
+            resumes += 1
+            extra = [e for e in extra if not e.startswith("trainer.max_epochs=")] + [
+                f"trainer.max_epochs={1 + resumes}"
+            ]
         started = time.time()
         result = subprocess.run(
             ["bash", "-c", f"{line} {' '.join(extra)}"],
@@ -154,6 +162,11 @@ def test_every_readme_train_command_works_as_written(tmp_path):
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"{command}\n{output[-4000:]}"
         assert "Traceback" not in output, command
+        if "ckpt_path=" in command:
+            assert re.search(r"Resuming \S+ from last\.ckpt", output) and "epochs done" in output, (
+                command,
+                output[-2000:],
+            )
 
         # Summaries this command wrote (a resumed run rewrites the one in its own folder).
         summaries = {p for p in (work / "logs").rglob("summary.json") if p.stat().st_mtime >= started}

@@ -212,6 +212,7 @@ def test_tune_lr_on_the_command_line_feature_extraction(tmp_path, shapes_dir):
 
 @pytest.mark.slow
 def test_tune_lr_with_ckpt_path_is_refused_without_a_traceback(tmp_path, shapes_dir):
+    (tmp_path / "last.ckpt").write_bytes(b"")  # it exists: tune_lr is refused before the file is read
     result = run_cli(
         tmp_path, f"data.root={shapes_dir}", "logger=csv", "tune_lr=true", f"ckpt_path={tmp_path}/last.ckpt"
     )

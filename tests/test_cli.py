@@ -40,6 +40,16 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
         "logger=wandb",
     )
     summary = check_run(tmp_path, result, "feature_extract")
+    # A quiet console: Lightning's lines once, no tips or library internals; train.log keeps them.
+    console = result.stdout + result.stderr
+    for noise in ("INFO:", "litlogger", "LeafSpec", "anonymous setting", "Total params", "Test metric",
+                  "already configured with model summary", "][INFO] - "):  # fmt: skip
+        assert noise not in console, noise
+    lines = console.splitlines()
+    events = [line for line in lines if line.strip("=") and not line[0].isspace() and "━" not in line]
+    assert len(events) == len(set(events)), console
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "GPU available" in log and "Total params" in log
     # A real W&B offline run, with the summary pointing at it.
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -329,3 +329,16 @@ def test_ddp_workers_of_a_multirun_job_rerun_the_command_the_user_ran(tmp_path, 
     started = json.loads(result.stdout.strip().splitlines()[-1])
     expected = [str(tmp_path / "fork_train.py")] if how == "script" else ["-m", "fork_train"]
     assert started == [sys.executable, *expected]
+
+
+def test_sampled_values_are_shown_short_and_kept_exact_in_the_csv():
+    from transfer_learning.run.sweeps import short_numbers
+
+    assert (
+        short_numbers("strategy.head_lr=0.0031622776601683794 seed=3") == "strategy.head_lr=0.003162 seed=3"
+    )
+    assert short_numbers("x=1.2345678e-05 data.root=/d/v1.123456") == "x=1.235e-05 data.root=/d/v1.123456"
+    assert (
+        short_numbers("trainer.max_epochs=30 strategy.head_lr=0.1")
+        == "trainer.max_epochs=30 strategy.head_lr=0.1"
+    )

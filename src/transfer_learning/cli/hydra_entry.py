@@ -58,6 +58,12 @@ def launch(config_name: str, task: Task, positional: Sequence[str] = ()) -> None
         from transfer_learning.run.resume import restore_settings
 
         sys.argv = restore_settings(sys.argv)
+    from transfer_learning.cli.checks import check_command
+
+    problem = check_command(config_name, sys.argv)
+    if problem is not None:  # before Hydra makes a run folder
+        print(f"Error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     # conf/hydra/launcher/submitit_*.yaml set this template's defaults on top of the submitit
     # plugin's schema of the same name; Hydra validates them against it and says so each time.
     warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema")

@@ -52,8 +52,9 @@ def expand_paths(node: Any, key: str = "") -> Any:
 def expand_overrides(argv: Iterable[str]) -> list[str]:
     """Command-line overrides with ``~`` and ``$VARS`` expanded in their values.
 
-    Hydra's override grammar rejects a bare ``~`` (``data.root=~/data``) with a lexer
-    traceback, and quoted values (``'data.root="$HOME/data"'``) reach Hydra unexpanded.
+    Hydra's override grammar rejects a bare ``~`` (``data.root=~/data``) and letters beyond
+    ASCII (``data.root=$HOME/ünïcødé``) with a lexer traceback: such a value is quoted for it.
+    Quoted values (``'data.root="$HOME/data"'``) reach Hydra unexpanded.
     """
     out = []
     for arg in argv:
@@ -64,8 +65,18 @@ def expand_overrides(argv: Iterable[str]) -> list[str]:
         value = match["value"]
         quote = value[0] if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0] else ""
         inner = value[1:-1] if quote else value
-        out.append(f"{match['key']}={quote}{expand_path(inner)}{quote}")
+        expanded = expand_path(inner)
+        if not quote and _needs_quotes(expanded):
+            quote = "'" if '"' in expanded else '"'
+        out.append(f"{match['key']}={quote}{expanded}{quote}")
     return out
+
+
+def _needs_quotes(value: str) -> bool:
+    """A plain value Hydra's grammar cannot read unquoted: letters beyond ASCII (``ünïcødé 鳥``)
+    in a value that is not a list, a dict, a sweep or already quoted."""
+    plain = not any(c in value for c in "'\",[]{}()$")
+    return plain and not value.isascii()
 
 
 def check_writable(folder: Path, setting: str) -> None:

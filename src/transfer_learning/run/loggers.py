@@ -46,6 +46,8 @@ class TemplateWandbLogger(WandbLogger):
     def __init__(self, *, checkpoint_artifact: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checkpoint_artifact = checkpoint_artifact
+        # Lightning passes anonymous=None on, and W&B warns on every run that it has no effect.
+        self._wandb_init.pop("anonymous", None)
 
 
 def wandb_logger(**kwargs: Any) -> TemplateWandbLogger:

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -36,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from transfer_learning.errors import ConfigError, find_user_error, user_message
 from transfer_learning.escaping import csv_dict, markdown_cell
 from transfer_learning.run.config import check_writable
+from transfer_learning.run.console import quiet_console
 
 log = logging.getLogger("train")
 
@@ -88,6 +91,7 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
     the trial failed) and the sweep goes on; the sweep summary lists it and the command exits
     non-zero at the end.
     """
+    quiet_console()
     multirun = in_multirun()
     output_dir = Path(str(cfg.paths.output_dir))
     started = time.time()
@@ -111,7 +115,12 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
         message = user_message(user_error) if user_error else f"{type(exc).__name__}: {exc}"
         record["error"] = _one_line(message)
         if user_error is not None:
-            log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
+            if multirun:
+                log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
+            elif remove_unused_run_folder(output_dir):
+                log.error("%s", message)
+            else:
+                log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
             if not multirun:
                 sys.exit(2)
         elif not multirun:
@@ -131,6 +140,21 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
             _write_job(cfg, {"optimized_metric": optimized_metric(cfg, record["metrics"]), **record})
     value = record["metrics"].get(optimized_metric(cfg, record["metrics"]))
     return float(value) if value is not None else None
+
+
+def remove_unused_run_folder(folder: Path) -> bool:
+    """Remove a run folder that a command stopped by a mistake made and left with nothing but
+    Hydra's records (``.hydra/``, the ``<job>.log``); a folder with anything else in it (a
+    resumed run's checkpoints, a run's own settings) stays. True when it was removed."""
+    try:
+        files = [p.relative_to(folder) for p in folder.rglob("*") if not p.is_dir()]
+    except OSError:
+        return False
+    kept = (Path(".hydra") / "config.yaml", Path(".hydra") / "hydra.yaml", Path(".hydra") / "overrides.yaml")
+    if not files or not all(f in kept or (len(f.parts) == 1 and f.suffix == ".log") for f in files):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
 
 
 def optimized_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> str:
@@ -305,12 +329,21 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
     return rows
 
 
-def _cell(value: Any) -> str:
+_LONG_FLOAT = re.compile(r"(?<==)(-?\d*\.\d{5,}(?:e-?\d+)?|-?\d\.\d+e-?\d+)(?=\s|$)")
+
+
+def short_numbers(overrides: str) -> str:
+    """Overrides as people read them: a sampled ``strategy.head_lr=0.0031622776601683794``
+    (Optuna draws 17 digits) as ``strategy.head_lr=0.003162``; the CSV keeps the exact value."""
+    return _LONG_FLOAT.sub(lambda m: f"{float(m[1]):.4g}", overrides)
+
+
+def _cell(value: Any, column: str = "") -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}"
-    return markdown_cell(value)
+    return markdown_cell(short_numbers(value) if column == "overrides" else value)
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> tuple[Path, Path, str]:
@@ -324,7 +357,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], sweep_dir: Path) -> tuple[Pa
         writer.writeheader()
         writer.writerows(csv_dict(dict(row)) for row in rows)  # override values are the user's text
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row[c], c) for c in columns) + " |" for row in rows]
     markdown = "\n".join(lines) + "\n"
     md_path = sweep_dir / f"{TABLE_NAME}.md"
     md_path.write_text(markdown)
@@ -343,7 +376,9 @@ def summarize_sweep(sweep_dir: Path, metric: str, mode: str) -> tuple[list[dict[
     text = [bar, f"  Sweep summary: {counts}, sorted by {metric} ({mode})", bar]
     text.append(markdown.rstrip())
     if best is not None:
-        text.append(f"best: job {best['job']} ({best['overrides']})  {metric}={_cell(best[metric])}")
+        text.append(
+            f"best: job {best['job']} ({short_numbers(best['overrides'])})  {metric}={_cell(best[metric])}"
+        )
         text.append(f"      {best['output_dir']}")
     text += [f"table: {md_path}  (and {csv_path.name})", bar]
     return rows, "\n".join(text)

@@ -184,7 +184,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
 
         checkpoint = best_checkpoint(trainer)
         best_path = checkpoint.best_model_path if checkpoint else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         preemption.check()
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         summary = finish_run(

@@ -361,7 +361,19 @@ def test_class_with_too_few_images_to_split(tmp_path):
         dm.setup()
     message = str(info.value)
     assert "'few'" in message and "2 image(s)" in message
-    assert "Add images or lower the split fractions" in message
+    assert "Add 1 more image(s) of 'few'" in message and "lower" not in message  # 3 needed: train, val, test
+    assert "data.test_fraction=0 leaves out the test split" in message
+
+
+def test_a_class_with_one_image_is_not_told_to_lower_the_fractions(tmp_path):
+    make_tree(tmp_path, {"many": 10, "one": 1})
+    dm = module(tmp_path)
+    dm.set_preprocessing(PREP)
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert "Add 2 more image(s) of 'one'" in message and "leave the class out" in message
+    assert "fraction" not in message
 
 
 @pytest.mark.parametrize("val, test", [(0.5, 0.5), (0.7, 0.4), (1.0, 0.0), (-0.1, 0.2), (0.2, 1.0)])

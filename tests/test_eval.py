@@ -63,7 +63,7 @@ def test_eval_on_the_held_out_folder_matches_the_training_runs_test_metrics(held
         assert result["macro_f1"] == pytest.approx(summary["test/f1"], abs=1e-6)
         assert result["confusion_matrix"] == confusion_counts(base / "run")
         rows = read_csv(where / "eval" / "predictions.csv")  # the accuracy, recounted from the rows
-        assert len(rows) == 35 and sum(r["label"] == r["predicted"] for r in rows) / 35 == pytest.approx(
+        assert len(rows) == 35 and sum(r["true"] == r["predicted"] for r in rows) / 35 == pytest.approx(
             result["accuracy"]
         )
         names = result["class_names"]
@@ -76,7 +76,7 @@ def test_eval_on_the_held_out_folder_matches_the_training_runs_test_metrics(held
     note = json.loads(Path(checkpoint).with_name(Path(checkpoint).stem + ".threshold.json").read_text())
     rows = read_csv(folder / "eval" / "predictions.csv")
     right = torch.tensor(
-        [float(r["confidence"]) for r in rows if r["label"] == r["predicted"]], dtype=torch.float64
+        [float(r["confidence"]) for r in rows if r["true"] == r["predicted"]], dtype=torch.float64
     )
     assert note["max_softmax_threshold"] == pytest.approx(float(torch.quantile(right, 0.05)))
 

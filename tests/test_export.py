@@ -177,3 +177,26 @@ def test_readme_onnx_snippet(exported: dict[str, Any], shapes_dir: Path) -> None
         # tensor resize; this barely trained model's large logits turn that into ~0.02.
         assert abs(float(score) - float(row.max())) < 0.05
         assert np.isfinite(float(score))
+
+
+def test_an_unreadable_image_is_left_out_of_the_parity_check(exported: dict[str, Any], shapes_dir: Path,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """`images=photos` with one truncated JPEG: named on stderr and left out, as predict leaves it
+    out; the check runs on the rest and passes (exit 0), not an abort with the file unchecked."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    good = sorted((shapes_dir / "star").glob("*.jpg"))[:3]
+    for f in good:
+        (photos / f.name).write_bytes(f.read_bytes())
+    (photos / "truncated.jpg").write_bytes(good[0].read_bytes()[:200])
+    output = tmp_path / "model.onnx"
+    command = [sys.executable, str(REPO / "scripts" / "export.py"), f"ckpt_path={exported['ckpt']}",
+               f"images={photos}", f"output={output}"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"cannot read image {photos / 'truncated.jpg'}" in result.stderr and "left out" in result.stderr
+    assert "parity check on 3 image(s)" in result.stdout and "ok: the onnx model matches" in result.stdout
+    (photos / good[1].name).write_bytes(b"not a jpeg")
+    (photos / good[2].name).write_bytes(b"")
+    failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and "needs at least 2 readable images, found 1" in failed.stderr

@@ -249,9 +249,9 @@ def test_the_report_skips_images_it_cannot_open_and_draws_the_rest(tmp_path, cap
     assert str(images[0]) in note and str(images[2]) in note and str(images[1]) not in note
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert str(images[0]) in logged and str(images[2]) in logged
-    # The three readable images are drawn: one line of three columns (3.2 x 3.5 in at 100 dpi).
+    # The three readable images are drawn: one line of three columns (3.2 x 3.7 in at 100 dpi).
     with Image.open(tmp_path / "run" / "confident_mistakes.png") as png:
-        assert png.size == (960, 350)
+        assert png.size == (960, 370)
     skipped: list[tuple[str, str]] = []
     assert plot_confident_mistakes(worst[:1], tmp_path / "none.png", skipped=skipped) is None
     assert [f for f, _ in skipped] == [str(images[0])] and not (tmp_path / "none.png").exists()
@@ -390,7 +390,7 @@ def test_csv_cells_that_start_a_formula_are_neutralised_and_numbers_stay_numbers
     path = tmp_path / "preds.csv"
     write_csv(path, [prediction], [BadInput("+bad.jpg", "=not an image")], ["=cmd", "@x"], 2)
     got = read_csv(path)
-    assert got[0] == ["file", "label", "score", "uncertain", "top1_label", "top1_prob", "top2_label",
+    assert got[0] == ["file", "predicted", "score", "uncertain", "top1_class", "top1_prob", "top2_class",
                       "top2_prob", "prob_=cmd", "prob_@x", "error"]  # fmt: skip
     assert got[1] == ["'-photo.jpg", "'=cmd", "0.6", "false", "'=cmd", "0.6", "'@x", "0.4", "0.6", "0.4", ""]
     assert got[2][0] == "'+bad.jpg" and got[2][-1] == "'=not an image"

@@ -103,10 +103,11 @@ def test_set_mistakes_lists_wrong_label_sets_worst_first():
     assert label_set([2, 0], ["x", "y", "z"]) == "z x"
 
 
-def test_multiclass_csv_columns_are_unchanged():
-    assert csv_columns(["a", "b"], 2) == ["file", "label", "score", "uncertain", "top1_label", "top1_prob",
-                                          "top2_label", "top2_prob", "prob_a", "prob_b", "error"]  # fmt: skip
-    assert csv_columns(["a", "b"], 2, multilabel=True) == ["file", "labels", "prob_a", "prob_b", "error"]
+def test_csv_columns_say_predicted_not_label():
+    assert csv_columns(["a", "b"], 2) == ["file", "predicted", "score", "uncertain", "top1_class",
+                                          "top1_prob", "top2_class", "top2_prob", "prob_a", "prob_b",
+                                          "error"]  # fmt: skip
+    assert csv_columns(["a", "b"], 2, multilabel=True) == ["file", "predicted", "prob_a", "prob_b", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_classifier_gives_label_sets_at_the_thresholds_and_no_top_k(untrained, m
         assert p.labels == expected and p.label == " ".join(expected)
         assert p.score == pytest.approx(max(p.probabilities.values()))
     write_csv(tmp_path / "p.csv", predictions, [], NAMES, 3, multilabel=True)
-    assert [r["labels"] for r in read_csv(tmp_path / "p.csv")] == [p.label for p in predictions]
+    assert [r["predicted"] for r in read_csv(tmp_path / "p.csv")] == [p.label for p in predictions]
 
 
 def test_parity_compares_sigmoid_probabilities_and_label_sets(untrained, multilabel_dir):
@@ -214,7 +215,7 @@ def test_eval_reproduces_the_runs_test_numbers(run, multilabel_dir, tmp_path):
     predictions = read_csv(tmp_path / "eval" / "predictions.csv")
     truth = {r["path"]: r["labels"] for r in read_csv(multilabel_dir / "labels.csv")}
     for row in predictions:
-        assert sorted(row["labels"].split()) == sorted(
+        assert sorted(row["true"].split()) == sorted(
             truth[Path(row["file"]).relative_to(multilabel_dir).as_posix()].split()
         )
         probs = torch.tensor([float(row[n]) for n in NAMES])
@@ -238,14 +239,14 @@ def test_predict_writes_label_sets_and_every_probability(run, multilabel_dir, tm
     files = list_images(folder).files
     assert len(rows) == len(files) and list(rows[0]) == [
         "file",
-        "labels",
+        "predicted",
         *(f"prob_{n}" for n in NAMES),
         "error",
     ]
     classifier = Classifier.from_checkpoint(checkpoint)
     expected = classifier.predict(files[:10])
     for row, prediction in zip(rows, expected, strict=False):
-        assert prediction.top_k == [] and row["labels"] == " ".join(prediction.labels or [])
+        assert prediction.top_k == [] and row["predicted"] == " ".join(prediction.labels or [])
         probs = [float(row[f"prob_{n}"]) for n in NAMES]
         assert probs == pytest.approx(list(prediction.probabilities.values()), abs=1e-6)
         thresholds = thresholds_of(classifier.module)
@@ -257,7 +258,7 @@ def test_predict_writes_label_sets_and_every_probability(run, multilabel_dir, tm
     # The Python API writes the same CSV.
     again = tmp_path / "again.csv"
     write_csv(again, expected, [], NAMES, 1, multilabel=True)
-    assert [r["labels"] for r in read_csv(again)] == [r["labels"] for r in rows[:10]]
+    assert [r["predicted"] for r in read_csv(again)] == [r["predicted"] for r in rows[:10]]
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
         values = [float(row[f"prob_{name}"]) for name in CLASSES]
         assert abs(sum(values) - 1) < 1e-5
         assert values == pytest.approx(probs.tolist(), abs=1e-5)
-        assert row["label"] == CLASSES[int(probs.argmax())] == row["top1_label"]
+        assert row["predicted"] == CLASSES[int(probs.argmax())] == row["top1_class"]
         assert float(row["score"]) == float(row["top1_prob"]) >= float(row["top2_prob"])
         assert row["uncertain"] == "false"  # no threshold file, no threshold=
     errors = {r["file"]: r["error"] for r in rows if r["error"]}
@@ -158,7 +158,7 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
     assert "cannot identify image file" in errors[str(tmp_path / "photos" / "empty.png")]
     # The terminal: one line per image, every bad input named on stderr with its reason.
     lines = printed.out.strip().splitlines()
-    assert [line.split("\t")[:2] for line in lines] == [[r["file"], r["label"]] for r in good_rows]
+    assert [line.split("\t")[:2] for line in lines] == [[r["file"], r["predicted"]] for r in good_rows]
     assert all(line.split("\t")[3].startswith("then ") for line in lines)
     for path, reason in errors.items():
         assert f"error: cannot read image {path}: {reason}" in printed.err
@@ -172,9 +172,9 @@ def test_a_mixed_folder_predicts_the_good_images_and_lists_the_bad_ones(
     assert data["classes"] == CLASSES
     assert [p["file"] for p in data["predictions"]] == [r["file"] for r in good_rows]
     for item, row in zip(data["predictions"], good_rows, strict=True):
-        assert item["label"] == row["label"] and item["uncertain"] is False
+        assert item["predicted"] == row["predicted"] and item["uncertain"] is False
         assert abs(sum(item["probabilities"].values()) - 1) < 1e-5
-        assert [e["label"] for e in item["top_k"]] == [row["top1_label"], row["top2_label"]]
+        assert [e["class"] for e in item["top_k"]] == [row["top1_class"], row["top2_class"]]
         assert item["probabilities"] == pytest.approx({n: float(row[f"prob_{n}"]) for n in CLASSES}, abs=1e-8)
     assert {e["file"]: e["error"] for e in data["errors"]} == errors
 
@@ -200,7 +200,7 @@ def test_top_k_and_batch_size(tmp_path, shapes_dir, checkpoint, capsys):
     # Batches of 2 (the last one of 1) give the numbers one batch of all gives.
     for small, large in zip(outputs[2, 3], outputs[64, 3], strict=True):
         assert small["probabilities"] == pytest.approx(large["probabilities"], abs=1e-5)
-        assert [e["label"] for e in small["top_k"]] == [e["label"] for e in large["top_k"]]
+        assert [e["class"] for e in small["top_k"]] == [e["class"] for e in large["top_k"]]
     assert all(len(item["top_k"]) == len(CLASSES) for item in outputs[1, 99])  # capped at the classes
 
 

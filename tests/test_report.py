@@ -123,3 +123,48 @@ def test_a_training_run_writes_its_report_next_to_its_checkpoints(tmp_path, shap
     with open(tmp_path / "run" / "per_class_metrics.csv") as f:
         for row in csv.DictReader(f):
             assert f"| {row['class']} | {float(row['precision']):.4f} | {float(row['recall']):.4f} |" in text
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the report saves, kept open for inspection."""
+    from transfer_learning.results import report
+
+    figures: list = []
+
+    def keep(fig, path, plt):
+        fig.canvas.draw()
+        figures.append(fig)
+        return path
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_mistake_titles_clear_the_row_above_and_curves_say_what_trained(tmp_path, monkeypatch):
+    """Two-line titles over portrait photos do not overlap the images above them; the learning
+    curves of a run on cached features do not claim augmented batches."""
+    from transfer_learning.results.report import plot_confident_mistakes, plot_learning_curves
+
+    figures = _drawn(monkeypatch)
+    rows = []
+    for i in range(8):
+        path = tmp_path / f"{i}.jpg"
+        Image.new("RGB", (200, 400), (30 * i, 90, 90)).save(path)
+        rows.append({"file": str(path), "true": "triangle", "predicted": "circle with a long name",
+                     "confidence": 0.9 - i / 100, "correct": False})  # fmt: skip
+    plot_confident_mistakes(rows, tmp_path / "m.png")
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.images]
+    for upper, lower in zip(axes[:4], axes[4:], strict=True):
+        image_bottom = upper.get_window_extent(renderer).y0
+        title_top = lower.title.get_window_extent(renderer).y1
+        assert title_top < image_bottom, (title_top, image_bottom)
+    metrics = [
+        {"epoch": "0", "train/loss_epoch": "1.0", "train/acc": "0.5", "val/loss": "1.1", "val/acc": "0.4"}
+    ]
+    plot_learning_curves(metrics, tmp_path / "c.png", cached=True)
+    plot_learning_curves(metrics, tmp_path / "d.png")
+    titles = [f._suptitle.get_text() for f in figures[1:]]
+    assert "train: cached backbone features" in titles[0] and "augmented" not in titles[0]
+    assert "train: augmented batches" in titles[1]

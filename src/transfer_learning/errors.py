@@ -49,3 +49,8 @@ def byte_size(n: float) -> str:
 class RunFinished(Exception):
     """``ckpt_path=`` names a run whose training and test have finished: nothing to continue.
     Not an error (exit code 0); the message says where its results are and how to train longer."""
+
+
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``: a number and its noun, for messages and printed tables."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -277,6 +277,12 @@ class Command:
             else:
                 loose.append(arg)
         slots = [name for name in self.positional if name not in values]
+        if "ckpt_path" in slots:  # a checkpoint is a file ending in .ckpt, wherever it was typed
+            ckpts = [a for a in loose if a.endswith(".ckpt") and not Path(a).is_dir()]
+            if len(ckpts) == 1:
+                values["ckpt_path"] = ckpts
+                loose.remove(ckpts[0])
+                slots.remove("ckpt_path")
         for i, name in enumerate(slots):
             if not loose:
                 break

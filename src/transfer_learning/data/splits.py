@@ -37,10 +37,18 @@ def wanted(count: int, fraction: float) -> int:
 def too_few(
     label: int, count: int, fractions: Mapping[str, float], class_names: Sequence[str]
 ) -> TooFewToSplit:
+    splits = [name for name, f in fractions.items() if f > 0]
+    needed = 1 + len(splits)  # one image for train and one for each other split, whatever the fractions
+    name = class_names[label]
+    fewer = (
+        f", or split less (data.{splits[-1]}_fraction=0 leaves out the {splits[-1]} split)"
+        if count >= 2 and len(splits) > 1
+        else ""
+    )
     return TooFewToSplit(
-        f"class {class_names[label]!r} has only {count} image(s): too few to split into train and "
-        f"{', '.join(name for name, f in fractions.items() if f > 0)}. Add images or lower the "
-        "split fractions.",
+        f"class {name!r} has only {count} image(s): train and {' and '.join(splits)} each need at least "
+        f"one of every class, {needed} in all. Add {max(needed - count, 1)} more image(s) of {name!r}, "
+        f"or leave the class out (remove its folder or rows){fewer}.",
         label,
     )
 

@@ -189,7 +189,7 @@ def _multiclass(
     confidence = probs.max(1).values
     threshold = confidence_threshold(confidence, predicted == labels)
     rows = [
-        {"file": f, "label": names[int(t)], "predicted": names[int(p)], "confidence": float(c),
+        {"file": f, "true": names[int(t)], "predicted": names[int(p)], "confidence": float(c),
          **{name: float(v) for name, v in zip(names, row, strict=True)}}
         for f, t, p, c, row in zip(files, labels, predicted, confidence, probs, strict=True)
     ]  # fmt: skip

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from transfer_learning.cli import export as cli_export
 from transfer_learning.cli.export import DEMO_IMAGES, ExportArgs
 from transfer_learning.data.images import is_image, list_images, load_rgb
-from transfer_learning.errors import ConfigError, TransferLearningError, user_message
+from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier
 
@@ -199,15 +200,31 @@ def find_images(sources: Sequence[str], limit: int) -> tuple[list[Path], str]:
     return files[::step][:limit], where
 
 
+def readable_images(files: Sequence[Path], where: str) -> list[Image.Image]:
+    """The images of ``files`` that decode; each one that does not is named on stderr and left
+    out, as ``predict`` leaves it out (the check needs 2 or more)."""
+    images = []
+    for path in files:
+        try:
+            images.append(load_rgb(path))
+        except DataError as exc:
+            print(f"note: {user_message(exc)} (left out of the parity check)", file=sys.stderr)
+    if len(images) < 2:
+        raise ConfigError(f"images={where}: the check needs at least 2 readable images, found {len(images)}.")
+    return images
+
+
 def parity(
-    module: TransferLearningModule, runner: Callable[[torch.Tensor], np.ndarray], files: Sequence[Path]
+    module: TransferLearningModule,
+    runner: Callable[[torch.Tensor], np.ndarray],
+    files: Sequence[Path | Image.Image],
 ) -> list[ParityRow]:
     """The exported model next to PyTorch's float32 network on the same batches, preprocessed as
     ``predict`` does: the first image alone, then all of them. The reference is ``module.net``
     (in the module's memory format), not ``module(...)``: for a frozen backbone the module runs
     it under bf16 autocast where the hardware supports it, and the export is float32."""
     transform = Classifier(module).transform
-    images = torch.stack([transform(load_rgb(f)) for f in files])
+    images = torch.stack([transform(f if isinstance(f, Image.Image) else load_rgb(f)) for f in files])
     rows = []
     for batch in (images[:1], images):
         with torch.inference_mode():
@@ -265,6 +282,7 @@ def export(args: ExportArgs) -> tuple[Path, list[ParityRow]]:
     (raises :class:`ParityError` when the check fails: the files stay, for inspection)."""
     module = TransferLearningModule.load_for_inference(args.ckpt_path)
     files, where = find_images(args.images, args.max_images)  # before the slow part
+    images = readable_images(files, where)
     net = module.net.eval()
     metadata = model_metadata(module, args.ckpt_path)
     output = args.output_path
@@ -278,8 +296,8 @@ def export(args: ExportArgs) -> tuple[Path, list[ParityRow]]:
     sidecar = Path(f"{output}.json")
     sidecar.write_text(json.dumps({**metadata, "format": args.format, "file": output.name}, indent=2) + "\n")
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) and {sidecar}")
-    print(f"parity check on {len(files)} image(s) from {where}:")
-    rows = parity(module, load_runner(output, args.format), files)
+    print(f"parity check on {len(images)} image(s) from {where}:")
+    rows = parity(module, load_runner(output, args.format), images)
     what = decision(module)
     print(table(rows, args.atol, what))
     check(rows, args.atol, args.format, what)

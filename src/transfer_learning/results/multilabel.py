@@ -136,7 +136,7 @@ def evaluate_multilabel(
                              title=f"Precision-recall curves ({split})")  # fmt: skip
     decided = module.decide(probs)
     rows = [
-        {"file": f, "labels": label_set(sorted(t), names), "predicted": label_set(d, names),
+        {"file": f, "true": label_set(sorted(t), names), "predicted": label_set(d, names),
          **{name: float(v) for name, v in zip(names, row, strict=True)}}
         for f, t, d, row in zip(files, targets, decided, probs, strict=True)
     ]  # fmt: skip

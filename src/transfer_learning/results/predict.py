@@ -508,9 +508,9 @@ def terminal_line(prediction: Prediction, threshold: float | None) -> str:
 
 def csv_columns(class_names: Sequence[str], top_k: int, multilabel: bool = False) -> list[str]:
     if multilabel:  # the label set (names joined by a space), every probability
-        return ["file", "labels", *(f"prob_{n}" for n in class_names), "error"]
-    ranks = [f"top{r}_{part}" for r in range(1, top_k + 1) for part in ("label", "prob")]
-    return ["file", "label", "score", "uncertain", *ranks, *(f"prob_{n}" for n in class_names), "error"]
+        return ["file", "predicted", *(f"prob_{n}" for n in class_names), "error"]
+    ranks = [f"top{r}_{part}" for r in range(1, top_k + 1) for part in ("class", "prob")]
+    return ["file", "predicted", "score", "uncertain", *ranks, *(f"prob_{n}" for n in class_names), "error"]
 
 
 def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
@@ -522,15 +522,15 @@ def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadIn
         writer.writeheader()
         for p in predictions:
             if p.multilabel:
-                cells = {"file": p.source, "labels": p.label, "error": ""}
+                cells = {"file": p.source, "predicted": p.label, "error": ""}
                 writer.writerow(
                     csv_dict({**cells, **{f"prob_{n}": f"{v:.9g}" for n, v in p.probabilities.items()}})
                 )
                 continue
-            row: dict[str, Any] = {"file": p.source, "label": p.label, "score": f"{p.score:.9g}",
+            row: dict[str, Any] = {"file": p.source, "predicted": p.label, "score": f"{p.score:.9g}",
                                    "uncertain": str(p.uncertain).lower(), "error": ""}  # fmt: skip
             for rank, (name, prob) in enumerate(p.top_k, start=1):
-                row[f"top{rank}_label"], row[f"top{rank}_prob"] = name, f"{prob:.9g}"
+                row[f"top{rank}_class"], row[f"top{rank}_prob"] = name, f"{prob:.9g}"
             row.update({f"prob_{n}": f"{v:.9g}" for n, v in p.probabilities.items()})
             writer.writerow(csv_dict(row))
         for b in bad:
@@ -544,16 +544,16 @@ def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadI
         "predictions": [
             {
                 "file": p.source,
-                "labels": p.labels,
+                "predicted": p.labels,
                 "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
             }
             if p.multilabel
             else {
                 "file": p.source,
-                "label": p.label,
+                "predicted": p.label,
                 "score": _number(p.score),
                 "uncertain": p.uncertain,
-                "top_k": [{"label": n, "prob": _number(v)} for n, v in p.top_k],
+                "top_k": [{"class": n, "prob": _number(v)} for n, v in p.top_k],
                 "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
             }
             for p in predictions
@@ -582,6 +582,17 @@ def run(args: argparse.Namespace) -> int:
     """The command, its arguments read (:func:`transfer_learning.cli.predict.parse_args`);
     returns its exit status."""
     if not args.checkpoint.is_file():
+        swapped = [str(p) for p in args.paths if str(p).endswith(".ckpt") and Path(p).is_file()]
+        if args.checkpoint.is_dir() or swapped:
+            what = "a folder" if args.checkpoint.is_dir() else "not a file"
+            hint = (
+                f": ckpt_path and images look swapped; write ckpt_path={swapped[0]} images={args.checkpoint}"
+                if swapped
+                else ": give a checkpoint file (.../checkpoints/best-epochNN.ckpt) as ckpt_path, "
+                "the images as images="
+            )
+            print(f"error: ckpt_path={args.checkpoint} is {what}, not a checkpoint{hint}", file=sys.stderr)
+            return 2
         print(
             f"error: checkpoint {args.checkpoint} does not exist (train.py writes them to "
             "logs/train/runs/<date>/checkpoints/).",

@@ -76,9 +76,12 @@ def epoch_curves(rows: Sequence[Mapping[str, str]], score: str = "acc") -> dict[
     return curves
 
 
-def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path, score: str = "acc") -> Path | None:
+def plot_learning_curves(
+    rows: Sequence[Mapping[str, str]], path: Path, score: str = "acc", cached: bool = False
+) -> Path | None:
     """Loss and accuracy (multi-label: ``score="map"``) per epoch, train and val, side by side
-    in one PNG."""
+    in one PNG. ``cached``: the head trained on the frozen backbone's cached features (feature
+    extraction), not on augmented batches of images."""
     curves = epoch_curves(rows, score)
     score_name = "accuracy" if score == "acc" else "mean average precision"
     loss_name = "cross-entropy loss" if score == "acc" else "binary cross-entropy loss"
@@ -98,7 +101,8 @@ def plot_learning_curves(rows: Sequence[Mapping[str, str]], path: Path, score: s
         ax.legend()
         ax.xaxis.get_major_locator().set_params(integer=True)
     acc_ax.set_ylim(-0.02, 1.02)
-    fig.suptitle("Learning curves (train: augmented batches during the epoch; val: after it)", fontsize=10)
+    trained_on = "cached backbone features" if cached else "augmented batches"
+    fig.suptitle(f"Learning curves (train: {trained_on} during the epoch; val: after it)", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, plt)
 
@@ -172,7 +176,11 @@ def plot_confident_mistakes(
     plt = pyplot()
     columns = min(4, len(drawn))
     lines = math.ceil(len(drawn) / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.5 * lines), dpi=100, squeeze=False)
+    # Constrained layout keeps each two-line title clear of the image above it (portrait
+    # photos and tight_layout let them overlap).
+    fig, axes = plt.subplots(
+        lines, columns, figsize=(3.2 * columns, 3.7 * lines), dpi=100, squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, (row, image) in zip(axes.flat, drawn, strict=False):
@@ -183,7 +191,6 @@ def plot_confident_mistakes(
             fontsize=9, color="firebrick", parse_math=False,
         )  # fmt: skip
     fig.suptitle("Most confidently wrong validation images", fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (3.5 * lines)))  # room for the title above the grid
     return _save(fig, path, plt)
 
 
@@ -223,7 +230,10 @@ def write_report(
     curves, whose ``per_class`` rows also carry AP and the threshold."""
     multilabel = summary.get("task") == "multilabel"
     rows = read_metrics(metrics_csv)
-    curves = plot_learning_curves(rows, folder / "learning_curves.png", "map" if multilabel else "acc")
+    cached = bool(summary.get("feature cache"))
+    curves = plot_learning_curves(
+        rows, folder / "learning_curves.png", "map" if multilabel else "acc", cached
+    )
     rates = plot_learning_rates(rows, folder / "learning_rates.png")
     skipped: list[tuple[str, str]] = []
     mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png", skipped=skipped)

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_learning.errors import RunFinished, TransferLearningError, byte_size
+from transfer_learning.errors import RunFinished, TransferLearningError, byte_size, count
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +212,17 @@ def check_resumable(
     done = epochs_done(saved)
     if max_epochs is not None and max_epochs >= 0 and done > max_epochs:
         raise CheckpointError(
-            f"cannot resume from {path}: it has trained {done} epochs, more than trainer.max_epochs="
+            f"cannot resume from {path}: it has trained {count(done, 'epoch')}, more than trainer.max_epochs="
             f"{max_epochs}. To train longer, give more: `{resume} trainer.max_epochs={done + 10}`."
         )
     ended = _early_stopped(saved) or (max_epochs is not None and max_epochs >= 0 and done >= max_epochs)
     summary = run_folder / "summary.json" if run_folder is not None else None
     if ended and summary is not None and summary.is_file():
-        how = "early stopping ended it" if _early_stopped(saved) else f"{done} of {max_epochs} epochs"
+        how = (
+            "early stopping ended it"
+            if _early_stopped(saved)
+            else f"{done} of {count(max_epochs or 0, 'epoch')}"
+        )
         try:
             best = json.loads(summary.read_text(encoding="utf-8")).get("best checkpoint") or path
         except (OSError, ValueError, AttributeError):

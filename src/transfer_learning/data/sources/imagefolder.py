@@ -93,11 +93,16 @@ class ImageFolderSource(DataSource):
 
     def _layout(self) -> dict[str, Path]:
         if not self.root.is_dir():
-            raise DataError(
-                f"data.root={self.root} does not exist or is not a folder. Point data.root at an "
-                "ImageFolder tree (<root>/<class>/<image> or <root>/train|val/<class>/<image>), "
-                "or use data=demo."
-            )
+            tree = "an ImageFolder tree (<root>/<class>/<image> or <root>/train|val/<class>/<image>)"
+            if self.generate is not None:  # data=demo (the default), with data.root changed
+                fix = (
+                    f"The demo data (data=demo, the default) is generated only in its own folder "
+                    f"({self.generate.get('root')}); for your own images, point data.root at {tree} "
+                    f"with data=imagefolder: python train.py data=imagefolder data.root={self.root}"
+                )
+            else:
+                fix = f"Point data.root at {tree}, or use data=demo."
+            raise DataError(f"data.root={self.root} does not exist or is not a folder. {fix}")
         layout = {}
         for split, names in SPLIT_ALIASES.items():
             for name in names:

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transfer_learning.errors import count
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -245,7 +247,7 @@ def main() -> None:
 
     cpu = platform.processor() or platform.machine()
     print(f"\n{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {args.model}, {args.image_size} px, "
-          f"{args.epochs} epochs, {rows[0]['train_images']} training images")  # fmt: skip
+          f"{count(args.epochs, 'epoch')}, {rows[0]['train_images']} training images")  # fmt: skip
     print(f"{'run':<38}{'wall s':>8}{'img/s':>8}{'val acc':>9}{'best':>7}{'peak MB':>9}{'vs (a)':>8}")
     baseline = {
         "feature": rows[0]["seconds"],

@@ -25,6 +25,8 @@ from pathlib import Path
 from benchmark import REPO, timed  # scripts/ is on sys.path when this file runs
 from linear_probe import write_digits
 
+from transfer_learning.errors import count
+
 STRATEGIES = ("feature_extract", "finetune", "gradual_unfreeze", "lp_ft", "layer_decay")
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="compare-strategies-"))
     lines = [
-        f"{args.epochs} epochs each, {args.image_size} px, EfficientNet-Lite0, seed 42",
+        f"{count(args.epochs, 'epoch')} each, {args.image_size} px, EfficientNet-Lite0, seed 42",
         "",
         "| data | strategy | best val acc | test acc | test macro F1 | wall s |",
         "|---|---|---|---|---|---|",

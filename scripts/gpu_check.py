@@ -22,16 +22,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-
-from transfer_learning.data.demo import generate_shapes
-from transfer_learning.run.config import build, compose_config
+# torch, Lightning and the package load inside the functions: `--help` answers at once.
 
 STRATEGIES = ("feature_extract", "finetune")
 
 
 def run(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from transfer_learning.run.config import build, compose_config
+
     L.seed_everything(0, workers=True)
     cfg = compose_config(
         [
@@ -77,6 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     """One DDP run on two devices through the real command line (Lightning starts the second
     process by re-running it), in a temporary folder; returns what its summary says."""
+    import torch
+
     from transfer_learning.model.backbones import efficientnet_lite0
 
     trainer = "trainer=ddp" if args.accelerator == "gpu" else "trainer=ddp_cpu"
@@ -120,6 +123,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--ddp", choices=("auto", "yes", "no"), default="auto", help="auto: with 2+ GPUs")
     args = parser.parse_args()
+    import torch
+
+    from transfer_learning.data.demo import generate_shapes
+
     generate_shapes(args.data, images_per_class=200, image_size=128)
     if args.accelerator == "gpu":
         print(torch.cuda.get_device_name(0), "torch", torch.__version__)
@@ -141,6 +148,7 @@ def main() -> None:
 
 
 def ddp_main(args: argparse.Namespace) -> None:
+
     rows = [run_ddp(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
     header = f"{'strategy':<16} {'precision':<11} {'batch':<32} {'val/acc':>7} {'test/acc':>8} {'wall s':>7}"
     print(f"\nDDP, 2 devices\n{header}  backbone unchanged  fp32 weights")

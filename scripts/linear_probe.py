@@ -17,9 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.run.config import build, compose_config
-from transfer_learning.run.train import train
-
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
@@ -72,6 +69,9 @@ def main() -> None:
     parser.add_argument("--data", default="digits", help="an ImageFolder root, `digits` or `demo`")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the template run")
     args = parser.parse_args()
+    from transfer_learning.run.config import build, compose_config  # torch: not for --help
+    from transfer_learning.run.train import train
+
     work = Path(tempfile.mkdtemp(prefix="linear-probe-"))
     if args.data == "digits":  # under ./data like the demo set, so later runs hit the feature cache
         data = ["data=imagefolder", f"data.root={write_digits(Path('data/digits').absolute())}"]

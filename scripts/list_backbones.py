@@ -13,10 +13,6 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-import torchvision
-
-from transfer_learning.model.backbones import LITE0_PREPROCESSING, torchvision_names
-
 # Which end of each sort comes first: the best candidates, so that `| head` shows them.
 DESCENDING = {"model": False, "params": False, "top1": True}
 
@@ -24,6 +20,8 @@ DESCENDING = {"model": False, "params": False, "top1": True}
 def lite0_row() -> dict[str, Any]:
     import timm
     import torch
+
+    from transfer_learning.model.backbones import LITE0_PREPROCESSING
 
     with torch.device("meta"):
         params = sum(p.numel() for p in timm.create_model("efficientnet_lite0").parameters())
@@ -38,6 +36,10 @@ def lite0_row() -> dict[str, Any]:
 
 
 def torchvision_rows() -> list[dict[str, Any]]:
+    import torchvision
+
+    from transfer_learning.model.backbones import torchvision_names
+
     rows = []
     for name in torchvision_names():
         weights = torchvision.models.get_model_weights(name).DEFAULT
@@ -61,11 +63,17 @@ def timm_rows(pattern: str) -> list[dict[str, Any]]:
     import torch
 
     rows = []
+    counted: dict[
+        str, int
+    ] = {}  # one count per architecture, not per weights tag (convnext_tiny.fb_in1k, ...)
     for name in timm.list_models(pattern, pretrained=True):
         cfg = timm.models.get_pretrained_cfg(name)
         size = cfg.input_size[-1] if cfg else None
-        with torch.device("meta"):  # shapes only: no memory, no compute
-            params = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+        arch = name.split(".", 1)[0]
+        if arch not in counted:
+            with torch.device("meta"):  # shapes only: no memory, no compute
+                counted[arch] = sum(p.numel() for p in timm.create_model(arch, pretrained=False).parameters())
+        params = counted[arch]
         rows.append(
             {
                 "model": name,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from forkrun import run_python
 
 from helpers import REPO
 from transfer_learning.cli.checks import check_command
@@ -49,6 +49,10 @@ def test_good_settings_and_new_keys_unlike_old_ones_pass():
     assert check_command("train", ["train.py", "++trainer.max_epoch=3"]) is None  # asked for on purpose
     assert check_command("train", ["train.py", "-m", "strategy.head_lr=1e-3,abc"]) is None  # Hydra's per job
     assert check_command("train", ["train.py", "--help"]) is None
+    # Configs from another folder (README "Extending the template"): their options are Hydra's to check.
+    assert "not an option of strategy" in (check_command("train", ["train.py", "strategy=centroid_head"]) or "")
+    extra = ["train.py", "hydra.searchpath=[file:///my_conf]", "strategy=centroid_head"]
+    assert check_command("train", extra) is None
 
 
 def test_eval_without_a_checkpoint_and_slurm_without_slurm(monkeypatch):
@@ -74,8 +78,7 @@ def run(tmp_path: Path, script: str, *args: str) -> tuple[subprocess.CompletedPr
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PROJECT_ROOT", None)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = run_python([REPO / script, *args], cwd=tmp_path, env=env)
     return result, time.monotonic() - started
 
 
@@ -134,8 +137,7 @@ def test_swapped_predict_arguments_are_read_by_what_they_are(tmp_path):
     line = PREDICT_COMMAND.rewrite(["photos", str(ckpt)])
     assert line is not None and f"ckpt_path={ckpt}" in line and "images=photos" in line
     env = {**os.environ}
-    result = subprocess.run([sys.executable, "-m", "transfer_learning.results.predict", "ckpt_path=photos",
-                             f"images={ckpt}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = run_python(["-m", "transfer_learning.results.predict", "ckpt_path=photos", f"images={ckpt}"],
+                        cwd=tmp_path, env=env, timeout=300)  # fmt: skip
     assert result.returncode == 2
     assert f"ckpt_path and images look swapped; write ckpt_path={ckpt} images=photos" in result.stderr

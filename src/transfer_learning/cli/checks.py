@@ -180,5 +180,7 @@ def check_command(config_name: str, argv: Sequence[str]) -> str | None:
         return None
     if MULTIRUN_FLAGS & set(args):  # a launcher is used by multiruns only
         return check_launcher(args)
+    if any(_key(a) == "hydra.searchpath" for a in args if not a.startswith("-")):
+        return None  # configs from other folders: only Hydra knows their options and keys
     overrides = [a for a in args if not a.startswith("-") and "=" in a and not _key(a).startswith("hydra")]
     return check_settings(config_name, overrides)

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from forkrun import run_python
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch.nn.modules.batchnorm import _NormBase
@@ -115,10 +116,9 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """`python train.py` in ``tmp_path``, with its outputs in ``tmp_path/run``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run(
+    return run_python(
         [
-            sys.executable,
-            str(REPO / "train.py"),
+            REPO / "train.py",
             *(["--multirun"] if multirun else []),
             f"paths.root_dir={tmp_path}",
             f"hydra.run.dir={tmp_path}/run",
@@ -127,9 +127,6 @@ def run_cli(
         ],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
 
 
@@ -154,14 +151,7 @@ def train_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     land under ``cwd/logs`` where a user's would."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **(env or {})}
     environment.pop("PROJECT_ROOT", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_python([REPO / "train.py", *args], cwd=cwd, env=environment, timeout=900)
 
 
 def sweep_dirs(cwd: Path) -> list[Path]:

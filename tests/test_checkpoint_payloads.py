@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import REPO, run_cli
 from transfer_learning.errors import TransferLearningError
@@ -118,7 +119,7 @@ def test_the_templates_own_checkpoint_still_loads_and_predicts(run_folder: Path)
 
 def _cli(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return run_python(command[1:], cwd=cwd, env=env)
 
 
 @pytest.mark.slow

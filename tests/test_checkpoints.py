@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import REPO, assert_same_weights, build, run_cli, train_cli, trainer
 from transfer_learning.results.predict import Classifier
@@ -104,9 +105,9 @@ def test_a_crafted_checkpoint_is_refused_on_resume_and_on_predict(tmp_path, shap
     output = resume.stdout + resume.stderr
     assert f"refusing to load {path}" in output and "Traceback" not in output
     image = next(shapes_dir.glob("circle/*.jpg"))
-    predict = subprocess.run(
-        [sys.executable, "-m", "transfer_learning.results.predict", f"ckpt_path={path}", f"images={image}"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, **forced},
+    predict = run_python(
+        ["-m", "transfer_learning.results.predict", f"ckpt_path={path}", f"images={image}"],
+        cwd=tmp_path, env={**os.environ, **forced}, timeout=300,
     )  # fmt: skip
     assert predict.returncode == 2 and "refusing to load" in predict.stderr
     assert "Traceback" not in predict.stderr

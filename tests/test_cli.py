@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import check_run, run_cli
 from transfer_learning.data.demo import CLASSES
 from transfer_learning.results.predict import Classifier
 
-PREDICT = [sys.executable, "-m", "transfer_learning.results.predict"]
+PREDICT = ["-m", "transfer_learning.results.predict"]
 
 
 def check_checkpoint_predicts(summary: dict, data_root: Path, image_size: int) -> Classifier:
@@ -62,11 +61,8 @@ def test_feature_extract_from_the_command_line(tmp_path, shapes_dir):
     assert checkpoint["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     # The prediction command prints one line per image: path, class name, probability.
     star = shapes_dir / "star" / "0001.jpg"
-    printed = subprocess.run(
-        [*PREDICT, f"ckpt_path={summary['best checkpoint']}", f"images={star}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    printed = run_python(
+        [*PREDICT, f"ckpt_path={summary['best checkpoint']}", f"images={star}"], cwd=tmp_path
     )
     path, label, score = printed.stdout.strip().split("\t")
     assert (path, label) == (str(star), classifier.predict([star])[0].label)

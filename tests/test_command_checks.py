@@ -50,7 +50,9 @@ def test_good_settings_and_new_keys_unlike_old_ones_pass():
     assert check_command("train", ["train.py", "-m", "strategy.head_lr=1e-3,abc"]) is None  # Hydra's per job
     assert check_command("train", ["train.py", "--help"]) is None
     # Configs from another folder (README "Extending the template"): their options are Hydra's to check.
-    assert "not an option of strategy" in (check_command("train", ["train.py", "strategy=centroid_head"]) or "")
+    assert "not an option of strategy" in (
+        check_command("train", ["train.py", "strategy=centroid_head"]) or ""
+    )
     extra = ["train.py", "hydra.searchpath=[file:///my_conf]", "strategy=centroid_head"]
     assert check_command("train", extra) is None
 

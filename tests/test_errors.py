@@ -3,11 +3,9 @@ any heavy work, and never a traceback."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import REPO, run_cli
 from transfer_learning.data.datamodule import ImageFolderDataModule
@@ -84,9 +82,7 @@ def test_the_command_line_reports_them_without_a_traceback(tmp_path, shapes_dir)
     for override, message in cases.items():
         args = [f"data.root={shapes_dir}", "logger=csv", override]
         if override.startswith("hydra.run.dir"):  # run_cli sets its own run folder: not this one
-            result = subprocess.run(
-                [sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True
-            )
+            result = run_python([REPO / "train.py", *args], cwd=tmp_path)
         else:
             result = run_cli(tmp_path, *args)
         output = result.stdout + result.stderr
@@ -105,11 +101,11 @@ def test_predict_names_a_missing_or_non_image_file(tmp_path, shapes_dir):
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     for path, message in ((tmp_path / "missing.jpg", "No such file"), (text, "cannot identify image file")):
-        result = subprocess.run(
-            [sys.executable, "-m", "transfer_learning.results.predict",
-             f"ckpt_path={checkpoint}", f"images={path}"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        result = run_python(
+            ["-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}", f"images={path}"],
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert result.returncode == 1  # a bad file is skipped and reported, not a usage error
         assert f"error: cannot read image {path}" in result.stderr and message in result.stderr
         assert "Traceback" not in result.stderr

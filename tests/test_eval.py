@@ -7,11 +7,11 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import REPO, check_run, confusion_counts, run_cli
 from transfer_learning.data.demo import generate_shapes
@@ -20,11 +20,9 @@ from transfer_learning.data.demo import generate_shapes
 def eval_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("PROJECT_ROOT", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), f"hydra.run.dir={cwd}/eval", "data.num_workers=0",
-         *overrides],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return run_python(
+        [REPO / "eval.py", f"hydra.run.dir={cwd}/eval", "data.num_workers=0", *overrides], cwd=cwd, env=env
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -8,8 +8,6 @@ import copy
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from forkrun import run_python
 
 from helpers import REPO, run_cli
 from transfer_learning.cli import export as cli
@@ -126,8 +125,8 @@ def test_fails_when_the_exported_model_computes_something_else(
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    command = [sys.executable, str(REPO / "scripts" / "export.py"), f"ckpt_path={tmp_path / 'nope.ckpt'}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [str(REPO / "scripts" / "export.py"), f"ckpt_path={tmp_path / 'nope.ckpt'}"]
+    result = run_python(command, cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "nope.ckpt does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -190,13 +189,13 @@ def test_an_unreadable_image_is_left_out_of_the_parity_check(exported: dict[str,
         (photos / f.name).write_bytes(f.read_bytes())
     (photos / "truncated.jpg").write_bytes(good[0].read_bytes()[:200])
     output = tmp_path / "model.onnx"
-    command = [sys.executable, str(REPO / "scripts" / "export.py"), f"ckpt_path={exported['ckpt']}",
+    command = [str(REPO / "scripts" / "export.py"), f"ckpt_path={exported['ckpt']}",
                f"images={photos}", f"output={output}"]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_python(command, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"cannot read image {photos / 'truncated.jpg'}" in result.stderr and "left out" in result.stderr
     assert "parity check on 3 image(s)" in result.stdout and "ok: the onnx model matches" in result.stdout
     (photos / good[1].name).write_bytes(b"not a jpeg")
     (photos / good[2].name).write_bytes(b"")
-    failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    failed = run_python(command, cwd=tmp_path, timeout=300)
     assert failed.returncode == 2 and "needs at least 2 readable images, found 1" in failed.stderr

@@ -13,12 +13,12 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from forkrun import run_python
 from PIL import Image
 
 from transfer_learning.data.datamodule import ImageFolderDataModule
@@ -51,10 +51,7 @@ def isolated(code: str, timeout: float = 90, **args: object) -> object:
     result as JSON on its last line. Fails, instead of hanging, when it runs past ``timeout``."""
     script = PRELUDE + textwrap.dedent(code)
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", script, json.dumps(args, default=str)],
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+        done = run_python(["-c", script, json.dumps(args, default=str)], cwd=os.getcwd(), timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung: still running after {timeout} s (killed)")
     assert done.returncode == 0, done.stderr[-3000:]

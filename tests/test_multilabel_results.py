@@ -8,13 +8,13 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from forkrun import run_python
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
@@ -38,8 +38,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def command(cwd: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("PROJECT_ROOT", None)
-    return subprocess.run([sys.executable, *script.split(), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return run_python([*script.split(), *args], cwd=cwd, env=env)
 
 
 def thresholds_of(module: TransferLearningModule) -> list[float]:

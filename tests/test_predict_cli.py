@@ -8,13 +8,12 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from forkrun import run_python
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -272,14 +271,8 @@ def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_
 def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
     pictures = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
     # The real entry point: one tab-separated line per image on stdout, problems on stderr.
-    command = [sys.executable, "-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}"]
-    result = subprocess.run(
-        [*command, images(*pictures, "missing.jpg")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    command = ["-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}"]
+    result = run_python([*command, images(*pictures, "missing.jpg")], cwd=tmp_path, timeout=300)
     assert result.returncode == 1, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in pictures]
@@ -309,9 +302,9 @@ def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
             main([f"ckpt_path={checkpoint}", f"images={pictures[0]}", bad_arg])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     # The old form (positional checkpoint and images, --flags): the command in the new form.
-    old = [sys.executable, "-m", "transfer_learning.results.predict", str(checkpoint), *map(str, pictures),
+    old = ["-m", "transfer_learning.results.predict", str(checkpoint), *map(str, pictures),
            "--top-k", "3", "-o", "preds.csv"]  # fmt: skip
-    result = subprocess.run(old, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = run_python(old, cwd=tmp_path, timeout=300)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     new = f"tl-predict ckpt_path={checkpoint} {images(*pictures)!r} output=preds.csv top_k=3"
     assert result.stderr.strip().endswith(f"write: {new}"), result.stderr

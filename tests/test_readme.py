@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forkrun import run_python
 
 from helpers import REPO
 from transfer_learning.data.demo import generate_multilabel_shapes, generate_shapes
@@ -60,6 +61,14 @@ def readme_commands(runnable_here: bool = True) -> list[str]:
     if runnable_here:
         commands = [c for c in commands if not any(need in c for need in NEEDS_A_CLUSTER)]
     return commands
+
+
+def shell_words(line: str, cwd: Path, env: dict[str, str]) -> list[str]:
+    """The arguments bash makes of ``line`` (its quotes, ``$HOME``, ``~``): what the command
+    receives when a user types it. The command itself then runs in a forked child (forkrun)."""
+    done = subprocess.run(["bash", "-c", f"printf '%s\\0' {line}"], cwd=cwd, env=env, capture_output=True,
+                          text=True, check=True, timeout=60)  # fmt: skip
+    return done.stdout.split("\0")[:-1]
 
 
 def jobs(command: str) -> int:
@@ -151,14 +160,9 @@ def test_every_readme_train_command_works_as_written(tmp_path):
                 f"trainer.max_epochs={1 + resumes}"
             ]
         started = time.time()
-        result = subprocess.run(
-            ["bash", "-c", f"{line} {' '.join(extra)}"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        words = shell_words(f"{line} {' '.join(extra)}", work, env)
+        assert words[0] == "python", command
+        result = run_python(words[1:], cwd=work, env=env)
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"{command}\n{output[-4000:]}"
         assert "Traceback" not in output, command
@@ -187,10 +191,7 @@ def test_the_cluster_commands_of_the_readme_compose(tmp_path):
     for command in set(readme_commands(runnable_here=False)) - set(readme_commands()):
         # --cfg shows one job's config: the first value of each swept override.
         args = [re.sub(r"=([^,\[]+),\S+$", r"=\1", a) for a in command.split()[2:] if a != "-m"]
-        result = subprocess.run(
-            [sys.executable, str(REPO / "train.py"), *args, "--cfg", "hydra"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        result = run_python([REPO / "train.py", *args, "--cfg", "hydra"], cwd=tmp_path, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
         assert launcher["_target_"].endswith("SlurmLauncher")

@@ -148,7 +148,6 @@ def main() -> None:
 
 
 def ddp_main(args: argparse.Namespace) -> None:
-
     rows = [run_ddp(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
     header = f"{'strategy':<16} {'precision':<11} {'batch':<32} {'val/acc':>7} {'test/acc':>8} {'wall s':>7}"
     print(f"\nDDP, 2 devices\n{header}  backbone unchanged  fp32 weights")

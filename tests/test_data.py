@@ -353,25 +353,25 @@ def test_only_one_class(tmp_path):
     assert "two or more" in str(info.value)
 
 
-def test_class_with_too_few_images_to_split(tmp_path):
-    make_tree(tmp_path, {"many": 10, "few": 2})
-    dm = module(tmp_path)
+def split_error(root: Path, counts: dict[str, int]) -> str:
+    """The message of the DataError that setting up a tree of ``counts`` images per class raises."""
+    make_tree(root, counts)
+    dm = module(root)
     dm.set_preprocessing(PREP)
     with pytest.raises(DataError) as info:
         dm.setup()
-    message = str(info.value)
+    return str(info.value)
+
+
+def test_class_with_too_few_images_to_split(tmp_path):
+    message = split_error(tmp_path, {"many": 10, "few": 2})
     assert "'few'" in message and "2 image(s)" in message
     assert "Add 1 more image(s) of 'few'" in message and "lower" not in message  # 3 needed: train, val, test
     assert "data.test_fraction=0 leaves out the test split" in message
 
 
 def test_a_class_with_one_image_is_not_told_to_lower_the_fractions(tmp_path):
-    make_tree(tmp_path, {"many": 10, "one": 1})
-    dm = module(tmp_path)
-    dm.set_preprocessing(PREP)
-    with pytest.raises(DataError) as info:
-        dm.setup()
-    message = str(info.value)
+    message = split_error(tmp_path, {"many": 10, "one": 1})
     assert "Add 2 more image(s) of 'one'" in message and "leave the class out" in message
     assert "fraction" not in message
 

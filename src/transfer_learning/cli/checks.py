@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from transfer_learning.run.config import CONF_DIR
+from transfer_learning.run.config import CONF_DIR, compose_plain
 
 # Flags that print something and run nothing (help, the composed config).
 HELP_FLAGS = {
@@ -45,13 +45,6 @@ def _is_group(key: str) -> bool:
     return "/" in key or (CONF_DIR / key).is_dir()
 
 
-def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
-
-
 def _keys(node: Any) -> list[str]:
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
@@ -65,7 +58,7 @@ def _unknown_key(config_name: str, overrides: list[str], key: str, value: str) -
     parent, _, leaf = key.rpartition(".")
     others = [o for o in overrides if _key(o) != key]
     try:
-        node = _compose(config_name, others)
+        node = compose_plain(config_name, others)
         node = OmegaConf.select(node, parent) if parent else node
     except Exception:
         node = None
@@ -115,7 +108,7 @@ def check_settings(config_name: str, overrides: list[str]) -> str | None:
     from hydra.errors import ConfigCompositionException
 
     try:
-        cfg = _compose(config_name, overrides)
+        cfg = compose_plain(config_name, overrides)
     except ConfigCompositionException as exc:
         text = str(exc)
         for override in overrides:
@@ -134,7 +127,7 @@ def check_settings(config_name: str, overrides: list[str]) -> str | None:
         return None
     groups = [o for o in overrides if _is_group(_key(o))]
     try:
-        defaults = _compose(config_name, groups)
+        defaults = compose_plain(config_name, groups)
     except Exception:
         return None
     for override in overrides:

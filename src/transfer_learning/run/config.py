@@ -93,6 +93,13 @@ def check_writable(folder: Path, setting: str) -> None:
         ) from exc
 
 
+def compose_plain(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides`` as Hydra composes it, without a run folder or
+    the ``hydra`` node: for what is looked up before Hydra starts (checks, the runs folder)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
 def compose_config(
     overrides: Sequence[str] = (), output_dir: str | Path | None = None, config_dir: Path = CONF_DIR
 ) -> DictConfig:

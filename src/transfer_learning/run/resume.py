@@ -26,7 +26,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from transfer_learning.run.config import CONF_DIR, expand_path
+from transfer_learning.run.config import compose_plain, expand_path
 
 # The command-line settings a run trains with, kept by train() once the run has started (or a
 # resume of it has passed its checks). Hydra's own .hydra/overrides.yaml is rewritten by every
@@ -54,11 +54,8 @@ def _fail(message: str) -> None:
 
 def _runs_folder(overrides: list[str]) -> Path:
     """``<paths.log_dir>/<task_name>/runs`` as ``overrides`` compose it."""
-    from hydra import compose, initialize_config_dir
-
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+        cfg = compose_plain("train", overrides)
         log_dir, task = str(cfg.paths.log_dir), str(cfg.task_name)
     except Exception:  # a mistake in the overrides: Hydra says what it is when it composes them
         log_dir = str(Path(os.environ.get("PROJECT_ROOT", ".")) / "logs")

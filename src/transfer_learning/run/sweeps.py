@@ -115,12 +115,10 @@ def run_task(cfg: DictConfig, task: Callable[[DictConfig], Mapping[str, Any]]) -
         message = user_message(user_error) if user_error else f"{type(exc).__name__}: {exc}"
         record["error"] = _one_line(message)
         if user_error is not None:
-            if multirun:
+            if multirun or not remove_unused_run_folder(output_dir):
                 log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
-            elif remove_unused_run_folder(output_dir):
-                log.error("%s", message)
             else:
-                log.error("%s\n(Outputs written so far are kept in %s)", message, output_dir)
+                log.error("%s", message)
             if not multirun:
                 sys.exit(2)
         elif not multirun:

@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# pytest-xdist: one worker per core (at most 4: each holds torch and a forkserver in memory).
+WORKERS ?= -n auto --maxprocesses=4 --dist worksteal
 
 .PHONY: install train test test-fast lint format clean
 
@@ -16,10 +18,10 @@ train:  ## train with the default config; pass Hydra overrides as ARGS="strategy
 	$(BIN)/python train.py $(ARGS)
 
 test:  ## the whole test suite, slow end-to-end tests included
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(WORKERS)
 
 test-fast:  ## skip the slow end-to-end tests
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(WORKERS) -m "not slow"
 
 lint:  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forkrun import start_forkserver
 
 from transfer_learning.data.demo import generate_multilabel_shapes, generate_shapes
 
@@ -12,6 +13,16 @@ from transfer_learning.data.demo import generate_multilabel_shapes, generate_sha
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Any download attempt fails at once (connection refused), on machines with or without network.
 DEAD_PROXY = "http://127.0.0.1:9"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The forkserver that runs the tests' command lines imports torch and Lightning while the
+    first tests run (in each xdist worker, not in the controller that only hands out tests)."""
+    if hasattr(session.config, "workerinput"):
+        # Each xdist worker, and every process it starts, gets one core's worth of threads.
+        os.environ["OMP_NUM_THREADS"] = "1"
+    if hasattr(session.config, "workerinput") or not session.config.getoption("numprocesses", None):
+        start_forkserver()
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +38,7 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
         monkeypatch.setenv(var, DEAD_PROXY)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +52,17 @@ def multilabel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """90 generated 48 px JPEGs with 1 to 3 of five shapes each, and their labels.csv (path,
     labels: the shapes separated by spaces); read-only for tests."""
     return generate_multilabel_shapes(tmp_path_factory.mktemp("data") / "multi", images=90, image_size=48)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
+    """The folder of one real `python train.py` run on shapes_dir (48 px, one epoch, CSV
+    logger, no pictures of mistakes), trained once for the tests that need a run or its
+    checkpoints. Read-only: a test that writes next to it works on a copy."""
+    from helpers import run_cli
+
+    base = tmp_path_factory.mktemp("trained_run")
+    result = run_cli(base, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
+                     "logger=csv", "worst_samples=0")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return base / "run"

@@ -3,11 +3,15 @@ imported torch, Lightning and Hydra.
 
 Each command line the suite runs used to start a fresh interpreter and spend about 4 s of its
 10-15 s importing torch, torchvision, torchmetrics and Lightning. Here a multiprocessing
-forkserver imports them once per test session; every run is a child forked from it, so it still
-has its own globals, signal handlers, environment, working directory, stdout/stderr and exit
-code, and DDP or loader workers it starts are real processes too. What a fork cannot share is
-left to a real interpreter: tests that signal a process or measure its start-up call
-``subprocess`` themselves.
+forkserver (one per pytest worker, started with the session) imports them once; every run is a
+child forked from it, so it still has its own globals, signal handlers, environment, working
+directory, stdout/stderr and exit code. The child is made a main process again (multiprocessing's
+default start method, no parent), so the loader workers and DDP processes it starts are made
+as a fresh interpreter would make them. ``run_python`` waits for the run; ``start_python``
+does not (the part of ``subprocess.Popen`` the tests use: pid, poll, wait, send_signal,
+communicate), and can put the run in a session of its own, so that tests send it and its
+loader workers real signals. Tests that time start-up, run a fork's copy of the package, or
+stand for a terminal's Ctrl-C start fresh interpreters.
 
 ``TL_TEST_SUBPROCESS=1`` runs every command in a fresh interpreter instead (to rule this runner
 out when a test fails).
@@ -18,8 +22,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +33,9 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# Imported once by the forkserver: what every train/eval/predict/export run imports first.
+# Imported once by the forkserver: what every train/eval/predict/export run imports first. Not
+# wandb, nor timm (which imports it): wandb makes one temporary folder for its media at import,
+# which the first child to exit would delete for all the others.
 PRELOAD = [
     "torch",
     "torchvision",
@@ -37,6 +45,7 @@ PRELOAD = [
     "omegaconf",
     "transfer_learning.cli.hydra_entry",
     "transfer_learning.run.train",
+    "transfer_learning.results.finish",
 ]
 
 _context: multiprocessing.context.ForkServerContext | None = None
@@ -51,14 +60,33 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def start_forkserver() -> None:
+    """Start the forkserver now: it imports PRELOAD while the tests go on."""
+    if os.environ.get("TL_TEST_SUBPROCESS") != "1":
+        _forkserver()
+        multiprocessing.forkserver.ensure_running()
+
+
+def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, new_session: bool) -> None:
     """The body of ``python argv...`` in the forked child; never returns."""
+    if new_session:
+        os.setsid()
+    # A fresh interpreter's multiprocessing: this process is the main one, with no parent, and
+    # its loader workers and DDP processes start the default way (a forkserver child would
+    # otherwise start them through a second forkserver of its own).
+    multiprocessing.current_process().name = "MainProcess"
+    multiprocessing.process._parent_process = None  # type: ignore[attr-defined]
+    multiprocessing.set_start_method(None, force=True)  # type: ignore[arg-type]
     for fd, path in ((1, out), (2, err)):
-        handle = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.dup2(handle, fd)
         os.close(handle)
     os.environ.clear()
     os.environ.update(env)
+    if env.get("OMP_NUM_THREADS", "").isdigit():  # what a fresh interpreter's torch reads at start-up
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.chdir(cwd)
     # What the interpreter does at start-up with PYTHONPATH and the script's folder.
     extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -100,6 +128,107 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -
         os._exit(code)
 
 
+class Started:
+    """``python args...`` started in a forked child (or, with TL_TEST_SUBPROCESS=1, a fresh
+    interpreter) and not waited for. stdout and stderr go to files: ``output`` for both when
+    given (as ``stderr=subprocess.STDOUT`` would), else two files of a temporary folder."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: str | Path,
+        env: Mapping[str, str] | None = None,
+        new_session: bool = False,
+        output: Path | None = None,
+        fresh: bool = False,
+    ) -> None:
+        env = dict(os.environ if env is None else env)
+        self.args = [sys.executable, *map(str, args)]
+        self._folder = tempfile.TemporaryDirectory(prefix="forkrun")
+        if output is None:
+            self._out, self._err = Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr"
+        else:
+            self._out = self._err = output
+        for path in (self._out, self._err):
+            path.write_bytes(b"")
+        self.returncode: int | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
+        if fresh or os.environ.get("TL_TEST_SUBPROCESS") == "1":
+            with self._out.open("ab") as out, self._err.open("ab") as err:
+                self._popen = subprocess.Popen(
+                    self.args, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=new_session
+                )
+            self.pid = self._popen.pid
+        else:
+            self._process = _forkserver().Process(
+                target=_child,
+                args=(self.args[1:], str(cwd), env, str(self._out), str(self._err), new_session),
+            )
+            self._process.start()
+            assert self._process.pid is not None
+            self.pid = self._process.pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            if self._popen is not None:
+                self.returncode = self._popen.poll()
+            else:
+                assert self._process is not None
+                self.returncode = self._process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self._popen is not None:
+            self._popen.wait(timeout)
+        else:
+            assert self._process is not None
+            self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0, *self.outputs())
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(60)
+
+    def outputs(self) -> tuple[str, str]:
+        """What the process has written so far to stdout and to stderr (the same text twice
+        with ``output``)."""
+        return tuple(  # type: ignore[return-value]
+            p.read_text(encoding="utf-8", errors="replace") for p in (self._out, self._err)
+        )
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end (killing the process after ``timeout``, as the tests' callers
+        expect of a hung run) and return its stdout and stderr."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        return self.outputs()
+
+
+def start_python(
+    args: Sequence[str],
+    cwd: str | Path,
+    env: Mapping[str, str] | None = None,
+    new_session: bool = False,
+    output: Path | None = None,
+    fresh: bool = False,
+) -> Started:
+    """``subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, start_new_session=new_session,
+    ...)`` with its output in files (see Started); ``fresh``: in a new interpreter."""
+    return Started(args, cwd, env, new_session, output, fresh)
+
+
 def run_python(
     args: Sequence[str],
     cwd: str | Path,
@@ -108,28 +237,6 @@ def run_python(
 ) -> subprocess.CompletedProcess[str]:
     """What ``subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
     text=True, timeout=timeout)`` returns, with ``args[0]`` a script, ``-m`` or ``-c``."""
-    env = dict(os.environ if env is None else env)
-    command = [sys.executable, *map(str, args)]
-    if os.environ.get("TL_TEST_SUBPROCESS") == "1":
-        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="forkrun") as folder:
-        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        out.touch()
-        err.touch()
-        process = _forkserver().Process(
-            target=_child, args=(list(map(str, args)), str(cwd), env, str(out), str(err))
-        )
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout, out.read_bytes(), err.read_bytes())
-        code = process.exitcode
-        assert code is not None
-        return subprocess.CompletedProcess(
-            command,
-            code,
-            out.read_text(encoding="utf-8", errors="replace"),
-            err.read_text(encoding="utf-8", errors="replace"),
-        )
+    process = start_python(args, cwd, env)
+    out, err = process.communicate(timeout)
+    return subprocess.CompletedProcess(process.args, process.wait(), out, err)

@@ -223,3 +223,9 @@ def assert_same_weights(run: Path, reference: Path) -> None:
             assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), key
         else:
             assert torch.equal(final[key], value), key
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The best-*.ckpt file of a run folder (or of a copy of one)."""
+    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    return best

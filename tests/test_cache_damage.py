@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from forkrun import start_python
 from torch import nn
 from torchvision import transforms as T
 
@@ -316,16 +315,7 @@ def test_concurrent_jobs_with_one_key_build_it_once(tmp_path):
     script.write_text(textwrap.dedent(WORKER))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     count = 3
-    jobs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(images), str(ready), str(i), str(count)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(count)
-    ]
+    jobs = [start_python([script, directory, images, ready, i, count], tmp_path, env) for i in range(count)]
     results = []
     for job in jobs:
         out, err = job.communicate(timeout=300)

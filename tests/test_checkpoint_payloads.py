@@ -32,14 +32,10 @@ class Trap:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
-def run_folder(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
+@pytest.fixture
+def run_folder(trained_run: Path) -> Path:
     """A real one-epoch run (48 px): its folder holds checkpoints/ and run_config.yaml."""
-    base = tmp_path_factory.mktemp("payload_run")
-    result = run_cli(base, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
-                     "logger=csv", "worst_samples=0")  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return base / "run"
+    return trained_run
 
 
 def payloads(marker: Path, pickled: Path) -> dict[str, Any]:

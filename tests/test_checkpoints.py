@@ -7,14 +7,12 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from forkrun import run_python
+from forkrun import run_python, start_python
 
 from helpers import REPO, assert_same_weights, build, run_cli, train_cli, trainer
 from transfer_learning.results.predict import Classifier
@@ -143,16 +141,8 @@ def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_pa
     train.log, exit code 143; resuming from that checkpoint finishes the run."""
     args = [f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8", "strategy=finetune",
             "logger=csv", "trainer.max_epochs=40"]  # fmt: skip
-    command = [
-        sys.executable,
-        str(REPO / "train.py"),
-        f"hydra.run.dir={tmp_path}/run",
-        "data.num_workers=0",
-        *args,
-    ]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    command = [REPO / "train.py", f"hydra.run.dir={tmp_path}/run", "data.num_workers=0", *args]
+    process = start_python(command, tmp_path, output=tmp_path / "output.txt")
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and process.poll() is None:
@@ -187,10 +177,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(
     reference = run_cli(straight, *args)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    command = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={killed}",
-               f"hydra.run.dir={killed}/run",
+    command = [REPO / "train.py", f"paths.root_dir={killed}", f"hydra.run.dir={killed}/run",
                "data.num_workers=0", *args]  # fmt: skip
-    process = subprocess.Popen(command, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_python(command, killed)
     last = killed / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from forkrun import run_python
 
-from helpers import REPO, run_cli
+from helpers import REPO, best_checkpoint
 from transfer_learning.cli import export as cli
 from transfer_learning.data.images import list_images, load_rgb
 from transfer_learning.model.module import TransferLearningModule
@@ -30,13 +31,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> dict[str, Any]:
-    """One tiny trained checkpoint, exported in both formats next to itself."""
-    tmp_path = tmp_path_factory.mktemp("export")
-    result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
-                     "logger=csv", "worst_samples=0")  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = Path(json.loads((tmp_path / "run" / "summary.json").read_text())["best checkpoint"])
+def exported(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path, trained_run: Path) -> dict[str, Any]:
+    """One tiny trained checkpoint (a copy of the shared run), exported in both formats next
+    to itself."""
+    run = shutil.copytree(trained_run, tmp_path_factory.mktemp("export") / "run")
+    ckpt = best_checkpoint(run)
     out: dict[str, Any] = {"ckpt": ckpt, "module": TransferLearningModule.load_for_inference(ckpt)}
     for fmt in cli.FORMATS:
         out[fmt] = ex.export(cli.parse_args([f"ckpt_path={ckpt}", f"format={fmt}", f"images={shapes_dir}"]))

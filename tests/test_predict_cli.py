@@ -17,7 +17,6 @@ from forkrun import run_python
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from helpers import run_cli
 from transfer_learning.errors import DataError
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
@@ -30,16 +29,10 @@ def images(*paths: str | Path) -> str:
     return "images=[" + ",".join(map(str, paths)) + "]"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> Path:
-    """One tiny model trained once (48 px, one epoch) for every test here."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    result = run_cli(
-        tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1", "logger=csv",
-        "worst_samples=0",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+@pytest.fixture
+def checkpoint(trained_run: Path) -> Path:
+    """One tiny model trained once (48 px, one epoch), shared read-only by the tests."""
+    summary = json.loads((trained_run / "summary.json").read_text())
     return Path(summary["best checkpoint"])
 
 

@@ -71,6 +71,33 @@ def shell_words(line: str, cwd: Path, env: dict[str, str]) -> list[str]:
     return done.stdout.split("\0")[:-1]
 
 
+def is_multirun(command: str) -> bool:
+    return " -m " in f" {command} " or "hparams_search=" in command
+
+
+def segments() -> list[list[str]]:
+    """README's commands in groups, each group run in order in one working directory of its
+    own (the groups in parallel when pytest has workers). A command is a group of its own,
+    except a resume: it continues the newest run under logs/train/runs, so it joins the group
+    of the last command that leaves one there, with the commands between them that leave none
+    there (a recipe with its own task name, a debug run). Multiruns write to multiruns/ and keep
+    their own groups."""
+    groups: list[list[str]] = []
+    for command in readme_commands():
+        if "ckpt_path=" not in command:
+            groups.append([command])
+            continue
+        home = max(
+            i for i, g in enumerate(groups)
+            if not is_multirun(g[0]) and "experiment=" not in g[0] and "debug=" not in g[0]
+        )  # fmt: skip
+        for group in [g for g in groups[home + 1 :] if not is_multirun(g[0])]:
+            groups[home] += group
+            groups.remove(group)
+        groups[home].append(command)
+    return groups
+
+
 def jobs(command: str) -> int:
     """How many runs a command starts: the product of comma-separated sweep values, or the
     number of Optuna trials."""
@@ -123,7 +150,10 @@ def test_the_readme_shows_the_commands_users_need():
 
 
 @pytest.mark.slow
-def test_every_readme_train_command_works_as_written(tmp_path):
+@pytest.mark.parametrize(
+    "commands", segments(), ids=lambda group: " | ".join(c.removeprefix("python train.py ") for c in group)
+)
+def test_every_readme_train_command_works_as_written(tmp_path, commands):
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     generate_shapes(work / "data" / "demo_shapes", images_per_class=8, image_size=64)
@@ -145,7 +175,7 @@ def test_every_readme_train_command_works_as_written(tmp_path):
     }
     env.pop("PROJECT_ROOT", None)
     resumes = 0
-    for command in readme_commands():
+    for command in commands:
         place_torchvision_weights(command)
         line = command.replace("python train.py", f"python {REPO / 'train.py'}", 1)
         if "<date>" in line:  # the run folder of the latest run with a last.ckpt

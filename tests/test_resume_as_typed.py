@@ -9,13 +9,12 @@ import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from forkrun import Started, start_python
 
 from helpers import REPO
 from transfer_learning.errors import RunFinished
@@ -145,11 +144,14 @@ def test_a_finished_run_is_reported_finished_and_an_unfinished_one_goes_on(tmp_p
 # -- README's sequence, end to end ------------------------------------------------------------
 
 
-def train(cwd: Path, *overrides: str, **kwargs) -> subprocess.Popen[str]:
+def train(cwd: Path, *overrides: str, terminal: bool = False) -> Started:
+    """`python train.py overrides...` in ``cwd``, not waited for; its output in cwd/output.txt.
+    ``terminal``: in a fresh interpreter leading a process group of its own, as a shell starts
+    it, so that Ctrl-C can reach it and its loader workers together."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     env.pop("PROJECT_ROOT", None)
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)  # fmt: skip
+    args = [REPO / "train.py", *overrides]
+    return start_python(args, cwd, env, new_session=terminal, output=cwd / "output.txt", fresh=terminal)
 
 
 @pytest.mark.slow
@@ -160,7 +162,7 @@ def test_readme_resume_after_ctrl_c_of_a_non_default_run(tmp_path):
     it as fine-tuning in the same folder; again: "already finished", results untouched; with
     another strategy: refused, no new W&B folder."""
     small = ["input.image_size=48", "data.generate.images_per_class=12", "data.num_workers=2"]
-    first = train(tmp_path, "strategy=finetune", "trainer.max_epochs=3", *small, start_new_session=True)
+    first = train(tmp_path, "strategy=finetune", "trainer.max_epochs=3", *small, terminal=True)
     deadline = time.monotonic() + 300
     while not glob.glob(str(tmp_path / "logs/train/runs/*/checkpoints/last.ckpt")):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]

@@ -15,8 +15,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from forkrun import Started, start_python
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -71,23 +70,14 @@ class PauseAt(Callback):
         self._arrive(trainer, "on_test_batch_start", batch_idx)
 
 
-def start(folder: Path, *overrides: str) -> subprocess.Popen[str]:
+def start(folder: Path, *overrides: str) -> Started:
     """`python train.py` in ``folder`` (outputs in ``folder/run``), as helpers.run_cli runs it,
     but not waited for; stdout and stderr go to ``folder/output.txt``."""
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={folder}",
-               f"hydra.run.dir={folder}/run", "data.num_workers=0", *overrides]  # fmt: skip
+    command = [REPO / "train.py", f"paths.root_dir={folder}", f"hydra.run.dir={folder}/run",
+               "data.num_workers=0", *overrides]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", **PROBES}
-    output = (folder / "output.txt").open("w")
-    return subprocess.Popen(
-        command,
-        cwd=folder,
-        env=env,
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_python(command, folder, env, new_session=True, output=folder / "output.txt")
 
 
 def pause_at(hook: str, folder: Path, batch: int = 0, epoch: int = -1) -> list[str]:
@@ -96,7 +86,7 @@ def pause_at(hook: str, folder: Path, batch: int = 0, epoch: int = -1) -> list[s
             f"+callbacks.pause.epoch={epoch}"]  # fmt: skip
 
 
-def wait_for(condition: Any, process: subprocess.Popen[str], folder: Path, what: str) -> None:
+def wait_for(condition: Any, process: Started, folder: Path, what: str) -> None:
     deadline = time.monotonic() + 300
     while not condition():
         if process.poll() is not None or time.monotonic() > deadline:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from forkrun import start_python
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
@@ -172,11 +173,8 @@ def test_ddp_inside_a_multirun_keeps_each_jobs_processes_in_that_jobs_folder(tmp
 
 @pytest.mark.slow
 def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path, shapes_dir):
-    command = [sys.executable, str(REPO / "train.py"), *tiny(shapes_dir, epochs=1), "logger=csv"]
-    runs = [
-        subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    command = [REPO / "train.py", *tiny(shapes_dir, epochs=1), "logger=csv"]
+    runs = [start_python(command, tmp_path) for _ in range(2)]
     for run in runs:
         _, stderr = run.communicate(timeout=600)
         assert run.returncode == 0, stderr[-3000:]

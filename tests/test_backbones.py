@@ -214,6 +214,7 @@ def test_network_needs_two_classes():
         Network(nn.Identity(), 4, 1, LITE0_PREPROCESSING, pretrained=False)
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_weight_dependent_architecture_without_the_weights(tmp_path, shapes_dir):
     """GoogLeNet's pretrained weights switch on transform_input; a checkpoint must keep it."""
     from torchvision.models import GoogLeNet_Weights

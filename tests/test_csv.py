@@ -219,6 +219,7 @@ def test_iterative_stratification_keeps_each_label_share_closer_than_a_random_sp
         assert {c for i in part for c in listing.targets[i]} == set(range(5))
 
 
+@pytest.mark.slow
 def test_train_py_data_csv_trains_from_the_csv(shapes_dir, tmp_path):
     """The fixed command line: ``python train.py data=csv data.file=<labels.csv>``."""
     file = flat_csv(shapes_dir, tmp_path / "flat")

@@ -46,7 +46,10 @@ def predictions(module: TransferLearningModule, dataset) -> tuple[torch.Tensor, 
     return torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
-@pytest.mark.parametrize("strategy", ["feature_extract", "finetune", "lp_ft", "gradual_unfreeze"])
+@pytest.mark.parametrize(
+    "strategy",
+    ["feature_extract", "finetune", pytest.param("lp_ft", marks=pytest.mark.slow), "gradual_unfreeze"],
+)
 def test_every_strategy_trains_a_multilabel_head_with_bce(multilabel_dir, tmp_path, strategy):
     L.seed_everything(0)
     module, datamodule = built(multilabel_dir, tmp_path, f"strategy={strategy}")

@@ -62,7 +62,7 @@ def write_metrics(path: Path, epochs: int, groups: list[str]) -> None:
         writer.writerows(rows)
 
 
-@pytest.mark.parametrize("classes", [5, 10, 100])
+@pytest.mark.parametrize("classes", [5, 10, pytest.param(100, marks=pytest.mark.slow)])
 def test_the_report_has_every_part_and_pictures_sized_for_the_classes(tmp_path, classes):
     names = [f"class{i:03d}" for i in range(classes)]
     matrix = torch.randint(0, 3, (classes, classes)) + 10 * torch.eye(classes, dtype=torch.long)

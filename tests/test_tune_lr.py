@@ -97,6 +97,7 @@ def test_settings_the_finder_cannot_work_with_are_refused(tmp_path):
             check_tune_lr(OmegaConf.merge(ok, {"tune_lr_steps": steps}))
 
 
+@pytest.mark.slow
 def test_the_finder_puts_the_weights_back_and_sets_every_rate(shapes_dir, tmp_path, capsys):
     """Fine-tuning: the sweep trains backbone and head, and both come back bit for bit (BatchNorm
     statistics too). The new rates reach the strategy, the hyperparameters (checkpointed and

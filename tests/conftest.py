@@ -4,10 +4,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from forkrun import start_forkserver
 
-from transfer_learning.data.demo import generate_multilabel_shapes, generate_shapes
+# torch and the package are imported where they are used: the xdist controller loads this file
+# too, and only hands out tests.
 
 # huggingface_hub reads this once, at import (timm imports it): set it before any test module loads.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -38,12 +38,16 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
         monkeypatch.setenv(var, DEAD_PROXY)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    import torch
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Five classes of 16 generated 48 px JPEGs, one folder per class (read-only for tests)."""
+    from transfer_learning.data.demo import generate_shapes
+
     return generate_shapes(tmp_path_factory.mktemp("data") / "shapes", images_per_class=16, image_size=48)
 
 
@@ -51,6 +55,8 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def multilabel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """90 generated 48 px JPEGs with 1 to 3 of five shapes each, and their labels.csv (path,
     labels: the shapes separated by spaces); read-only for tests."""
+    from transfer_learning.data.demo import generate_multilabel_shapes
+
     return generate_multilabel_shapes(tmp_path_factory.mktemp("data") / "multi", images=90, image_size=48)
 
 
@@ -66,3 +72,10 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> P
                      "logger=csv", "worst_samples=0")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base / "run"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first, the quick ones after them (each group in file order):
+    parallel workers then finish together, the quick tests filling the gaps, instead of one
+    worker starting a minute-long test while the other has nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -129,9 +129,10 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, n
 
 
 class Started:
-    """``python args...`` started in a forked child (or, with TL_TEST_SUBPROCESS=1, a fresh
-    interpreter) and not waited for. stdout and stderr go to files: ``output`` for both when
-    given (as ``stderr=subprocess.STDOUT`` would), else two files of a temporary folder."""
+    """``python args...`` started in a forked child (or, with ``fresh`` or
+    TL_TEST_SUBPROCESS=1, a fresh interpreter) and not waited for. stdout and stderr go to
+    files: ``output`` for both when given (as ``stderr=subprocess.STDOUT`` would), else two
+    files of a temporary folder."""
 
     def __init__(
         self,
@@ -216,17 +217,9 @@ class Started:
         return self.outputs()
 
 
-def start_python(
-    args: Sequence[str],
-    cwd: str | Path,
-    env: Mapping[str, str] | None = None,
-    new_session: bool = False,
-    output: Path | None = None,
-    fresh: bool = False,
-) -> Started:
-    """``subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, start_new_session=new_session,
-    ...)`` with its output in files (see Started); ``fresh``: in a new interpreter."""
-    return Started(args, cwd, env, new_session, output, fresh)
+# ``subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, start_new_session=new_session,
+# ...)`` with the output in files; ``fresh``: in a new interpreter.
+start_python = Started
 
 
 def run_python(

@@ -43,6 +43,8 @@ PRELOAD = [
     "torchmetrics",
     "hydra",
     "omegaconf",
+    "timm",
+    "wandb",
     "transfer_learning.cli.hydra_entry",
     "transfer_learning.run.train",
     "transfer_learning.results.finish",
@@ -77,6 +79,12 @@ def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, n
     multiprocessing.current_process().name = "MainProcess"
     multiprocessing.process._parent_process = None  # type: ignore[attr-defined]
     multiprocessing.set_start_method(None, force=True)  # type: ignore[arg-type]
+    # wandb made one temporary folder for its media when the forkserver imported it: the
+    # forkserver deletes it when it exits, not the first child to finish.
+    media = sys.modules.get("wandb.sdk.data_types._private")
+    if media is not None:
+        media.MEDIA_TMP._finalizer.detach()
+        atexit.unregister(media.MEDIA_TMP.cleanup)
     for fd, path in ((1, out), (2, err)):
         handle = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.dup2(handle, fd)

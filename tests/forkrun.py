@@ -33,9 +33,8 @@ import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# Imported once by the forkserver: what every train/eval/predict/export run imports first. Not
-# wandb, nor timm (which imports it): wandb makes one temporary folder for its media at import,
-# which the first child to exit would delete for all the others.
+# Imported once by the forkserver: what every train/eval/predict/export run imports first
+# (wandb's media folder, made at import, is left to the forkserver to delete: see _child).
 PRELOAD = [
     "torch",
     "torchvision",
@@ -153,8 +152,8 @@ class Started:
     ) -> None:
         env = dict(os.environ if env is None else env)
         self.args = [sys.executable, *map(str, args)]
-        self._folder = tempfile.TemporaryDirectory(prefix="forkrun")
         if output is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="forkrun")
             self._out, self._err = Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr"
         else:
             self._out = self._err = output

@@ -15,7 +15,7 @@ import pytest
 import torch
 from forkrun import run_python
 
-from helpers import REPO, run_cli
+from helpers import REPO, best_checkpoint, run_cli
 from transfer_learning.errors import TransferLearningError
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier
@@ -74,7 +74,7 @@ def craft(run: Path, dest: Path, marker: Path, edit: dict[str, Any]) -> Path:
     """A copy of the run's folder whose best checkpoint carries ``edit`` in its hyper_parameters."""
     if not dest.exists():
         shutil.copytree(run, dest)
-    (real,) = (dest / "checkpoints").glob("best-*.ckpt")
+    real = best_checkpoint(dest)
     checkpoint = safe_load(real)
     checkpoint["hyper_parameters"] = {**checkpoint["hyper_parameters"], **edit}
     path = dest / "checkpoints" / "crafted.ckpt"
@@ -95,9 +95,7 @@ def test_every_payload_is_refused_by_the_python_api(run_folder: Path, tmp_path: 
         if "_target_" in json.dumps(edit) and name not in ("class names", "extra hyperparameter"):
             assert "template's own" in str(info.value) or "plain values" in str(info.value), name
     arch = safe_load(path)
-    arch["hyper_parameters"] = safe_load(next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt")))[
-        "hyper_parameters"
-    ]
+    arch["hyper_parameters"] = safe_load(best_checkpoint(tmp_path / "run"))["hyper_parameters"]
     arch["arch_kwargs"] = {"norm_layer": {"_target_": "builtins.open", "file": str(marker), "mode": "w"}}
     torch.save(arch, path)
     with pytest.raises(TransferLearningError, match=r"arch_kwargs\.norm_layer holds the key '_target_'"):
@@ -106,7 +104,7 @@ def test_every_payload_is_refused_by_the_python_api(run_folder: Path, tmp_path: 
 
 
 def test_the_templates_own_checkpoint_still_loads_and_predicts(run_folder: Path) -> None:
-    (best,) = (run_folder / "checkpoints").glob("best-*.ckpt")
+    best = best_checkpoint(run_folder)
     classifier = Classifier.from_checkpoint(best)
     assert classifier.class_names == ["circle", "cross", "square", "star", "triangle"]
     assert type(classifier.module.strategy).__name__ == "FeatureExtraction"
@@ -167,7 +165,7 @@ def test_eval_builds_no_data_module_a_run_config_names(run_folder: Path, tmp_pat
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
     shutil.copytree(run_folder, run)
-    (best,) = (run / "checkpoints").glob("best-*.ckpt")
+    best = best_checkpoint(run)
     (run / "run_config.yaml").write_text(
         f"data:\n  _target_: builtins.open\n  file: {marker}\n  mode: w\n  root: /nowhere\n"
     )

@@ -105,7 +105,7 @@ def jobs(command: str) -> int:
         return int(
             re.findall(r"hydra\.sweeper\.n_trials=(\d+)", command + " " + " ".join(shrink(command)))[-1]
         )
-    if " -m " not in f"{command} ":
+    if not is_multirun(command):
         return 1
     values = [arg.split("=", 1)[1] for arg in command.split()[3:] if "=" in arg]
     return len(list(itertools.product(*(v.split(",") for v in values))))

@@ -247,7 +247,8 @@ def test_predict_writes_label_sets_and_every_probability(run, multilabel_dir, tm
     for row, prediction in zip(rows, expected, strict=False):
         assert prediction.top_k == [] and row["predicted"] == " ".join(prediction.labels or [])
         probs = [float(row[f"prob_{n}"]) for n in NAMES]
-        assert probs == pytest.approx(list(prediction.probabilities.values()), abs=1e-6)
+        # Another process and other batches: float32 convolutions differ in the last bits.
+        assert probs == pytest.approx(list(prediction.probabilities.values()), abs=1e-5)
         thresholds = thresholds_of(classifier.module)
         chosen = zip(NAMES, prediction.probabilities.values(), thresholds, strict=True)
         called = [n for n, p, t in chosen if p >= t]

@@ -205,7 +205,8 @@ def test_the_python_api_takes_paths_pil_images_and_tensors(shapes_dir, checkpoin
     predictions = classifier.predict(inputs, batch_size=2, top_k=2)
     reference = predictions[0].probabilities
     for prediction in predictions:
-        assert prediction.probabilities == pytest.approx(reference, abs=1e-6)
+        # Batches of other sizes: float32 convolutions may differ in the last bits.
+        assert prediction.probabilities == pytest.approx(reference, abs=1e-5)
         assert prediction.label == max(reference, key=reference.__getitem__)
         assert prediction.top_k[0][0] == prediction.label and len(prediction.top_k) == 2
     assert [p.source for p in predictions] == [str(path), str(path), "<image 2>", "<tensor 3>", "<tensor 4>"]

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from transfer_learning.run.config import CONF_DIR, compose_plain
 
@@ -103,51 +103,75 @@ def _wrong_type(default: Any, value: Any, key: str, given: str) -> str | None:
     return f"{key}={given} is not {wanted} (its default is {default}): write e.g. {key}={default}."
 
 
+def _exists(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is a setting of ``cfg`` (its value may be ``???``); an index into a list is
+    left to Hydra (True)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    # Not ``leaf in node``: OmegaConf says False for a key whose value is ``???``.
+    return isinstance(node, ListConfig) or (isinstance(node, DictConfig) and leaf in list(node))
+
+
+def _composition_problem(config_name: str, overrides: list[str], text: str) -> str | None:
+    """Hydra's composition error ``text`` as a message with the fix; None to leave Hydra's own."""
+    for override in overrides:
+        key, value = _key(override), override.partition("=")[2]
+        if f"Could not override '{key}'" in text:
+            return _unknown_key(config_name, overrides, key, value)
+    missing = re.search(r"Could not find '([\w/]+)/([^'/]+)'", text)
+    if missing and (CONF_DIR / missing[1]).is_dir():
+        group, option = missing[1], missing[2]
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        close = _closest(option, options, 0.6)
+        hint = f"did you mean {group}={close}? " if close else ""
+        return f"{group}={option} is not an option of {group} ({hint}options: {', '.join(options)})."
+    return None
+
+
 def check_settings(config_name: str, overrides: list[str]) -> str | None:
-    """Unknown keys (with the closest existing one) and values of the wrong type."""
+    """Unknown keys (with the closest existing one) and values of the wrong type.
+
+    One composition, of the config groups chosen (Hydra composes the whole command itself right
+    after): each ``key=value`` is then judged against the defaults it replaces, its value parsed
+    by Hydra's own override grammar, so it is what Hydra would set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException
 
-    try:
-        cfg = compose_plain(config_name, overrides)
-    except ConfigCompositionException as exc:
-        text = str(exc)
-        for override in overrides:
-            key, value = _key(override), override.partition("=")[2]
-            if f"Could not override '{key}'" in text:
-                return _unknown_key(config_name, overrides, key, value)
-        missing = re.search(r"Could not find '([\w/]+)/([^'/]+)'", text)
-        if missing and (CONF_DIR / missing[1]).is_dir():
-            group, option = missing[1], missing[2]
-            options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-            close = _closest(option, options, 0.6)
-            hint = f"did you mean {group}={close}? " if close else ""
-            return f"{group}={option} is not an option of {group} ({hint}options: {', '.join(options)})."
-        return None  # Hydra's own message says what is wrong
-    except Exception:
-        return None
     groups = [o for o in overrides if _is_group(_key(o))]
     try:
         defaults = compose_plain(config_name, groups)
+    except ConfigCompositionException as exc:
+        return _composition_problem(config_name, overrides, str(exc))
     except Exception:
         return None
+    parser = OverridesParser.create()
+    added = {_key(o) for o in overrides if o.startswith("+")}
+    given: set[str] = set()
     for override in overrides:
-        key, _, given = override.partition("=")
-        name = _key(override)
-        if _is_group(name) or not _ or name.startswith("hydra"):
+        if override in groups or _key(override).startswith("hydra"):
             continue
         try:
-            if key.startswith("+") and not key.startswith("++"):
-                problem = _new_key_like_an_old_one(cfg, name, given)
-            else:
-                default = OmegaConf.select(defaults, name, throw_on_missing=False)
-                problem = _wrong_type(
-                    default, OmegaConf.select(cfg, name, throw_on_missing=False), name, given
-                )
+            parsed = parser.parse_override(override)
         except Exception:
-            problem = None
+            return None  # Hydra says what is wrong with it
+        if parsed.is_sweep_override() or parsed.is_delete():
+            continue
+        name, text, value = parsed.key_or_group, override.partition("=")[2], parsed.value()
+        given.add(name)
+        if parsed.is_force_add():
+            continue
+        if parsed.is_add():
+            problem = _new_key_like_an_old_one(defaults, name, text)
+        elif not _exists(defaults, name) and name not in added:
+            problem = _unknown_key(config_name, overrides, name, text)
+        elif isinstance(value, str) and "${" in value:
+            problem = None  # an interpolation: its type is known once Hydra resolves it
+        else:
+            default = OmegaConf.select(defaults, name, throw_on_missing=False)
+            problem = _wrong_type(default, value, name, text)
         if problem:
             return problem
-    if config_name == "eval" and OmegaConf.is_missing(cfg, "ckpt_path"):
+    if config_name == "eval" and "ckpt_path" not in given and OmegaConf.is_missing(defaults, "ckpt_path"):
         return "ckpt_path is required: python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/<file>.ckpt"
     return None
 

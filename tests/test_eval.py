@@ -84,6 +84,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(held_out, tmp_path):
     from transfer_learning.data.images import load_rgb
     from transfer_learning.data.transforms import build_transforms
     from transfer_learning.model.module import TransferLearningModule
+    from transfer_learning.run.checkpoints import safe_load
 
     root, summary, _ = held_out
     result = eval_cli(tmp_path, f"ckpt_path={summary['best checkpoint']}", f"data.root={root / 'test'}",
@@ -91,11 +92,12 @@ def test_flip_tta_averages_each_image_with_its_mirror(held_out, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(tmp_path / "eval" / "predictions.csv")
     module = TransferLearningModule.load_for_inference(summary["best checkpoint"])
+    t = safe_load(summary["best checkpoint"])["calibration"]["temperature"]  # calibrated probabilities
     transform = build_transforms(module.preprocessing, train=False, augment={})
     for row in rows[:4]:
         x = transform(load_rgb(row["file"]))[None]
         with torch.inference_mode():
-            expected = (module(x).softmax(-1) + module(x.flip(-1)).softmax(-1)) / 2
+            expected = ((module(x) / t).softmax(-1) + (module(x.flip(-1)) / t).softmax(-1)) / 2
         got = torch.tensor([float(row[n]) for n in module.class_names])
         assert torch.allclose(got, expected[0], atol=1e-5)
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["tta"] == "flip"

@@ -161,7 +161,8 @@ def test_readme_onnx_snippet(exported: dict[str, Any], shapes_dir: Path) -> None
     assert '"model.onnx"' in code and '"image.jpg"' in code
     module = exported["module"]
     files = list_images(shapes_dir).files[::16]
-    probs = reference(module, files).softmax(-1)
+    probs = (reference(module, files) / module.temperature).softmax(-1)  # calibrated, as predict gives
+    assert module.temperature != 1.0
     for file, row in zip(files, probs, strict=True):
         runnable = code.replace('"model.onnx"', repr(str(exported["onnx"][0]))).replace(
             '"image.jpg"', repr(str(file))

@@ -60,15 +60,17 @@ def mixed_folder(root: Path, shapes_dir: Path) -> dict[str, list[Path]]:
 
 
 def module_probabilities(checkpoint: Path, files: list[Path]) -> torch.Tensor:
-    """The checkpoint's own probabilities, computed without predict.py: the module on the
-    validation preprocessing of each file."""
+    """The checkpoint's own probabilities, computed without predict.py: the module's logits on
+    the validation preprocessing of each file, divided by the temperature the checkpoint stores."""
     from transfer_learning.data.transforms import build_transforms
+    from transfer_learning.run.checkpoints import safe_load
 
     module = TransferLearningModule.load_for_inference(checkpoint)
+    temperature = safe_load(checkpoint)["calibration"]["temperature"]
     transform = build_transforms(module.preprocessing, train=False, augment={})
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in files])
     with torch.no_grad():
-        return module(x).softmax(-1)
+        return (module(x) / temperature).softmax(-1)
 
 
 # -- no checkpoint needed ------------------------------------------------------------------

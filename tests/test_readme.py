@@ -143,7 +143,8 @@ def test_the_readme_shows_the_commands_users_need():
     assert len(commands) >= 10
     for needed in ("strategy=feature_extract", " -m ", "data.root=$HOME", "trainer=ddp", "ckpt_path=",
                    "hparams_search=optuna", "hydra/launcher=submitit_local", "hydra/launcher=submitit_slurm",
-                   "trainer=ddp_cpu", "data=csv data.file=", "task=multilabel"):  # fmt: skip
+                   "trainer=ddp_cpu", "data=csv data.file=", "task=multilabel",
+                   "calibrate=false"):  # fmt: skip
         assert any(needed in c for c in commands), needed
     slurm = next(c for c in commands if "submitit_slurm" in c)
     assert "hydra.launcher.partition=" in slurm and "trainer.devices=4" in slurm  # joined lines
@@ -210,6 +211,9 @@ def test_every_readme_train_command_works_as_written(tmp_path, commands):
             assert 0 <= summary["test/map" if summary.get("task") == "multilabel" else "test/acc"] <= 1, (
                 command
             )
+            calibrated = "calibrate=false" not in command  # on by default: a temperature in the summary
+            assert summary["calibration"].startswith("temperature" if calibrated else "off"), command
+            assert 0 <= summary["test/ece"] <= 1 and 0 <= summary["test/ece_uncalibrated"] <= 1, command
             for key, value in summary.items():  # every file or folder the summary names exists
                 if isinstance(value, str) and value.startswith("/"):
                     assert Path(value.split()[0]).exists(), (command, key, value)

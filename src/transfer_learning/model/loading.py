@@ -48,7 +48,7 @@ def load_for_inference(
     for key, value in hparams.items():  # the four specs are checked by registry.resolve below
         if key not in registry.KINDS:
             registry.check_plain(value, key, source)
-    for key in ("arch_kwargs", "thresholds"):
+    for key in ("arch_kwargs", "thresholds", "calibration"):
         if checkpoint.get(key) is not None:
             registry.check_plain(checkpoint[key], key, source)
     model_cfg = dict(hparams["model"], weights=None)

@@ -38,6 +38,10 @@ class NonFiniteLossError(TransferLearningError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
@@ -108,6 +112,7 @@ class TransferLearningModule(StrategyOptimization):
         self._features_before_fit: Callable[[], Mapping[str, CachedFeatures]] | None = None
         self.probe_result: dict[str, float] | None = None  # what the strategy's before_fit returned
         self.stop_on_nonfinite_loss = True  # off while the learning-rate finder sweeps
+        self.calibration: dict[str, Any] | None = None  # set by calibrate(), kept in checkpoints
 
     # -- what the build path hands over -----------------------------------------------------
 
@@ -145,8 +150,20 @@ class TransferLearningModule(StrategyOptimization):
         self.metrics.thresholds = value
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes (multiclass) or one sigmoid per class (multilabel)."""
+        """Softmax over the classes (multiclass) or one sigmoid per class (multilabel) of the
+        logits divided by the calibration temperature (1.0 until the run is calibrated)."""
         return self.metrics.probabilities(logits)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature (:mod:`transfer_learning.model.calibration`)."""
+        return self.metrics.temperature
+
+    def calibrate(self, temperature: float, record: Mapping[str, Any]) -> None:
+        """Use ``temperature`` from now on and keep ``record`` (what it was fitted on, the
+        numbers before and after) for the checkpoint."""
+        self.metrics.set_temperature(temperature)
+        self.calibration = {**record, "temperature": float(temperature)}
 
     def decide(self, probs: torch.Tensor) -> list[list[int]]:
         """The predicted class indices of each row: the top class, or every class at or above
@@ -258,6 +275,9 @@ class TransferLearningModule(StrategyOptimization):
                 kwargs["find_unused_parameters"] = True
 
     def on_fit_start(self) -> None:
+        if self.calibration is not None:  # trained further: the old temperature no longer fits
+            self.metrics.set_temperature(1.0)
+            self.calibration = None
         problem = self.strategy.check_epochs(int(self.trainer.max_epochs or -1))
         if problem and self.trainer.is_global_zero:
             log.warning(problem)
@@ -319,6 +339,8 @@ class TransferLearningModule(StrategyOptimization):
         if self.thresholds is not None:
             checkpoint["thresholds"] = [float(t) for t in self.thresholds]
         checkpoint["arch_kwargs"] = self.net.arch_kwargs
+        if self.calibration is not None:
+            checkpoint["calibration"] = dict(self.calibration)
         self.save_base_lrs(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -332,6 +354,11 @@ class TransferLearningModule(StrategyOptimization):
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
         if self.metrics.multilabel and checkpoint.get("thresholds") is not None:
             self.thresholds = torch.tensor(checkpoint["thresholds"], dtype=torch.float32)
+        calibration = checkpoint.get("calibration")
+        if isinstance(calibration, dict) and _positive(calibration.get("temperature")):
+            # The thresholds above were saved in the calibrated space: set, not moved.
+            self.metrics.temperature = float(calibration["temperature"])
+            self.calibration = dict(calibration)
 
     @classmethod
     def load_for_inference(cls, path: str | Path, map_location: str = "cpu") -> TransferLearningModule:

@@ -82,10 +82,30 @@ class TaskMetrics(nn.Module):
     multilabel: bool
     monitor: str  # the validation metric that picks the best checkpoint
     #: Multi-label: each class's decision threshold, chosen at each validation; None until then.
+    #: In the space of :meth:`probabilities` (calibrated ones once a temperature is set).
     thresholds: torch.Tensor | None = None
+    #: Temperature scaling (:mod:`transfer_learning.model.calibration`): logits are divided by it
+    #: before the softmax / sigmoid. 1.0 until a run is calibrated after fitting.
+    temperature: float = 1.0
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of ``logits``, calibrated by :attr:`temperature`."""
+        return self.activation(logits.float() / self.temperature)
+
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax (multiclass) or sigmoid (multilabel) of ``logits`` as they are: no temperature."""
         raise NotImplementedError
+
+    def set_temperature(self, temperature: float) -> None:
+        """Calibrate the probabilities with ``temperature``; multi-label thresholds move with
+        them so that every decision stays the same (a class called at sigmoid(z / T0) >= t is
+        called at sigmoid(z / T) >= sigmoid(logit(t) * T0 / T))."""
+        if not (temperature > 0 and torch.isfinite(torch.tensor(temperature))):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if self.thresholds is not None:
+            t = self.thresholds.double().clamp(1e-12, 1 - 1e-12)
+            self.thresholds = (torch.logit(t) * self.temperature / temperature).sigmoid().float()
+        self.temperature = float(temperature)
 
     def decide(self, probs: torch.Tensor) -> list[list[int]]:
         """The predicted class indices of each row of ``probs``."""
@@ -115,8 +135,8 @@ class MulticlassMetrics(TaskMetrics):
         self.test = classification_metrics(num_classes, "test/")
         self.confusion = MulticlassConfusionMatrix(num_classes)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(-1)
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1)
 
     def decide(self, probs: torch.Tensor) -> list[list[int]]:
         return [[int(i)] for i in probs.argmax(-1)]
@@ -152,8 +172,8 @@ class MultilabelMetrics(TaskMetrics):
         self.class_names = list(class_names)
         self.gathered = nn.ModuleDict({"val": Gathered(len(class_names)), "test": Gathered(len(class_names))})
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().sigmoid()
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid()
 
     def _thresholds(self, like: torch.Tensor) -> torch.Tensor:
         if self.thresholds is None:

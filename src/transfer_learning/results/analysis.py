@@ -4,7 +4,7 @@ sizes, per-class precision/recall/F1, and the validation images the model gets m
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +73,17 @@ def write_rows(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 
 @torch.inference_mode()
-def predict_probabilities(
+def _outputs(
     module: TransferLearningModule,
     dataset: Dataset,
     batch_size: int,
-    workers: int = 0,
-    tta: str = "none",
-    progress: bool = False,
+    workers: int,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    progress: bool,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Class probabilities (softmax; multi-label: a sigmoid per class) of every readable sample
-    of ``dataset`` in order, on this process alone, with the module in eval mode, and the
-    positions of those samples (a file that cannot be read any more under
-    ``data.on_bad_file=skip`` is left out, label and all).
-    ``tta="flip"`` averages each image's probabilities with its horizontally flipped copy's
-    (images only, not cached features)."""
+    """``output(batch)`` of every readable sample of ``dataset`` in order, on this process alone,
+    with the module in eval mode, and the positions of those samples (a file that cannot be read
+    any more under ``data.on_bad_file=skip`` is left out, label and all)."""
     from tqdm.auto import tqdm
 
     loader = DataLoader(
@@ -98,16 +95,46 @@ def predict_probabilities(
     for batch in tqdm(loader, desc="Evaluating", leave=False, disable=not progress):
         if batch is None:  # every file of the batch skipped
             continue
-        x = batch[0].to(module.device)
+        out.append(output(batch[0].to(module.device)).float().cpu())
+    module.train(was_training)
+    values = torch.cat(out) if out else torch.empty(0, len(module.class_names))
+    kept = kept_positions(dataset)
+    assert len(kept) == len(values), (len(kept), len(values))
+    return values, kept
+
+
+def predict_probabilities(
+    module: TransferLearningModule,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int = 0,
+    tta: str = "none",
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
+    """Class probabilities (softmax; multi-label: a sigmoid per class; calibrated by the
+    module's temperature) of every readable sample of ``dataset`` (see :func:`_outputs`).
+    ``tta="flip"`` averages each image's probabilities with its horizontally flipped copy's
+    (images only, not cached features)."""
+
+    def output(x: torch.Tensor) -> torch.Tensor:
         probs = module.probabilities(module(x))
         if tta == "flip":
             probs = (probs + module.probabilities(module(x.flip(-1)))) / 2
-        out.append(probs.cpu())
-    module.train(was_training)
-    probs = torch.cat(out) if out else torch.empty(0, len(module.class_names))
-    kept = kept_positions(dataset)
-    assert len(kept) == len(probs), (len(kept), len(probs))
-    return probs, kept
+        return probs
+
+    return _outputs(module, dataset, batch_size, workers, output, progress)
+
+
+def predict_logits(
+    module: TransferLearningModule, datamodule: ImageDataModule, split: str
+) -> tuple[torch.Tensor, list[Any]]:
+    """The raw logits (before any temperature) of every readable sample of ``split`` and their
+    targets, on this process alone (cached features when the run used them)."""
+    dataset = datamodule.datasets[split]
+    workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
+    logits, kept = _outputs(module, dataset, max(datamodule.batch_size, 64), workers, module, False)
+    labels = datamodule.split_files[split][1]
+    return logits, [labels[i] for i in kept]
 
 
 def predict_split(

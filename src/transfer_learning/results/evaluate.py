@@ -38,6 +38,7 @@ from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.metrics import classification_metrics
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
+from transfer_learning.results.calibration_report import before_after, evaluate_calibration
 from transfer_learning.results.multilabel import evaluate_multilabel, format_per_class
 from transfer_learning.results.predict import threshold_file
 from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
@@ -166,6 +167,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     measure = evaluate_multilabel if module.task == "multilabel" else _multiclass
     result.update(measure(module, checkpoint, files, targets, probs, output, split))
+    result["calibration"], diagram = evaluate_calibration(probs, targets, module, output, split)
+    result["files"]["reliability diagram"] = str(diagram)
     (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_result(result), flush=True)
     return result
@@ -267,5 +270,9 @@ def format_result(result: dict[str, Any]) -> str:
                          f"{r['f1']:>6.4f}  {r['support']:>7}")  # fmt: skip
         if result["max_softmax_threshold"] is not None:
             lines += ["", f"  confidence threshold for predict: {result['max_softmax_threshold']:.4f}"]
-    lines += [""] + [f"  {k:<18} {v}" for k, v in result["files"].items()] + ["=" * 72]
+    calibration = result["calibration"]
+    lines += ["", f"  calibration (temperature {calibration['temperature']:.3f}; before -> after):",
+              f"    {before_after(calibration['uncalibrated'], calibration['calibrated'])}"]  # fmt: skip
+    key_width = max(map(len, result["files"]))
+    lines += [""] + [f"  {k:<{key_width}} {v}" for k, v in result["files"].items()] + ["=" * 72]
     return "\n".join(lines)

@@ -6,8 +6,9 @@ the command line is read in :mod:`transfer_learning.cli.export`)
 
 What is exported is the network alone (``module.net`` in eval mode): a float32 batch of
 preprocessed images ``[batch, 3, H, W]`` in, class **logits** ``[batch, classes]`` out, with a
-dynamic batch dimension. Apply a softmax for probabilities (a multi-label model: a sigmoid per
-class, each class called when its probability reaches its threshold; the metadata says which:
+dynamic batch dimension. Divide them by the calibration ``temperature`` and apply a softmax for
+the calibrated probabilities predict gives (a multi-label model: a sigmoid per class, each class
+called when its probability reaches its threshold; the metadata says which: ``temperature``,
 ``activation``, ``task`` and ``thresholds``). The class names and the
 preprocessing (input size, resize size, mean, std, interpolation) travel with the file, in
 its metadata (ONNX ``metadata_props``; TorchScript ``_extra_files["metadata.json"]``) and in a
@@ -80,8 +81,9 @@ def model_metadata(module: TransferLearningModule, checkpoint: Path) -> dict[str
         "input": f"{INPUT_NAME}: float32 [batch, 3, {size}, {size}], RGB; resize the shorter side to "
         "resize_size (interpolation, antialias), center crop crop_size, scale to 0..1, normalize (mean, std)",
         "output": f"{OUTPUT_NAME}: float32 [batch, {len(module.class_names)}], class logits in class_names "
-        f"order ({activation} for probabilities; {decision})",
+        f"order (divide by temperature, then {activation}, for calibrated probabilities; {decision})",
         "activation": activation,
+        "temperature": module.temperature,
         "task": module.task,
         **({"thresholds": thresholds} if multilabel else {}),
         "model": dict(module.hparams["model"]).get("_target_", ""),
@@ -101,7 +103,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         import onnx
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        nested = ("class_names", "preprocessing", "thresholds")
+        nested = ("class_names", "preprocessing", "thresholds", "temperature")
         return {k: json.loads(v) if k in nested else v for k, v in props.items()}
     extra = {"metadata.json": ""}
     with warnings.catch_warnings():

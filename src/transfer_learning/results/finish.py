@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import per_class_metrics, predict_split, worst_samples, write_rows
+from transfer_learning.results.calibration_report import measure_test
 from transfer_learning.results.multilabel import multi_hot, save_pr_curves, set_mistakes
 from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import (
@@ -29,6 +30,7 @@ from transfer_learning.run.loggers import (
     log_confusion_matrix,
     log_picture,
     log_pr_curves,
+    log_results,
     log_table,
     logger_locations,
 )
@@ -64,12 +66,20 @@ def finish_run(
     )
     summary.update(tuned)
     if trainer.is_global_zero:
+        enabled = bool(cfg.get("calibrate", True))
+        entries, numbers = measure_test(module, datamodule, output_dir, enabled)
+        summary.update(entries)
+        summary.update(numbers)
+        test_metrics = {**test_metrics, **numbers}
+        log_results(loggers, numbers)
+        log_picture(loggers, "test/reliability_diagram", Path(entries["reliability diagram"]))
         summary.update(
             _report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics, summary)
         )
         summary.update(logger_locations(loggers))
         write_summary(summary, output_dir / "summary.json")
-        print(format_summary(summary), flush=True)
+        # The calibration numbers are in summary.json; printed once, as "before -> after".
+        print(format_summary({k: v for k, v in summary.items() if k not in numbers}), flush=True)
     return summary
 
 
@@ -128,7 +138,7 @@ def _report(
             loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
         )
     where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
-    metadata: dict[str, Any] = {"class_names": names, "task": module.task}
+    metadata: dict[str, Any] = {"class_names": names, "task": module.task, "temperature": module.temperature}
     if module.thresholds is not None:
         metadata["thresholds"] = [float(t) for t in module.thresholds]
     log_checkpoint(

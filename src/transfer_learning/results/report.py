@@ -265,6 +265,12 @@ def write_report(
     else:
         lines += picture("Confusion matrix (test, rows normalised)", results_png, "No test confusion matrix.")
         columns = ["class", "precision", "recall", "f1", "support"]
+    if summary.get("calibration on test"):
+        lines += ["## Calibration (test)", ""]
+        lines += [f"- {visible(str(summary.get('calibration')))}",
+                  f"- before -> after: {summary['calibration on test']}", ""]  # fmt: skip
+        diagram = summary.get("reliability diagram")
+        lines += picture("Reliability diagram", Path(diagram) if diagram else None, "No reliability diagram.")
     lines += ["## Per-class metrics (test)", ""]
     lines += [*_table(per_class, columns), ""]
     lines += picture(

@@ -246,6 +246,14 @@ def logger_locations(loggers: Sequence[Logger]) -> dict[str, str]:
     return where
 
 
+def log_results(loggers: Sequence[Logger], values: dict[str, float]) -> None:
+    """Numbers measured once at the end of a run, in the W&B run's summary and history."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(values)
+            logger.log_metrics(values)
+
+
 def log_picture(loggers: Sequence[Logger], key: str, path: Path) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):

@@ -20,6 +20,7 @@ from transfer_learning.errors import ConfigError
 from transfer_learning.results.analysis import (
     run_facts,
 )
+from transfer_learning.results.calibration_report import calibrate_best
 from transfer_learning.results.evaluate import RUN_CONFIG
 from transfer_learning.results.finish import finish_run
 from transfer_learning.results.reporting import (
@@ -184,6 +185,9 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
 
         checkpoint = best_checkpoint(trainer)
         best_path = checkpoint.best_model_path if checkpoint else ""
+        if cfg.get("calibrate", True):  # the temperature goes into the checkpoint the test loads
+            calibrate_best(trainer, module, datamodule, best_path)
+            preemption.check()
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         preemption.check()
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

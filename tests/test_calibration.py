@@ -1,0 +1,166 @@
+"""Temperature scaling: the fit, the three numbers, the multi-label thresholds that move with it,
+and a real run whose checkpoint, summary, report, eval, predict and export all agree on it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import REPO, best_checkpoint, run_cli
+from transfer_learning.model.calibration import (
+    ECE_BINS,
+    calibration_metrics,
+    fit_temperature,
+    reliability_bins,
+)
+from transfer_learning.model.tasks import MultilabelMetrics
+
+
+def calibrated_sample(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels drawn from those logits' own softmax: perfectly calibrated data."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, classes, generator=g) * 2.5
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 3.0])
+def test_the_fit_finds_the_temperature_that_was_applied(true_temperature):
+    logits, labels = calibrated_sample(6000, 5)
+    # A network reporting logits * T' is miscalibrated by T'; the fit must divide it back out.
+    fitted = fit_temperature(logits * true_temperature, labels, multilabel=False)
+    assert fitted == pytest.approx(true_temperature, rel=0.08)
+    before = calibration_metrics((logits * true_temperature).softmax(-1), labels, False)
+    after = calibration_metrics((logits * true_temperature / fitted).softmax(-1), labels, False)
+    assert after["nll"] <= before["nll"] + 1e-12
+    if true_temperature != 1.0:
+        assert after["ece"] < before["ece"] and after["ece"] < 0.03
+
+
+def test_multilabel_fit_uses_one_shared_temperature_on_the_sigmoids():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3000, 4, generator=g) * 2
+    targets = torch.bernoulli(logits.sigmoid(), generator=g)
+    assert fit_temperature(logits * 2.0, targets, multilabel=True) == pytest.approx(2.0, rel=0.1)
+
+
+def test_no_samples_and_perfectly_separated_ones_give_bounded_temperatures():
+    assert fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long), False) == 1.0
+    logits = torch.eye(3).repeat(5, 1) * 4  # every sample right: the likelihood wants T -> 0
+    fitted = fit_temperature(logits, torch.arange(3).repeat(5), False)
+    assert 0.05 <= fitted < 1.0
+
+
+def test_ece_nll_and_brier_match_their_definitions():
+    logits, labels = calibrated_sample(500, 4, seed=3)
+    probs = (logits * 2).softmax(-1)
+    numbers = calibration_metrics(probs, labels, multilabel=False)
+    # ECE by hand from the bins: sum over bins of |confidence - accuracy| weighted by the bin's share
+    bins = reliability_bins(probs, labels, multilabel=False)
+    assert len(bins) == ECE_BINS and sum(b["count"] for b in bins) == 500
+    by_hand = sum(b["count"] / 500 * abs(b["confidence"] - b["accuracy"]) for b in bins if b["count"])
+    assert numbers["ece"] == pytest.approx(by_hand, abs=1e-6)
+    assert numbers["nll"] == pytest.approx(float(F.cross_entropy(logits * 2, labels)), abs=1e-5)
+    one_hot = F.one_hot(labels, 4).float()
+    assert numbers["brier"] == pytest.approx(float(((probs - one_hot) ** 2).sum(1).mean()), abs=1e-5)
+    uniform = calibration_metrics(torch.full((8, 4), 0.25), torch.arange(4).repeat(2), False)
+    assert uniform["brier"] == pytest.approx(0.75) and uniform["nll"] == pytest.approx(math.log(4))
+
+
+def test_multilabel_thresholds_move_with_the_temperature_and_no_decision_changes():
+    metrics = MultilabelMetrics(["a", "b", "c"])
+    metrics.thresholds = torch.tensor([0.3, 0.5, 0.8])
+    logits = torch.randn(200, 3) * 3
+    before = metrics.decide(metrics.probabilities(logits))
+    metrics.set_temperature(2.5)
+    assert metrics.probabilities(logits) == pytest.approx((logits / 2.5).sigmoid(), abs=1e-6)
+    assert metrics.decide(metrics.probabilities(logits)) == before
+    assert metrics.thresholds[1] == pytest.approx(0.5)  # logit 0 stays 0
+    metrics.set_temperature(0.7)  # from one temperature to another
+    assert metrics.decide(metrics.probabilities(logits)) == before
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_run_is_calibrated_and_eval_predict_and_export_use_its_temperature(
+    trained_run, shapes_dir, tmp_path
+):
+    from forkrun import run_python
+
+    from transfer_learning.results.export import read_metadata
+    from transfer_learning.run.checkpoints import safe_load
+
+    summary = json.loads((trained_run / "summary.json").read_text())
+    checkpoint = best_checkpoint(trained_run)
+    stored = safe_load(checkpoint)["calibration"]
+    temperature = stored["temperature"]
+    assert 0.05 <= temperature <= 20 and temperature != 1.0
+    assert str(summary["calibration"]).startswith(f"temperature {temperature:.3f}")
+    assert stored["val_nll_after"] <= stored["val_nll_before"]  # what the fit minimises
+    for key in ("ece", "nll", "brier"):
+        assert summary[f"test/{key}"] >= 0 and summary[f"test/{key}_uncalibrated"] >= 0
+    assert (trained_run / "reliability_diagram.png").stat().st_size > 10_000
+    report = (trained_run / "report.md").read_text()
+    assert "## Calibration (test)" in report and "reliability_diagram.png" in report
+
+    # eval.py on the same test split: its numbers, computed from the calibrated probabilities
+    # (temperature 1 by mapping them back), match the run's, computed from the raw logits.
+    work = tmp_path / "work"
+    shutil.copytree(trained_run, work / "run")  # eval writes a threshold file beside the checkpoint
+    copied = best_checkpoint(work / "run")
+    result = run_python([REPO / "eval.py", f"ckpt_path={copied}", f"hydra.run.dir={work}/eval",
+                         "data.num_workers=0"], cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads((work / "eval" / "eval.json").read_text())["calibration"]
+    assert numbers["temperature"] == pytest.approx(temperature)
+    for key in ("ece", "nll", "brier"):
+        assert numbers["calibrated"][key] == pytest.approx(summary[f"test/{key}"], abs=1e-5), key
+        assert numbers["uncalibrated"][key] == pytest.approx(summary[f"test/{key}_uncalibrated"], abs=1e-5)
+    assert "calibration (temperature" in result.stdout
+
+    # predict gives eval's calibrated probabilities for the same images
+    rows = read_rows(work / "eval" / "predictions.csv")
+    names = [k for k in rows[0] if k not in ("file", "true", "predicted", "confidence")]
+    output = work / "predict.csv"
+    result = run_python(["-m", "transfer_learning.results.predict", f"ckpt_path={copied}",
+                         f"images={shapes_dir}", f"output={output}", "num_workers=0"], cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = {str(Path(r["file"]).resolve()): r for r in read_rows(output)}
+    for row in rows:  # the test split's images, among all of them
+        got = [float(predicted[str(Path(row["file"]).resolve())][f"prob_{n}"]) for n in names]
+        assert got == pytest.approx([float(row[n]) for n in names], abs=1e-5)
+
+    # the exported file says which temperature turns its logits into those probabilities
+    exported = work / "model.onnx"
+    result = run_python([REPO / "scripts" / "export.py", f"ckpt_path={copied}", f"output={exported}",
+                         f"images={shapes_dir}", "max_images=4"], cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metadata(exported)["temperature"] == pytest.approx(temperature)
+
+
+@pytest.mark.slow
+def test_calibrate_false_keeps_the_networks_probabilities(shapes_dir, tmp_path):
+    from transfer_learning.model.module import TransferLearningModule
+    from transfer_learning.run.checkpoints import safe_load
+
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=32", "trainer.max_epochs=1",
+                     "logger=csv", "worst_samples=0", "calibrate=false")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["calibration"].startswith("off (calibrate=false)")
+    for key in ("ece", "nll", "brier"):  # still measured, and the same: temperature 1
+        assert summary[f"test/{key}"] == summary[f"test/{key}_uncalibrated"]
+    checkpoint = best_checkpoint(tmp_path / "run")
+    assert "calibration" not in safe_load(checkpoint)
+    assert TransferLearningModule.load_for_inference(checkpoint).temperature == 1.0

@@ -212,17 +212,23 @@ def confusion_counts(run_dir: Path) -> list[list[int]]:
 
 
 def assert_same_weights(run: Path, reference: Path) -> None:
-    """The two runs' ``checkpoints/last.ckpt`` hold the same weights (float tensors within 1e-5)."""
+    """The two runs' ``checkpoints/last.ckpt`` hold the same weights (float tensors within 1e-5);
+    with weight averaging, also the same weights being trained (``current_model_state``)."""
     from transfer_learning.run.checkpoints import safe_load
 
-    final = safe_load(run / "checkpoints" / "last.ckpt")["state_dict"]
-    expected = safe_load(reference / "checkpoints" / "last.ckpt")["state_dict"]
-    assert final.keys() == expected.keys()
-    for key, value in expected.items():
-        if value.is_floating_point():
-            assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), key
-        else:
-            assert torch.equal(final[key], value), key
+    final_checkpoint = safe_load(run / "checkpoints" / "last.ckpt")
+    expected_checkpoint = safe_load(reference / "checkpoints" / "last.ckpt")
+    for part in ("state_dict", "current_model_state"):
+        assert (part in final_checkpoint) == (part in expected_checkpoint), part
+        if part not in expected_checkpoint:
+            continue
+        final, expected = final_checkpoint[part], expected_checkpoint[part]
+        assert final.keys() == expected.keys()
+        for key, value in expected.items():
+            if value.is_floating_point():
+                assert torch.allclose(final[key], value, atol=1e-5, rtol=1e-4), (part, key)
+            else:
+                assert torch.equal(final[key], value), (part, key)
 
 
 def best_checkpoint(run: Path) -> Path:

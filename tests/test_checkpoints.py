@@ -166,11 +166,15 @@ def test_sigterm_saves_a_resumable_checkpoint_logs_why_and_exits_non_zero(tmp_pa
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path, shapes_dir):
+@pytest.mark.parametrize("averaging", [[], ["callbacks=ema"]], ids=["plain", "ema"])
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(
+    tmp_path, shapes_dir, averaging
+):
     """Fine-tuning with augmentation and shuffling: killed (SIGKILL, no chance to save) during
-    epoch 2 or later, resumed from last.ckpt, it ends where a run that was never stopped ends."""
+    epoch 2 or later, resumed from last.ckpt, it ends where a run that was never stopped ends
+    (with callbacks=ema: the same average, and the same weights being trained beside it)."""
     args = [f"data.root={shapes_dir}", "input.image_size=48", "data.batch_size=8", "strategy=finetune",
-            "logger=csv", "trainer.max_epochs=4", "worst_samples=0"]  # fmt: skip
+            "logger=csv", "trainer.max_epochs=4", "worst_samples=0", *averaging]  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()
     killed.mkdir()
@@ -199,6 +203,8 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(
     expected = safe_load(straight / "run" / "checkpoints" / "last.ckpt")["state_dict"]
     trained = interrupted_at["state_dict"]["net.head.weight"]
     assert not torch.allclose(trained, expected["net.head.weight"])  # the resumed epochs did train
+    if averaging:
+        assert "current_model_state" in interrupted_at  # the average and the trained weights, both resumed
 
 
 @pytest.mark.slow

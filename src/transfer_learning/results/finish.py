@@ -24,6 +24,7 @@ from transfer_learning.results.reporting import (
     save_confusion_table,
     write_summary,
 )
+from transfer_learning.run.averaging import weight_averaging
 from transfer_learning.run.loggers import (
     CSVLogger,
     log_checkpoint,
@@ -65,6 +66,7 @@ def finish_run(
         trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
     )
     summary.update(tuned)
+    summary["weight averaging"] = weight_averaging(trainer)
     if trainer.is_global_zero:
         enabled = bool(cfg.get("calibrate", True))
         entries, numbers = measure_test(module, datamodule, output_dir, enabled)

@@ -1,12 +1,14 @@
 """Every strategy on the same data with the same epoch budget: the README's comparison table.
 
 `python scripts/compare_strategies.py [--data demo digits] [--epochs 5]
-[--strategies feature_extract finetune gradual_unfreeze lp_ft layer_decay] [overrides...]` runs
+[--strategies feature_extract finetune finetune+ema gradual_unfreeze lp_ft layer_decay]
+[overrides...]` runs
 `python train.py` once per data set and strategy, each as a whole process with that strategy's
 own defaults except `trainer.max_epochs` (the shared budget; feature extraction normally runs
 30 cheap cached epochs), and prints a Markdown table of best validation accuracy, test accuracy
 and macro F1 of the best checkpoint, and wall time. `gradual_unfreeze`'s defaults are fastai's
 `fine_tune` recipe (one frozen epoch, then everything with discriminative rates).
+`<strategy>+ema` / `<strategy>+swa` adds weight averaging (`callbacks=ema` / `callbacks=swa`).
 
 Data: `demo` (the generated shapes, 180/60/60 images), `digits` (scikit-learn's 1797 real 8x8
 handwritten-digit scans upscaled, 10 classes, written once under data/digits), or any
@@ -27,7 +29,7 @@ from linear_probe import write_digits
 
 from transfer_learning.errors import count
 
-STRATEGIES = ("feature_extract", "finetune", "gradual_unfreeze", "lp_ft", "layer_decay")
+STRATEGIES = ("feature_extract", "finetune", "finetune+ema", "gradual_unfreeze", "lp_ft", "layer_decay")
 
 
 def data_overrides(name: str) -> list[str]:
@@ -38,10 +40,13 @@ def data_overrides(name: str) -> list[str]:
     return ["data=imagefolder", f"data.root={Path(name).absolute()}"]
 
 
-def run(strategy: str, data: str, epochs: int, image_size: int, extra: list[str], work: Path) -> dict:
-    folder = work / f"{Path(data).name}-{strategy}"
+def run(row: str, data: str, epochs: int, image_size: int, extra: list[str], work: Path) -> dict:
+    """One row: ``strategy`` or ``strategy+ema`` (``+swa``: callbacks=swa)."""
+    strategy, _, averaging = row.partition("+")
+    callbacks = [f"callbacks={averaging}"] if averaging else []
+    folder = work / f"{Path(data).name}-{row}"
     command = [sys.executable, str(REPO / "train.py"), *data_overrides(data), f"strategy={strategy}",
-               f"trainer.max_epochs={epochs}", f"input.image_size={image_size}", "logger=csv",
+               *callbacks, f"trainer.max_epochs={epochs}", f"input.image_size={image_size}", "logger=csv",
                "worst_samples=0", f"hydra.run.dir={folder}", *extra]  # fmt: skip
     seconds, _, _ = timed(command, Path.cwd())
     summary = json.loads((folder / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """``tl-predict`` and ``python -m transfer_learning.results.predict``: predict image files with a
 trained checkpoint, ``tl-predict ckpt_path=CKPT images=PATH|[PATH,...] [output=preds.csv|.json]
-[top_k=K] [batch_size=N] [device=auto|cpu|cuda] [threshold=P] [num_workers=N]``.
+[top_k=K] [batch_size=N] [device=auto|cpu|cuda] [threshold=P] [num_workers=N] [explain=DIR]``.
 
 The command line is read here, without torch (``--help`` and mistakes answer at once); the work
 is :func:`transfer_learning.results.predict.run`.
@@ -29,6 +29,10 @@ IMAGES_HELP = "image files, folders or glob patterns: one, or a list [photos,'sc
 THRESHOLD_HELP = "mark images whose top probability is below P as uncertain (0: none)"
 THRESHOLD_DEFAULT = "the value in <checkpoint stem>.threshold.json next to the checkpoint, if any"
 AUTO_WORKERS = "auto: none for a few batches, else up to 4"
+EXPLAIN_HELP = (
+    "also write, per image, a Grad-CAM overlay <name>.gradcam.png and the heatmap <name>.gradcam.npy "
+    "(0..1, the image's own height x width) into DIR"
+)
 COMMAND = Command(
     prog="tl-predict",
     summary="\n\n".join(  # results/predict.py's doc, less its usage line and the Python part
@@ -45,6 +49,7 @@ COMMAND = Command(
         Option("device", text("DEVICE"), "auto (the GPU when there is one), cpu, cuda, cuda:N", "auto"),
         Option("threshold", number(0, 1, "P"), THRESHOLD_HELP, shown=THRESHOLD_DEFAULT),
         Option("num_workers", integer(0), "image decoding processes", shown=AUTO_WORKERS),
+        Option("explain", path("DIR"), EXPLAIN_HELP),
     ),
     positional=("ckpt_path", "images"),
     aliases={"o": "output"},

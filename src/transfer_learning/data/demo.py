@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "cross", "square", "star", "triangle")
-SHAPES = (*CLASSES, "hexagon")  # every kind draw_shape knows
+SHAPES = (*CLASSES, "hexagon")
+BOXES = "boxes.csv"  # generate_shapes: the box around each image's shape  # every kind draw_shape knows
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -65,6 +66,13 @@ def _paint(image: Image.Image, kind: str, cx: float, cy: float, r: float, fill: 
 
 def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One RGB image of ``kind`` with random colours, placement, size, rotation and noise."""
+    return draw_shape_in_box(kind, size, rng)[0]
+
+
+def draw_shape_in_box(
+    kind: str, size: int, rng: np.random.Generator
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """:func:`draw_shape`'s image and the box ``(x0, y0, x1, y1)`` in pixels that holds the shape."""
     if kind not in SHAPES:
         raise ValueError(f"unknown shape {kind!r}; known: {', '.join(SHAPES)}")
     background = rng.integers(0, 256, 3)
@@ -74,7 +82,7 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     cx, cy = rng.uniform(r, size - r, 2)
     angle = 0.0 if kind == "circle" else rng.uniform(0, 2 * math.pi)  # a circle draws no angle
     _paint(image, kind, cx, cy, r, fill, angle)
-    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+    return image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8))), (cx - r, cy - r, cx + r, cy + r)
 
 
 def draw_shapes(kinds: list[str], size: int, rng: np.random.Generator) -> Image.Image:
@@ -142,13 +150,18 @@ def generate_shapes(
     seed: int = 0,
     classes: tuple[str, ...] | list[str] = CLASSES,
 ) -> Path:
-    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists."""
+    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists, and ``root/boxes.csv``: where each
+    shape is (``path,x0,y0,x1,y1``, pixels; to check what an explanation points at)."""
     rng = np.random.default_rng(seed)
 
     def write(folder: Path) -> None:
+        rows = ["path,x0,y0,x1,y1"]
         for kind in classes:
             (folder / kind).mkdir()
             for n in range(images_per_class):
-                draw_shape(kind, image_size, rng).save(folder / kind / f"{n:04d}.jpg", quality=92)
+                image, box = draw_shape_in_box(kind, image_size, rng)
+                image.save(folder / kind / f"{n:04d}.jpg", quality=92)
+                rows.append(f"{kind}/{n:04d}.jpg," + ",".join(f"{v:.1f}" for v in box))
+        (folder / BOXES).write_text("\n".join(rows) + "\n")
 
     return _write_once(root, write)

@@ -4,6 +4,7 @@ the loggers (rank zero writes; every process takes part in the counts)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def _write_report(
     per_class: list[dict[str, Any]],
     worst: list[dict[str, Any]],
     summary: dict[str, Any],
+    explain: Callable[[list[Mapping[str, Any]], list[Any]], list[Any]] | None,
 ) -> Path:
     """report.md beside the checkpoints (its pictures also go to W&B)."""
     from hydra.core.hydra_config import HydraConfig
@@ -102,7 +104,7 @@ def _write_report(
             logger.save()
             csv_path = Path(logger.log_dir) / "metrics.csv"
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    path = write_report(output_dir, summary, overrides, csv_path, results_picture, per_class, worst)
+    path = write_report(output_dir, summary, overrides, csv_path, results_picture, per_class, worst, explain)
     for name in ("learning_curves", "learning_rates", "confident_mistakes"):
         if (output_dir / f"{name}.png").is_file():
             log_picture(loggers, f"report/{name}", output_dir / f"{name}.png")
@@ -139,7 +141,8 @@ def _report(
         log_table(
             loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
         )
-    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary))
+    explain = None if module.task == "multilabel" else _explainer(module)
+    where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary, explain))
     metadata: dict[str, Any] = {"class_names": names, "task": module.task, "temperature": module.temperature}
     if module.thresholds is not None:
         metadata["thresholds"] = [float(t) for t in module.thresholds]
@@ -173,6 +176,16 @@ def _multilabel_results(
     log_picture(loggers, "test/pr_curves", picture)
     log_pr_curves(loggers, "test/pr_curves_plot", curves)
     return picture, per_class
+
+
+def _explainer(module: TransferLearningModule) -> Callable[[list[Mapping[str, Any]], list[Any]], list[Any]]:
+    """Grad-CAM of each mistake's predicted class, for the report's grid."""
+    from transfer_learning.results.explain import explain_images
+
+    def explain(rows: list[Mapping[str, Any]], images: list[Any]) -> list[Any]:
+        return explain_images(module, images, [module.class_names.index(str(r["predicted"])) for r in rows])
+
+    return explain
 
 
 def _worst(module: TransferLearningModule, datamodule: ImageDataModule, limit: int) -> list[dict[str, Any]]:

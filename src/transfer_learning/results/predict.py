@@ -653,5 +653,14 @@ def run(args: argparse.Namespace) -> int:
         summary += f", {len(bad)} input(s) skipped"
     if args.output is not None:
         summary += f"; wrote {args.output}"
+    if args.explain is not None and predictions:
+        from transfer_learning.results.explain import explain_predictions
+
+        try:
+            written = explain_predictions(classifier.module, predictions, args.explain, args.batch_size, True)
+        except (OSError, TransferLearningError) as exc:  # an image changed since, a folder not writable
+            print(f"error: cannot write the explanations to {args.explain}: {exc}", file=sys.stderr)
+            return 2
+        summary += f"; Grad-CAM of {len(written)} image(s) in {args.explain}"
     print(summary, file=sys.stderr)
     return 1 if bad or not predictions else 0

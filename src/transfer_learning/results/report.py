@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,11 +151,13 @@ def plot_confident_mistakes(
     path: Path,
     limit: int = 16,
     skipped: list[tuple[str, str]] | None = None,
+    explain: Callable[[list[Mapping[str, Any]], list[Any]], list[Any]] | None = None,
 ) -> Path | None:
     """The validation images predicted wrong with the highest confidence, in a grid, each with
     its true and predicted class and the confidence. An image that cannot be opened any more is
     left out (the next one takes its place) and added to ``skipped`` as (file, why); None when
-    there is nothing to draw."""
+    there is nothing to draw. ``explain(rows, images)``: a Grad-CAM heatmap per image (its
+    size, 0..1), drawn over it."""
     from transfer_learning.data.images import load_rgb  # regular files only, never more than their size
     from transfer_learning.errors import DataError
 
@@ -173,6 +175,11 @@ def plot_confident_mistakes(
                 skipped.append((str(row["file"]), _why(exc)))
     if not drawn:
         return None
+    if explain is not None:
+        from transfer_learning.results.explain import overlay
+
+        heatmaps = explain([row for row, _ in drawn], [image for _, image in drawn])
+        drawn = [(row, overlay(image, heat)) for (row, image), heat in zip(drawn, heatmaps, strict=True)]
     plt = pyplot()
     columns = min(4, len(drawn))
     lines = math.ceil(len(drawn) / columns)
@@ -190,7 +197,8 @@ def plot_confident_mistakes(
             f"({float(row['confidence']):.0%})",
             fontsize=9, color="firebrick", parse_math=False,
         )  # fmt: skip
-    fig.suptitle("Most confidently wrong validation images", fontsize=13)
+    title = "Most confidently wrong validation images"
+    fig.suptitle(title + (" (Grad-CAM of the predicted class: red)" if explain else ""), fontsize=13)
     return _save(fig, path, plt)
 
 
@@ -224,6 +232,7 @@ def write_report(
     results_png: Path | None,
     per_class: Sequence[Mapping[str, Any]],
     worst: Sequence[Mapping[str, Any]],
+    explain: Callable[[list[Mapping[str, Any]], list[Any]], list[Any]] | None = None,
 ) -> Path:
     """Write ``folder/report.md`` and its pictures; return the report's path. ``results_png``:
     the confusion matrix, or for a multi-label run (``summary["task"]``) the precision-recall
@@ -236,7 +245,9 @@ def write_report(
     )
     rates = plot_learning_rates(rows, folder / "learning_rates.png")
     skipped: list[tuple[str, str]] = []
-    mistakes = plot_confident_mistakes(worst, folder / "confident_mistakes.png", skipped=skipped)
+    mistakes = plot_confident_mistakes(
+        worst, folder / "confident_mistakes.png", skipped=skipped, explain=explain
+    )
     if skipped:
         log.warning("The report leaves out %d validation image(s) it cannot open any more: %s",
                     len(skipped), "; ".join(f"{file} ({why})" for file, why in skipped))  # fmt: skip

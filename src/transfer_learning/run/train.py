@@ -1,4 +1,4 @@
-"""compose -> build -> fit -> test the best checkpoint -> report. Nothing else."""
+"""compose -> build -> fit -> calibrate -> test the best checkpoint -> report. Nothing else."""
 
 from __future__ import annotations
 

@@ -194,14 +194,19 @@ def test_predict_mistakes(args: list[str], message: str, capsys: pytest.CaptureF
 def test_predict_settings(tmp_path: Path) -> None:
     args = predict_cli.parse_args([f"ckpt_path={tmp_path}/m.ckpt", f"images=[{tmp_path},'b c.jpg',x/[ab]*]",
                                    "output=~/p.JSON", "top_k=3", "batch_size=4", "device=cpu",
-                                   "threshold=null", "num_workers=0"])  # fmt: skip
+                                   "threshold=null", "num_workers=0", "explain=~/gradcam"])  # fmt: skip
     paths = [str(tmp_path), "b c.jpg", "x/[ab]*"]
     assert vars(args) == {"checkpoint": tmp_path / "m.ckpt", "paths": paths, "output": Path.home() / "p.JSON",
                           "top_k": 3, "batch_size": 4, "device": "cpu", "threshold": None,
-                          "num_workers": 0}  # fmt: skip
+                          "num_workers": 0, "explain": Path.home() / "gradcam"}  # fmt: skip
     defaults = predict_cli.parse_args(["ckpt_path=m.ckpt", "images=photos"])
     assert (defaults.paths, defaults.output, defaults.top_k, defaults.batch_size) == (["photos"], None, 1, 32)
-    assert (defaults.device, defaults.threshold, defaults.num_workers) == ("auto", None, None)
+    assert (defaults.device, defaults.threshold, defaults.num_workers, defaults.explain) == (
+        "auto",
+        None,
+        None,
+        None,
+    )
 
 
 def test_export_settings(tmp_path: Path) -> None:

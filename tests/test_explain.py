@@ -25,6 +25,10 @@ from transfer_learning.results.explain import TARGET_LAYERS, gradcam, target_lay
         ((), 64),  # EfficientNet-Lite0 (timm EfficientNet), the default
         (("model=resnet18", "model.weights=null"), 64),
         (("model=torchvision", "model.name=squeezenet1_1", "model.weights=null"), 64),  # not in the table
+        (
+            ("model=timm", "model.name=mobilenetv3_small_050", "model.weights=null"),
+            64,
+        ),  # timm's MobileNetV3: a class name torchvision shares
         (("model=vit_b_16", "model.weights=null"), 224),  # tokens laid out as the 14 x 14 patch grid
     ],
 )
@@ -36,10 +40,15 @@ def test_a_heatmap_per_image_in_the_input_frame(shapes_dir, overrides, size):
     assert heatmaps.min() >= 0 and heatmaps.flatten(1).max(1).values.le(1 + 1e-6).all()
     assert (heatmaps.flatten(1).max(1).values > 0).any()  # not all blank
     assert not any(p.grad is not None for p in module.net.parameters())  # no gradients left behind
-    name = type(module.net.backbone).__name__
-    assert (name in TARGET_LAYERS) == (name != "SqueezeNet")
+    backbone = module.net.backbone
+    target = target_layer(backbone, size)
+    name = type(backbone).__name__
     if name == "VisionTransformer":
-        assert target_layer(module.net.backbone, size).prefix_tokens == 1
+        assert target.prefix_tokens == 1 and target.layer is backbone.encoder.layers[-1].ln_1
+    elif name == "SqueezeNet":  # not in the table: its last 4-D output
+        assert name not in TARGET_LAYERS and target.layer in list(backbone.modules())
+    else:
+        assert any(target.layer is getattr(backbone, a, None) for a in TARGET_LAYERS[name])
 
 
 def test_a_frozen_backbone_still_gets_a_heatmap(shapes_dir):
@@ -66,7 +75,7 @@ def test_the_heatmap_lands_on_the_crop_of_the_original_image():
 
 @pytest.mark.slow
 def test_the_peak_falls_on_the_shape_and_predict_writes_each_heatmap(tmp_path):
-    data = generate_shapes(tmp_path / "shapes", images_per_class=60, image_size=96)
+    data = generate_shapes(tmp_path / "shapes", images_per_class=60, image_size=96, boxes=True)
     boxes = {row["path"]: row for row in csv.DictReader((data / BOXES).open())}
     result = run_cli(tmp_path, "data=imagefolder", f"data.root={data}", "strategy=finetune",
                      "input.image_size=96", "trainer.max_epochs=4", "logger=csv")  # fmt: skip

@@ -149,9 +149,11 @@ def generate_shapes(
     image_size: int = 96,
     seed: int = 0,
     classes: tuple[str, ...] | list[str] = CLASSES,
+    boxes: bool = False,
 ) -> Path:
-    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists, and ``root/boxes.csv``: where each
-    shape is (``path,x0,y0,x1,y1``, pixels; to check what an explanation points at)."""
+    """Write ``root/<class>/<n>.jpg`` unless ``root`` exists; with ``boxes``, also
+    ``root/boxes.csv``: where each shape is (``path,x0,y0,x1,y1``, pixels; to check what an
+    explanation points at). The images are the same either way."""
     rng = np.random.default_rng(seed)
 
     def write(folder: Path) -> None:
@@ -162,6 +164,7 @@ def generate_shapes(
                 image, box = draw_shape_in_box(kind, image_size, rng)
                 image.save(folder / kind / f"{n:04d}.jpg", quality=92)
                 rows.append(f"{kind}/{n:04d}.jpg," + ",".join(f"{v:.1f}" for v in box))
-        (folder / BOXES).write_text("\n".join(rows) + "\n")
+        if boxes:
+            (folder / BOXES).write_text("\n".join(rows) + "\n")
 
     return _write_once(root, write)

@@ -38,26 +38,28 @@ class Target:
     prefix_tokens: int | None = None
 
 
-def _timm_vit(backbone: Any) -> Target:
-    return Target(backbone.blocks[-1].norm1, int(getattr(backbone, "num_prefix_tokens", 1)))
+def _vit(backbone: Any) -> Target:
+    if hasattr(backbone, "encoder"):  # torchvision
+        return Target(backbone.encoder.layers[-1].ln_1, 1)
+    return Target(backbone.blocks[-1].norm1, int(getattr(backbone, "num_prefix_tokens", 1)))  # timm
 
 
-# Backbone class name -> its Grad-CAM layer. The one place to add a family.
-TARGET_LAYERS: dict[str, Callable[[Any], Target]] = {
-    "ResNet": lambda b: Target(b.layer4),  # torchvision; timm's ResNet too
-    "VGG": lambda b: Target(b.features),
-    "DenseNet": lambda b: Target(b.features),
-    "Inception3": lambda b: Target(b.Mixed_7c),
-    "GoogLeNet": lambda b: Target(b.inception5b),
-    "MobileNetV2": lambda b: Target(b.features),
-    "MobileNetV3": lambda b: Target(b.features),
-    "ConvNeXt": lambda b: Target(b.features),
-    "RegNet": lambda b: Target(b.trunk_output),
-    "EfficientNet": lambda b: Target(b.features if hasattr(b, "features") else b.bn2),  # torchvision / timm
-    "VisionTransformer": lambda b: (
-        Target(b.encoder.layers[-1].ln_1, 1) if hasattr(b, "encoder") else _timm_vit(b)
-    ),
+# Backbone class name -> the attribute(s) holding its last spatial feature map, the first one
+# the backbone has wins (torchvision and timm share some class names). The one place to add a
+# family; a family not here (or with none of its attributes) gets its last 4-D output.
+TARGET_LAYERS: dict[str, tuple[str, ...]] = {
+    "ResNet": ("layer4",),
+    "VGG": ("features",),
+    "DenseNet": ("features",),
+    "Inception3": ("Mixed_7c",),
+    "GoogLeNet": ("inception5b",),
+    "MobileNetV2": ("features",),
+    "MobileNetV3": ("features", "blocks"),  # torchvision / timm (its conv_head runs after pooling)
+    "ConvNeXt": ("features", "stages"),
+    "RegNet": ("trunk_output", "s4"),
+    "EfficientNet": ("features", "bn2"),  # torchvision / timm (Lite0 included)
 }
+TOKEN_LAYERS: dict[str, Callable[[Any], Target]] = {"VisionTransformer": _vit}
 
 
 def _last_feature_map(backbone: nn.Module, size: int) -> Target:
@@ -87,8 +89,13 @@ def _last_feature_map(backbone: nn.Module, size: int) -> Target:
 
 
 def target_layer(backbone: Any, size: int) -> Target:
-    choose = TARGET_LAYERS.get(type(backbone).__name__)
-    return choose(backbone) if choose is not None else _last_feature_map(backbone, size)
+    name = type(backbone).__name__
+    if name in TOKEN_LAYERS:
+        return TOKEN_LAYERS[name](backbone)
+    for attribute in TARGET_LAYERS.get(name, ()):
+        if isinstance(getattr(backbone, attribute, None), nn.Module):
+            return Target(getattr(backbone, attribute))
+    return _last_feature_map(backbone, size)
 
 
 class _Grid(nn.Module):

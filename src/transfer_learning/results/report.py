@@ -178,8 +178,12 @@ def plot_confident_mistakes(
     if explain is not None:
         from transfer_learning.results.explain import overlay
 
-        heatmaps = explain([row for row, _ in drawn], [image for _, image in drawn])
-        drawn = [(row, overlay(image, heat)) for (row, image), heat in zip(drawn, heatmaps, strict=True)]
+        try:
+            heatmaps = explain([row for row, _ in drawn], [image for _, image in drawn])
+            drawn = [(row, overlay(image, heat)) for (row, image), heat in zip(drawn, heatmaps, strict=True)]
+        except Exception as exc:  # a backbone Grad-CAM cannot read: the grid without heatmaps, the run kept
+            log.warning("The report's grid has no Grad-CAM heatmaps: %s", exc)
+            explain = None
     plt = pyplot()
     columns = min(4, len(drawn))
     lines = math.ceil(len(drawn) / columns)

@@ -14,6 +14,7 @@ from torch import nn
 from transfer_learning.model.backbones import torchvision_backbone, torchvision_names
 from transfer_learning.model.network import Network
 from transfer_learning.model.strategies import FeatureExtraction, FineTuning
+from transfer_learning.results.explain import target_layer
 
 NUM_CLASSES = 3
 # One member of each family (how its classifier is laid out) runs in `make test-fast`; the rest
@@ -82,6 +83,21 @@ def test_every_torchvision_classifier_splits_into_body_and_head(name):
     features = net.forward_features(x)
     assert features.shape == (2, net.head.in_features)
     assert net(x).shape == (2, NUM_CLASSES)
+
+    # Grad-CAM's layer: a spatial map [B, C, H, W] (Swin: [B, H, W, C]), or ViT's tokens.
+    target = target_layer(net.backbone, size)
+    seen: list[torch.Size] = []
+    hook = target.layer.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    net(x)
+    hook.remove()
+    if target.prefix_tokens is not None:
+        assert len(seen[-1]) == 3 and round((seen[-1][1] - target.prefix_tokens) ** 0.5) ** 2 == (
+            seen[-1][1] - target.prefix_tokens
+        )
+    else:
+        assert len(seen[-1]) == 4, (name, seen[-1])
+        channels = seen[-1][3] if target.channels_last else seen[-1][1]
+        assert channels > 3 and min(seen[-1][1:3] if target.channels_last else seen[-1][2:]) >= 1, seen[-1]
 
     # Fine-tuning: two groups that partition every parameter, none missing, none twice.
     backbone_group, head_group = FineTuning().param_groups(net)

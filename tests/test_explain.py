@@ -30,6 +30,7 @@ from transfer_learning.results.explain import TARGET_LAYERS, gradcam, target_lay
             64,
         ),  # timm's MobileNetV3: a class name torchvision shares
         (("model=vit_b_16", "model.weights=null"), 224),  # tokens laid out as the 14 x 14 patch grid
+        (("model=torchvision", "model.name=swin_t", "model.weights=null"), 224),  # [B, H, W, C] maps
     ],
 )
 def test_a_heatmap_per_image_in_the_input_frame(shapes_dir, overrides, size):
@@ -45,6 +46,8 @@ def test_a_heatmap_per_image_in_the_input_frame(shapes_dir, overrides, size):
     name = type(backbone).__name__
     if name == "VisionTransformer":
         assert target.prefix_tokens == 1 and target.layer is backbone.encoder.layers[-1].ln_1
+    elif name == "SwinTransformer":
+        assert target.channels_last and target.layer is backbone.norm
     elif name == "SqueezeNet":  # not in the table: its last 4-D output
         assert name not in TARGET_LAYERS and target.layer in list(backbone.modules())
     else:

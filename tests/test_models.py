@@ -10,6 +10,7 @@ import torch
 
 from transfer_learning.data.demo import CLASSES, generate_shapes
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.results.explain import gradcam
 from transfer_learning.run.config import CONF_DIR, compose_config
 from transfer_learning.run.train import train
 
@@ -72,3 +73,5 @@ def test_every_model_config_trains_on_the_defaults(name, workdir, monkeypatch, c
     with torch.no_grad():
         logits = module(torch.randn(2, 3, size, size))
     assert logits.shape == (2, len(CLASSES)) and torch.isfinite(logits).all()
+    heatmaps = gradcam(module.net, torch.randn(2, 3, size, size), [0, 1])  # its Grad-CAM layer works
+    assert heatmaps.shape == (2, size, size) and torch.isfinite(heatmaps).all()

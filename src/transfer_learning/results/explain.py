@@ -32,10 +32,12 @@ from transfer_learning.model.preprocessing import Preprocessing
 @dataclass(frozen=True)
 class Target:
     """The layer to explain; ``prefix_tokens``: for token outputs ``[B, N, D]``, how many
-    tokens come before the patch grid (None: a ``[B, C, H, W]`` feature map)."""
+    tokens come before the patch grid (None: a feature map); ``channels_last``: a feature map
+    laid out ``[B, H, W, C]`` (Swin) rather than ``[B, C, H, W]``."""
 
     layer: nn.Module
     prefix_tokens: int | None = None
+    channels_last: bool = False
 
 
 def _vit(backbone: Any) -> Target:
@@ -59,7 +61,10 @@ TARGET_LAYERS: dict[str, tuple[str, ...]] = {
     "RegNet": ("trunk_output", "s4"),
     "EfficientNet": ("features", "bn2"),  # torchvision / timm (Lite0 included)
 }
-TOKEN_LAYERS: dict[str, Callable[[Any], Target]] = {"VisionTransformer": _vit}
+TOKEN_LAYERS: dict[str, Callable[[Any], Target]] = {
+    "VisionTransformer": _vit,
+    "SwinTransformer": lambda b: Target(b.norm, channels_last=True),  # torchvision: [B, H, W, C]
+}
 
 
 def _last_feature_map(backbone: nn.Module, size: int) -> Target:
@@ -107,13 +112,16 @@ class _Grid(nn.Module):
 
 @contextmanager
 def _token_grid(target: Target) -> Iterator[nn.Module]:
-    """The module to explain: the target itself, or (tokens) a grid the tokens pass through."""
-    if target.prefix_tokens is None:
+    """The module to explain: the target itself, or (tokens, channels-last maps) a
+    ``[B, C, H, W]`` grid its output passes through."""
+    if target.prefix_tokens is None and not target.channels_last:
         yield target.layer
         return
-    grid, prefix = _Grid(), target.prefix_tokens
+    grid, prefix = _Grid(), target.prefix_tokens or 0
 
     def route(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> torch.Tensor:
+        if target.channels_last:
+            return grid(out.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         batch, tokens, dim = out.shape
         side = round((tokens - prefix) ** 0.5)
         if side * side != tokens - prefix:

@@ -5,7 +5,7 @@ the gradient of the class logit and keeps the positive part. Which layer is deci
 per backbone family (:data:`TARGET_LAYERS`): the last block whose output is still a spatial
 feature map. A vision transformer has a grid of patch tokens instead; its tokens (after the
 last block's first LayerNorm) are laid out as that grid (``[B, tokens, D] -> [B, D, h, w]``,
-the class token left out) for the attribution. A family not in the table gets the last module
+the class token left out) for the attribution; Swin's ``[B, H, W, C]`` maps are permuted. A family not in the table gets the last module
 with a 4-D ``[B, C, H, W]`` output, found by one forward pass.
 
 Heatmaps are in the network's input frame (the centre crop), scaled to 0..1 per image;
@@ -147,9 +147,8 @@ def gradcam(network: nn.Module, images: torch.Tensor, classes: Sequence[int]) ->
     network.eval()
     try:
         with torch.enable_grad(), _token_grid(target) as layer:
-            x = (
-                images.detach().clone().requires_grad_(True)
-            )  # a frozen backbone: gradients still reach the layer
+            # An input that requires grad: with a frozen backbone, gradients still reach the layer.
+            x = images.detach().clone().requires_grad_(True)
             cam = LayerGradCam(network, layer).attribute(x, target=list(classes), relu_attributions=True)
             cam = LayerAttribution.interpolate(cam.detach().float(), tuple(images.shape[-2:]), "bilinear")
     finally:

@@ -5,8 +5,9 @@ the gradient of the class logit and keeps the positive part. Which layer is deci
 per backbone family (:data:`TARGET_LAYERS`): the last block whose output is still a spatial
 feature map. A vision transformer has a grid of patch tokens instead; its tokens (after the
 last block's first LayerNorm) are laid out as that grid (``[B, tokens, D] -> [B, D, h, w]``,
-the class token left out) for the attribution; Swin's ``[B, H, W, C]`` maps are permuted. A family not in the table gets the last module
-with a 4-D ``[B, C, H, W]`` output, found by one forward pass.
+the class token left out) for the attribution; Swin's ``[B, H, W, C]`` maps are permuted. A
+family not in the table gets the last module with a 4-D ``[B, C, H, W]`` output, found by one
+forward pass.
 
 Heatmaps are in the network's input frame (the centre crop), scaled to 0..1 per image;
 :func:`to_original` maps one back onto the original image's pixels (zero outside the crop).

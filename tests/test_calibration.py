@@ -164,3 +164,16 @@ def test_calibrate_false_keeps_the_networks_probabilities(shapes_dir, tmp_path):
     checkpoint = best_checkpoint(tmp_path / "run")
     assert "calibration" not in safe_load(checkpoint)
     assert TransferLearningModule.load_for_inference(checkpoint).temperature == 1.0
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e300, float("nan"), "2.0", True, 2.0])
+def test_a_checkpoints_temperature_is_taken_only_within_the_fits_range(shapes_dir, temperature):
+    from helpers import build
+
+    module, _ = build(shapes_dir)
+    module.on_load_checkpoint(
+        {"hyper_parameters": dict(module.hparams), "calibration": {"temperature": temperature}}
+    )
+    assert module.temperature == (2.0 if temperature == 2.0 and temperature is not True else 1.0)
+    probs = module.probabilities(torch.randn(4, len(module.class_names)) * 50)
+    assert torch.isfinite(probs).all()

@@ -22,6 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from transfer_learning.data.feature_cache import CachedFeatures, infer_features, is_convolutional, use_bf16
 from transfer_learning.errors import ConfigError, TransferLearningError
 from transfer_learning.model import loading
+from transfer_learning.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from transfer_learning.model.network import Network
 from transfer_learning.model.optimization import StrategyOptimization
 from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
@@ -38,8 +39,13 @@ class NonFiniteLossError(TransferLearningError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+def _temperature(value: Any) -> bool:
+    """A temperature the fit could have given (a crafted checkpoint's 1e-300 would make NaNs)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and MIN_TEMPERATURE <= value <= MAX_TEMPERATURE
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -355,7 +361,7 @@ class TransferLearningModule(StrategyOptimization):
         if self.metrics.multilabel and checkpoint.get("thresholds") is not None:
             self.thresholds = torch.tensor(checkpoint["thresholds"], dtype=torch.float32)
         calibration = checkpoint.get("calibration")
-        if isinstance(calibration, dict) and _positive(calibration.get("temperature")):
+        if isinstance(calibration, dict) and _temperature(calibration.get("temperature")):
             # The thresholds above were saved in the calibrated space: set, not moved.
             self.metrics.temperature = float(calibration["temperature"])
             self.calibration = dict(calibration)

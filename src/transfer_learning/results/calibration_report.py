@@ -122,9 +122,9 @@ def save_reliability_diagram(
     return path
 
 
-def _write_into_checkpoint(path: str, module: TransferLearningModule) -> None:
-    """The temperature (and the multi-label thresholds, which move with it) into ``path``."""
-    checkpoint = safe_load(path)
+def _write_into_checkpoint(path: str, checkpoint: dict[str, Any], module: TransferLearningModule) -> None:
+    """The temperature (and the multi-label thresholds, which move with it) into ``checkpoint``,
+    read from ``path``, and the result back to ``path``."""
     checkpoint["calibration"] = dict(module.calibration or {})
     if module.thresholds is not None:
         checkpoint["thresholds"] = [float(t) for t in module.thresholds]
@@ -159,14 +159,14 @@ def calibrate_best(
     memory)."""
     fitted: tuple[float, dict[str, Any]] | None = None
     if trainer.is_global_zero and "val" in datamodule.datasets:
-        if best_path:
-            checkpoint = safe_load(best_path)
+        checkpoint = safe_load(best_path) if best_path else None
+        if checkpoint is not None:
             module.on_load_checkpoint(checkpoint)  # its thresholds, and any earlier calibration
             module.load_state_dict(checkpoint["state_dict"])
         fitted = _fit(module, datamodule)
         module.calibrate(*fitted)
-        if best_path:
-            _write_into_checkpoint(best_path, module)
+        if checkpoint is not None:
+            _write_into_checkpoint(best_path, checkpoint, module)
     fitted = trainer.strategy.broadcast(fitted)
     if fitted is not None and not trainer.is_global_zero:
         module.calibrate(*fitted)

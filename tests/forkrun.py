@@ -47,6 +47,7 @@ PRELOAD = [
     "transfer_learning.cli.hydra_entry",
     "transfer_learning.run.train",
     "transfer_learning.results.finish",
+    "forkwarm",
 ]
 
 _context: multiprocessing.context.ForkServerContext | None = None
@@ -58,6 +59,18 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(PRELOAD)
         _context = context
+        # The forkserver is a new interpreter that does not get this process's sys.path (Python
+        # 3.11 drops it), and a preload module it cannot import is skipped without a word: it
+        # finds this folder's modules (forkwarm) through PYTHONPATH, set only while it starts.
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), before]))
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
     return _context
 
 
@@ -65,7 +78,6 @@ def start_forkserver() -> None:
     """Start the forkserver now: it imports PRELOAD while the tests go on."""
     if os.environ.get("TL_TEST_SUBPROCESS") != "1":
         _forkserver()
-        multiprocessing.forkserver.ensure_running()
 
 
 def _child(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, new_session: bool) -> None:

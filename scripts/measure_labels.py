@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also fine-tune the multi-label data")
     args = parser.parse_args()
     from transfer_learning.data.demo import SHAPES, generate_multilabel_shapes, generate_shapes
-    from transfer_learning.data.feature_cache import cpu_has_bf16
+    from transfer_learning.hardware import cpu_has_bf16
 
     cpu = platform.processor() or platform.machine()
     print(f"CPU: {cpu}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}")

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from transfer_learning.data.cache_files import (
 from transfer_learning.data.datasets import CachedFeatures
 from transfer_learning.data.skipping import collate_present, kept_positions
 from transfer_learning.errors import DataError
+from transfer_learning.hardware import cpu_has_bf16, gpu_has_bf16
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +58,13 @@ log = logging.getLogger(__name__)
 IN_MEMORY_SHARE = 0.25
 
 
-@cache
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bfloat16 matrix instructions that make bf16 autocast pay on a CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def use_bf16(choice: bool | None, device: torch.device) -> bool:
-    """``choice`` when set; None: bf16 where the hardware pays for it (GPUs with bf16, CPUs with
-    AVX-512 BF16 or AMX)."""
+    """``choice`` when set; None: bf16 where the hardware runs it natively (GPUs from Ampere on,
+    CPUs with AVX-512 BF16 or AMX)."""
     if choice is not None:
         return bool(choice)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return gpu_has_bf16(device.index or 0)
     return device.type == "cpu" and cpu_has_bf16()
 
 

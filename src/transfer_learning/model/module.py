@@ -239,7 +239,11 @@ class TransferLearningModule(StrategyOptimization):
         if batch is None:
             return
         x, y = batch
-        logits = self(x)
+        # Validation and test measure the float32 model that is saved, evaluated, exported and
+        # predicted with: mixed precision (trainer.precision) speeds up training only. A frozen
+        # backbone keeps its own precision (strategy.bf16), as the feature cache computes it.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = self(x)
         loss.update(self.criterion(logits, y), weight=len(y))
         self.metrics.update(stage, logits, y)
 

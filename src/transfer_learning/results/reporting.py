@@ -56,6 +56,7 @@ def build_summary(
         "classes": f"{len(names)} ({shorten(names)})",
         "parameters": _parameters(facts) if facts else None,
         "batch size": _batch(facts) if facts else None,
+        "precision": f"{facts['precision']} ({facts['precision/why']})" if "precision" in facts else None,
         "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
         "files left out": ", ".join(f"{n} ({why})" for why, n in datamodule.left_out.items()) or None,
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,

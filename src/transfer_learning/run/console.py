@@ -29,6 +29,7 @@ FILE_ONLY = re.compile(
             r"Restored all states from the checkpoint",
             r"Loaded model weights from the checkpoint",
             r"Checkpoint directory .* exists and is not empty",  # a resumed run writes into its own
+            r"^Using (bfloat16|16bit) Automatic Mixed Precision",  # the run summary says which and why
             r"^\s*\| Name\s+\| Type",  # the model summary table (the run summary has the counts)
         ]
     )
@@ -38,6 +39,7 @@ FILE_ONLY_LOGGERS = ("lightning.pytorch.callbacks.model_summary",)
 IGNORED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
     r".*Checkpoint directory .* exists and is not empty",
+    r".*is not supported by the model summary",  # its size estimate, which the console never shows
 )
 
 

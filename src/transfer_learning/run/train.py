@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.errors import ConfigError
+from transfer_learning.hardware import PrecisionChoice, choose_precision
 from transfer_learning.results.analysis import (
     run_facts,
 )
@@ -83,6 +84,20 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
+def resolve_precision(cfg: DictConfig) -> PrecisionChoice:
+    """``trainer.precision`` made concrete for this machine, in place (``auto``: the fastest
+    precision its processors run natively); an explicit bf16 that this hardware emulates is
+    kept, with one warning that gives its measured cost."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    choice = choose_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.get("accelerator", AUTO)))
+    with open_dict(cfg):
+        cfg.trainer.precision = choice.precision
+    if choice.warning and getattr(rank_zero_only, "rank", 0) == 0:
+        log.warning(choice.warning)
+    return choice
+
+
 def write_run_config(cfg: DictConfig, path: Path) -> None:
     """The run's data settings, resolved, with absolute paths (``eval.py`` reads them)."""
     data = expand_paths(OmegaConf.to_container(cfg.data, resolve=True))
@@ -136,6 +151,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     check_trainer(cfg)
     check_tune_lr(cfg)
+    precision = resolve_precision(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
@@ -163,7 +179,8 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
         if HydraConfig.initialized():
             save_run_settings(output_dir, HydraConfig.get().overrides.task)
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
-    facts = run_facts(module, datamodule, trainer)
+    facts = {**run_facts(module, datamodule, trainer), "precision": precision.precision,
+             "precision/why": precision.reason}  # fmt: skip
     status = "failed"
     tuned: dict[str, str] = {}  # the LR finder's summary entries (tune_lr=true)
     try:

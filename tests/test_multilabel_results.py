@@ -96,8 +96,9 @@ def test_set_mistakes_lists_wrong_label_sets_worst_first():
     rows = set_mistakes(["a", "b", "c", "d"], truth, probs, decided, ["x", "y", "z"], limit=3)
     assert [r["file"] for r in rows] == ["c", "b", "d"]  # |truth - p|: 0.95, 0.7, 0.4
     assert rows[0] == {"file": "c", "true": "", "predicted": "z", "confidence": pytest.approx(0.95),
-                       "correct": False}  # fmt: skip
+                       "worst_class": "z", "correct": False}  # fmt: skip
     assert rows[1]["true"] == "x y" and rows[1]["predicted"] == "x" and not rows[1]["correct"]
+    assert rows[1]["worst_class"] == "y"  # the missed label (0.3 against a true 1)
     assert rows[2]["correct"]
     assert label_set([2, 0], ["x", "y", "z"]) == "z x"
 
@@ -160,7 +161,8 @@ def run(multilabel_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((base / "run" / "summary.json").read_text())
-    return {"base": base, "summary": summary, "stdout": result.stdout, "folder": base / "run"}
+    return {"base": base, "summary": summary, "stdout": result.stdout, "folder": base / "run",
+            "output": result.stdout + result.stderr}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -184,8 +186,12 @@ def test_the_run_reports_per_class_ap_and_pr_curves(run):
     assert "## Precision-recall curves (test)" in report and "(pr_curves.png)" in report
     assert "| class | ap | precision |" in report and "test/exact_match" in report
     worst = read_csv(folder / "val_predictions.csv")
-    assert worst and set(worst[0]) == {"file", "true", "predicted", "confidence", "correct"}
+    assert worst and set(worst[0]) == {"file", "true", "predicted", "confidence", "worst_class", "correct"}
     assert all(set(r["true"].split()) <= set(NAMES) for r in worst)
+    assert all(r["worst_class"] in NAMES for r in worst)
+    # The grid of wrong label sets draws each one's Grad-CAM of the class of its worst call.
+    assert any(r["correct"] == "False" for r in worst)
+    assert "(confident_mistakes.png)" in report and "no Grad-CAM heatmaps" not in run["output"]
 
     # W&B: the per-class table and the precision-recall curves as a line plot.
     (wandb_dir,) = (folder / "wandb").glob("offline-run-*")
@@ -274,3 +280,20 @@ def test_onnx_export_says_sigmoid_carries_thresholds_and_passes_parity(run, mult
         assert meta["activation"] == "sigmoid" and meta["task"] == "multilabel"
         assert meta["thresholds"] == pytest.approx(thresholds_of(module))
         assert "sigmoid" in meta["output"]
+
+
+@pytest.mark.slow
+def test_the_report_grid_explains_the_class_of_each_rows_worst_call(run):
+    """A multi-label mistake has no single predicted class: the grid's heatmap is the Grad-CAM
+    of the class its row names as the worst call (a false positive or a missed label)."""
+    from transfer_learning.results.explain import explain_images
+    from transfer_learning.results.finish import _explainer
+
+    module = TransferLearningModule.load_for_inference(run["summary"]["best checkpoint"])
+    worst = read_csv(run["folder"] / "val_predictions.csv")[:3]
+    images = [Image.open(r["file"]).convert("RGB") for r in worst]
+    drawn = _explainer(module, "worst_class")(worst, images)
+    expected = explain_images(module, images, [NAMES.index(r["worst_class"]) for r in worst])
+    other = explain_images(module, images, [(NAMES.index(r["worst_class"]) + 1) % 5 for r in worst])
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, expected, strict=True))
+    assert not all(np.allclose(a, b) for a, b in zip(drawn, other, strict=True))  # the class matters

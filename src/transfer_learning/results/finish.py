@@ -141,7 +141,7 @@ def _report(
         log_table(
             loggers, "val/worst_predictions", [{"image": r["file"], **r} for r in worst], images="image"
         )
-    explain = None if module.task == "multilabel" else _explainer(module)
+    explain = _explainer(module, "worst_class" if module.task == "multilabel" else "predicted")
     where["report"] = str(_write_report(output_dir, loggers, picture, per_class, worst, summary, explain))
     metadata: dict[str, Any] = {"class_names": names, "task": module.task, "temperature": module.temperature}
     if module.thresholds is not None:
@@ -178,12 +178,15 @@ def _multilabel_results(
     return picture, per_class
 
 
-def _explainer(module: TransferLearningModule) -> Callable[[list[Mapping[str, Any]], list[Any]], list[Any]]:
-    """Grad-CAM of each mistake's predicted class, for the report's grid."""
+def _explainer(
+    module: TransferLearningModule, column: str
+) -> Callable[[list[Mapping[str, Any]], list[Any]], list[Any]]:
+    """Grad-CAM, for the report's grid, of the class each mistake's row names in ``column``: the
+    predicted class, or for a multi-label row the class of its worst call."""
     from transfer_learning.results.explain import explain_images
 
     def explain(rows: list[Mapping[str, Any]], images: list[Any]) -> list[Any]:
-        return explain_images(module, images, [module.class_names.index(str(r["predicted"])) for r in rows])
+        return explain_images(module, images, [module.class_names.index(str(r[column])) for r in rows])
 
     return explain
 

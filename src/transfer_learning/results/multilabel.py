@@ -82,11 +82,12 @@ def set_mistakes(
     """Samples ordered worst first by their worst class (the largest |truth - probability|), at
     most ``limit`` of them: ``true`` and ``predicted`` label sets (space-joined), ``confidence``
     (how sure the model was of its worst wrong call: the probability of a false positive or one
-    minus that of a false negative), and ``correct`` (whether the whole label set is right)."""
+    minus that of a false negative), ``worst_class`` (the class of that call: the report draws
+    its Grad-CAM) and ``correct`` (whether the whole label set is right)."""
     if limit <= 0 or len(files) == 0:
         return []
     error = (truth - probs).abs()
-    worst = error.max(dim=1).values
+    worst, worst_class = error.max(dim=1)
     rows = []
     for i in torch.argsort(worst, descending=True, stable=True)[:limit].tolist():
         true_set = truth[i].nonzero().flatten().tolist()
@@ -97,6 +98,7 @@ def set_mistakes(
                 "true": label_set(true_set, class_names),
                 "predicted": label_set(predicted, class_names),
                 "confidence": float(worst[i]),
+                "worst_class": class_names[int(worst_class[i])],
                 "correct": predicted == true_set,
             }
         )

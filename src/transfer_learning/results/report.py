@@ -198,11 +198,14 @@ def plot_confident_mistakes(
         ax.imshow(image)
         ax.set_title(
             f"true: {row['true'] or '(none)'}\npredicted: {row['predicted'] or '(none)'} "
-            f"({float(row['confidence']):.0%})",
+            f"({float(row['confidence']):.0%})" + (f"\nheatmap: {row['worst_class']}" if explain and
+                                                    "worst_class" in row else ""),
             fontsize=9, color="firebrick", parse_math=False,
         )  # fmt: skip
     title = "Most confidently wrong validation images"
-    fig.suptitle(title + (" (Grad-CAM of the predicted class: red)" if explain else ""), fontsize=13)
+    # Multi-label rows name the class of their worst call (a false positive or a missed label).
+    target = "the worst call's class" if "worst_class" in drawn[0][0] else "the predicted class"
+    fig.suptitle(title + (f" (Grad-CAM of {target}: red)" if explain else ""), fontsize=13)
     return _save(fig, path, plt)
 
 

@@ -15,6 +15,16 @@ It prints wall time, training images/s, final validation accuracy and peak memor
 the speed ratios of (b) to (a). Without --data it writes a small data set of generated shapes
 (60 training and 16 validation images per class, 5 classes) under data/benchmark_shapes.
 
+`--floor 500,2500` measures instead the template's feature extraction against its floor at each
+number of images (5 classes of generated 320 px JPEGs under data/benchmark_floor_<n>, split by
+the template as a user's folders would be): the floor is one whole process that imports torch,
+builds the network, decodes every image once and runs one channels_last forward pass over it
+(bf16 autocast where the CPU or GPU runs bf16 natively, loader workers as the template uses);
+then `python train.py data=imagefolder data.root=... strategy=feature_extract` twice, as typed
+(the first run builds the feature cache, the second finds it). It prints each run's wall seconds,
+its ratio to the floor, and the cache hit's start-up: seconds from the process start to its
+features loaded (imports, config, network, loggers), read from the run's train.log.
+
 `--frozen-epoch` measures instead, in one process, one training epoch of
 `strategy=feature_extract strategy.cache_features=false strategy.bf16=false` (the baseline: the
 backbone's float32 forward pass only),
@@ -93,6 +103,91 @@ def plain_loop(strategy: str, data: Path, epochs: int, image_size: int, model: s
                 correct += int((net(x).argmax(1) == y).sum())
         accuracies.append(correct / len(val_set))
     return {"val_acc": accuracies[-1], "best_val_acc": max(accuracies), "train_images": len(train_set)}
+
+
+# ------------------------------------------------------------------------------ the floor
+
+
+def floor_pass(data: Path, model: str) -> dict[str, Any]:
+    """One decode and one forward pass over every image under ``data``: the least any feature
+    extraction of these images can cost. Runs in its own process (see main)."""
+    import torch
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from transfer_learning.data.transforms import build_transforms
+    from transfer_learning.hardware import cpu_has_bf16, gpu_has_bf16
+    from transfer_learning.run.config import compose_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = gpu_has_bf16() if device.type == "cuda" else cpu_has_bf16()
+    images = ImageFolder(str(data))
+    net = instantiate(compose_config([f"model={model}"]).model, num_classes=len(images.classes))
+    images.transform = build_transforms(net.preprocessing, train=False, augment={})
+    backbone = net.backbone.eval().to(device).to(memory_format=torch.channels_last)
+    loader = DataLoader(images, batch_size=64, num_workers=min(8, os.cpu_count() or 1))
+    count = 0
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        for x, _ in loader:
+            backbone(x.to(device).contiguous(memory_format=torch.channels_last))
+            count += len(x)
+    return {"images": count, "bf16": bf16}
+
+
+def log_seconds_after(run: Path, started: float, message: str) -> float | None:
+    """Seconds from ``started`` (a time.time()) to the first line of the run's train.log that
+    contains ``message``."""
+    import datetime
+
+    for line in (run / "train.log").read_text().splitlines():
+        if message in line and line.startswith("["):
+            stamp = datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp() - started
+    return None
+
+
+def floor_benchmark(sizes: list[int], model: str) -> None:
+    from transfer_learning.data.demo import generate_shapes
+    from transfer_learning.hardware import choose_precision, cpu_description
+
+    rows = []
+    for size in sizes:
+        data = generate_shapes(Path(f"data/benchmark_floor_{size}").absolute(), images_per_class=size // 5,
+                               image_size=320, seed=size)  # fmt: skip
+        work = Path(tempfile.mkdtemp(prefix="benchmark-floor-"))  # fresh logs and a cold feature cache
+        python = sys.executable
+        print(f"{size} images: the floor ...", flush=True)
+        floor_s, floor_mb, text = timed([python, str(Path(__file__).resolve()), f"--floor-run={data}",
+                                         f"--model={model}"], work)  # fmt: skip
+        floor = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+        command = [python, str(REPO / "train.py"), "data=imagefolder", f"data.root={data}", f"model={model}",
+                   "strategy=feature_extract"]  # fmt: skip
+        print(f"{size} images: first run ...", flush=True)
+        first_s, first_mb, _ = timed(command, work)
+        print(f"{size} images: cache hit ...", flush=True)
+        started = time.time()
+        hit_s, hit_mb, text = timed(command, work)
+        marker = next(line for line in text.splitlines() if line.strip().startswith("output dir"))
+        run = Path(marker.split(maxsplit=2)[2])
+        startup = log_seconds_after(run, started, "Feature cache hit for train")
+        summary = json.loads((run / "summary.json").read_text())
+        rows.append({"images": floor["images"], "floor": floor_s, "first": first_s, "hit": hit_s,
+                     "startup": startup, "bf16": floor["bf16"], "acc": summary.get("test/acc"),
+                     "memory": max(floor_mb, first_mb, hit_mb)})  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+    import torch
+
+    print(f"\n{cpu_description()}, torch {torch.__version__}, {model}, feature extraction "
+          f"(precision auto: {choose_precision('auto').precision}; floor forward in "
+          f"{'bf16' if rows[0]['bf16'] else 'float32'})")  # fmt: skip
+    print(f"{'images':>7}{'floor s':>9}{'first run s':>13}{'/ floor':>9}{'cache hit s':>13}{'/ floor':>9}"
+          f"{'start-up s':>12}{'test acc':>10}{'peak MB':>9}")  # fmt: skip
+    for r in rows:
+        shown = f"{r['startup']:.1f}" if r["startup"] is not None else "?"
+        print(f"{r['images']:>7}{r['floor']:>9.1f}{r['first']:>13.1f}{r['first'] / r['floor']:>8.2f}x"
+              f"{r['hit']:>13.1f}{r['hit'] / r['floor']:>8.2f}x{shown:>12}{r['acc'] or 0:>10.3f}"
+              f"{r['memory']:>9.0f}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ frozen epochs
@@ -202,8 +297,16 @@ def main() -> None:
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--frozen-epoch", action="store_true", help="time a gradual_unfreeze frozen epoch")
     parser.add_argument("--repeats", type=int, default=2, help="with --frozen-epoch")
+    parser.add_argument("--floor", help="feature extraction against its floor at these numbers of images")
     parser.add_argument("--plain", choices=["feature_extract", "finetune"], help=argparse.SUPPRESS)
+    parser.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_run:
+        print("RESULT " + json.dumps(floor_pass(args.floor_run, args.model)))
+        return
+    if args.floor:
+        floor_benchmark([int(n) for n in args.floor.split(",")], args.model)
+        return
     data = (args.data or make_data(Path("data/benchmark_shapes"))).absolute()
     if args.frozen_epoch:
         frozen_epoch(data, args.image_size, args.model, args.repeats)

@@ -136,3 +136,13 @@ def test_mixed_precision_trains_but_validation_and_test_measure_the_float32_mode
     for key in ("test/loss", "test/acc", "test/f1"):
         assert metrics[key] == pytest.approx(float32[key], abs=1e-6), key
         assert bf16[key] == pytest.approx(float32[key], abs=1e-6), key  # the same under either setting
+
+
+@pytest.mark.parametrize("typo", ["abc", "bf16_mixed", "fp16"])
+def test_an_unknown_precision_is_stopped_before_anything_is_built(typo):
+    from transfer_learning.errors import ConfigError
+    from transfer_learning.run.train import resolve_precision
+
+    cfg = compose_config([f"trainer.precision={typo}"])
+    with pytest.raises(ConfigError, match=rf"trainer.precision={typo} is not a precision\. Use auto"):
+        resolve_precision(cfg)

@@ -24,6 +24,9 @@ import torch
 
 AUTO = "auto"
 BF16 = ("bf16-mixed", "bf16-true", "bf16")
+# What Lightning's Trainer(precision=...) takes, and auto.
+PRECISIONS = (AUTO, "32", "16-mixed", "bf16-mixed", "32-true", "16", "16-true", "bf16", "bf16-true", "64",
+              "64-true", "transformer-engine", "transformer-engine-float16")  # fmt: skip
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.hardware import PrecisionChoice, choose_precision
+from transfer_learning.hardware import PRECISIONS, PrecisionChoice, choose_precision
 from transfer_learning.results.analysis import (
     run_facts,
 )
@@ -90,7 +90,14 @@ def resolve_precision(cfg: DictConfig) -> PrecisionChoice:
     kept, with one warning that gives its measured cost."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    choice = choose_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.get("accelerator", AUTO)))
+    requested = str(cfg.trainer.get("precision", AUTO))
+    if requested not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={requested} is not a precision. Use auto (the default: the fastest this "
+            "hardware runs natively), 32, 16-mixed or bf16-mixed (also: "
+            f"{', '.join(PRECISIONS[4:])})."
+        )
+    choice = choose_precision(requested, str(cfg.trainer.get("accelerator", AUTO)))
     with open_dict(cfg):
         cfg.trainer.precision = choice.precision
     if choice.warning and getattr(rank_zero_only, "rank", 0) == 0:

@@ -113,23 +113,35 @@ def floor_pass(data: Path, model: str) -> dict[str, Any]:
     extraction of these images can cost. Runs in its own process (see main)."""
     import torch
     from hydra.utils import instantiate
+    from PIL import Image
     from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
 
+    from transfer_learning.data.images import list_images
     from transfer_learning.data.transforms import build_transforms
     from transfer_learning.hardware import cpu_has_bf16, gpu_has_bf16
     from transfer_learning.run.config import compose_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = gpu_has_bf16() if device.type == "cuda" else cpu_has_bf16()
-    images = ImageFolder(str(data))
-    net = instantiate(compose_config([f"model={model}"]).model, num_classes=len(images.classes))
-    images.transform = build_transforms(net.preprocessing, train=False, augment={})
+    files = list_images(data).files  # hidden folders (the template's caches) left out
+    net = instantiate(compose_config([f"model={model}"]).model, num_classes=2)
+    transform = build_transforms(net.preprocessing, train=False, augment={})
     backbone = net.backbone.eval().to(device).to(memory_format=torch.channels_last)
-    loader = DataLoader(images, batch_size=64, num_workers=min(8, os.cpu_count() or 1))
+
+    def decode(index: int) -> torch.Tensor:
+        with Image.open(files[index]) as image:
+            return transform(image.convert("RGB"))
+
+    indices: list[int] = list(range(len(files)))
+    loader: DataLoader[int] = DataLoader(
+        indices,  # type: ignore[arg-type]
+        batch_size=64,
+        num_workers=min(8, os.cpu_count() or 1),
+        collate_fn=lambda batch: torch.stack([decode(i) for i in batch]),
+    )
     count = 0
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-        for x, _ in loader:
+        for x in loader:
             backbone(x.to(device).contiguous(memory_format=torch.channels_last))
             count += len(x)
     return {"images": count, "bf16": bf16}
@@ -179,7 +191,7 @@ def floor_benchmark(sizes: list[int], model: str) -> None:
     import torch
 
     print(f"\n{cpu_description()}, torch {torch.__version__}, {model}, feature extraction "
-          f"(precision auto: {choose_precision('auto').precision}; floor forward in "
+          f"(precision auto: {choose_precision('auto', trains_backbone=False).precision}; floor forward in "
           f"{'bf16' if rows[0]['bf16'] else 'float32'})")  # fmt: skip
     print(f"{'images':>7}{'floor s':>9}{'first run s':>13}{'/ floor':>9}{'cache hit s':>13}{'/ floor':>9}"
           f"{'start-up s':>12}{'test acc':>10}{'peak MB':>9}")  # fmt: skip
@@ -348,8 +360,8 @@ def main() -> None:
     from transfer_learning.hardware import choose_precision, cpu_description
 
     print(f"\n{cpu_description()}, torch {torch.__version__}, {args.model}, {args.image_size} px, "
-          f"{count(args.epochs, 'epoch')}, {rows[0]['train_images']} training images; precision auto: "
-          f"{choose_precision('auto').precision}")  # fmt: skip
+          f"{count(args.epochs, 'epoch')}, {rows[0]['train_images']} training images; precision auto "
+          f"for fine-tuning: {choose_precision('auto', crop_size=args.image_size).precision}")  # fmt: skip
     print(f"{'run':<38}{'wall s':>8}{'img/s':>8}{'val acc':>9}{'best':>7}{'peak MB':>9}{'vs (a)':>8}")
     baseline = {
         "feature": rows[0]["seconds"],

@@ -6,6 +6,13 @@ seconds per epoch (relative to 32-bit in the same process), and whether the froz
 bit-identical. With 2 or more GPUs (or --ddp yes) it also trains each strategy with DDP on
 two devices through `python train.py trainer=ddp trainer.devices=2` and checks the effective
 batch, the metrics and, for feature extraction, that the saved backbone is the pretrained one.
+Then it measures the floor on that device (one decode + one channels_last forward pass over the
+images, bf16 where native: `scripts/benchmark.py --floor`'s, in this process) and prints images/s
+of the floor and of each run's mean training epoch (fine-tuning's against the floor; feature
+extraction's trains a head on cached features), and whether decoding JPEGs keeps up:
+PIL on `--workers` CPU processes against `torchvision.io.decode_jpeg(device="cuda")` in batches,
+and against the forward pass. GPU decoding pays only when the CPU decode rate is below the
+forward rate.
 Not a test: it needs a GPU, which the test suite never does.
 """
 
@@ -112,6 +119,52 @@ def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) 
         }
 
 
+def decode_rates(data: str, workers: int, limit: int = 512) -> dict[str, float | None]:
+    """Images/s decoding the JPEGs under ``data`` (at most ``limit``): PIL on ``workers``
+    processes, and torchvision's nvjpeg decoder on the GPU in batches of 64 (None without one)."""
+    import concurrent.futures
+
+    import torch
+    from torchvision.io import decode_jpeg, read_file
+
+    from transfer_learning.data.images import list_images
+
+    files = [str(p) for p in list_images(Path(data)).files if p.suffix.lower() in (".jpg", ".jpeg")][:limit]
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(_pil_decode, files, chunksize=16))
+    rates: dict[str, float | None] = {"pil": len(files) / (time.perf_counter() - start), "gpu": None}
+    if torch.cuda.is_available():
+        raw = [read_file(f) for f in files]  # the bytes, as the loader would hand them over
+        decode_jpeg(raw[:8], device="cuda")  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(raw), 64):
+            decode_jpeg(raw[i : i + 64], device="cuda")
+        torch.cuda.synchronize()
+        rates["gpu"] = len(files) / (time.perf_counter() - start)
+    return rates
+
+
+def _pil_decode(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.convert("RGB")
+        return image.size
+
+
+def floor_rate(data: str) -> tuple[float, bool]:
+    """Images/s of the floor's decode + forward pass in this process (imports excluded), and
+    whether it ran in bf16."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark import floor_pass
+
+    start = time.perf_counter()
+    result = floor_pass(Path(data), "efficientnet_lite0")
+    return result["images"] / (time.perf_counter() - start), result["bf16"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data/demo_shapes")
@@ -134,6 +187,12 @@ def main() -> None:
         ddp_main(args)
         if args.ddp == "yes" and args.accelerator != "gpu":
             return
+    from transfer_learning.hardware import choose_precision
+
+    auto = choose_precision("auto", args.accelerator, crop_size=args.image_size)
+    print(
+        f"trainer.precision=auto here, fine-tuning at {args.image_size} px: {auto.precision} ({auto.reason})"
+    )
     rows = [run(args.data, s, p, args) for s in STRATEGIES for p in args.precisions]
     print(
         f"\n{'strategy':<16} {'precision':<11} {'val/acc':>7} {'s/epoch':>8} {'vs 32':>6}  "
@@ -145,6 +204,31 @@ def main() -> None:
             f"{r['strategy']:<16} {r['precision']:<11} {r['val_acc']:>7.3f} {r['s_per_epoch']:>8.2f} "
             f"{r['s_per_epoch'] / base:>6.2f}  {r['backbone_unchanged']!s:<18}  {r['params_fp32']}"
         )
+    floor, bf16 = floor_rate(args.data)
+    from transfer_learning.data.images import list_images
+
+    images = len(list_images(Path(args.data)).files)
+    train_images = round(images * 0.7)  # the default split: 15% val, 15% test
+    print(f"\nimages/s on this device (floor: one decode + forward pass, {'bf16' if bf16 else 'float32'}):")
+    print(f"  {'floor':<44}{floor:>8.1f}")
+    for r in rows:
+        rate = train_images / r["s_per_epoch"]
+        name = f"{r['strategy']}, {r['precision']}, mean training epoch"
+        # Feature extraction's epochs train a head on cached features: no forward pass to compare.
+        against = (
+            f"{rate / floor:.2f}x floor"
+            if r["strategy"] != "feature_extract"
+            else "(head on cached features)"
+        )
+        print(f"  {name:<44}{rate:>8.1f}  {against}")
+    rates = decode_rates(args.data, args.workers)
+    pil = float(rates["pil"] or 0.0)
+    gpu = f"{rates['gpu']:.1f}" if rates["gpu"] is not None else "(no GPU)"
+    print(f"  {f'JPEG decode, PIL on {args.workers} CPU processes':<44}{pil:>8.1f}")
+    print(f"  {'JPEG decode, nvjpeg on the GPU':<44}{gpu:>8}")
+    bound = pil < floor
+    print(f"  the loader {'limits' if bound else 'keeps up with'} the forward pass"
+          f"{': decode on the GPU for the cache build' if bound and rates['gpu'] else ''}")  # fmt: skip
 
 
 def ddp_main(args: argparse.Namespace) -> None:

@@ -47,6 +47,19 @@ def test_auto_on_a_cpu_follows_its_bf16_instructions(cpu_flags, flags, expected)
 
 
 @no_gpu
+def test_auto_on_a_bf16_cpu_keeps_float32_where_bf16_does_not_pay(cpu_flags):
+    """Measured: bf16 fine-tuning beats float32 on such a CPU at 224 px, not at 64-160 px, and
+    never for a head alone (frozen or cached backbone)."""
+    cpu_flags(NATIVE)
+    assert choose_precision("auto", "cpu", crop_size=224).precision == "bf16-mixed"
+    assert choose_precision("auto", "cpu", crop_size=hardware.CPU_BF16_MIN_SIZE).precision == "bf16-mixed"
+    small = choose_precision("auto", "cpu", crop_size=128)
+    assert small.precision == "32-true" and small.reason.startswith("auto: 128 px crops")
+    frozen = choose_precision("auto", "cpu", crop_size=224, trains_backbone=False)
+    assert frozen.precision == "32-true" and "frozen backbone" in frozen.reason
+
+
+@no_gpu
 @pytest.mark.parametrize("requested", ["bf16-mixed", "bf16-true", "16-mixed"])
 def test_an_explicit_bf16_on_an_emulating_cpu_is_kept_with_its_measured_cost(cpu_flags, requested):
     cpu_flags(EMULATING)
@@ -89,8 +102,9 @@ def test_a_run_trains_at_the_chosen_precision_and_says_why(shapes_dir, tmp_path)
     result = run_cli(tmp_path, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
                      "logger=csv", "worst_samples=0", "strategy=finetune")  # fmt: skip
     summary = check_run(tmp_path, result, "finetune")
-    expected = "bf16-mixed" if hardware.cpu_has_bf16() else "32-true"
-    assert summary["precision"].startswith(f"{expected} (auto: CPU {hardware.cpu_name()}")
+    expected = "32-true"  # 48 px crops: bf16 does not pay on any CPU
+    why = "auto: 48 px crops" if hardware.cpu_has_bf16() else f"auto: CPU {hardware.cpu_name()} emulates"
+    assert summary["precision"].startswith(f"{expected} ({why}")
     assert "Warning: trainer.precision" not in result.stdout + result.stderr
     assert "Automatic Mixed Precision" not in result.stdout + result.stderr  # the summary says it once
     logged = yaml.safe_load((tmp_path / "run" / "csv" / "hparams.yaml").read_text())
@@ -98,7 +112,7 @@ def test_a_run_trains_at_the_chosen_precision_and_says_why(shapes_dir, tmp_path)
 
 
 @no_gpu
-def test_an_explicit_bf16_run_on_an_emulating_cpu_warns_once(cpu_flags, caplog):
+def test_an_explicit_bf16_run_on_an_emulating_cpu_warns_once(cpu_flags, caplog, shapes_dir, tmp_path):
     from transfer_learning.run.train import resolve_precision
 
     cpu_flags(EMULATING)
@@ -110,6 +124,15 @@ def test_an_explicit_bf16_run_on_an_emulating_cpu_warns_once(cpu_flags, caplog):
     assert len(warnings) == 1 and "emulates it" in warnings[0]
     cfg = compose_config(["trainer=cpu"])
     assert resolve_precision(cfg).precision == cfg.trainer.precision == "32-true"
+    cpu_flags(NATIVE)  # the run's network decides: a frozen backbone keeps float32
+    from transfer_learning.run.config import build
+
+    for strategy, expected in (("feature_extract", "32-true"), ("finetune", "bf16-mixed")):
+        cfg = compose_config(["trainer=cpu", f"strategy={strategy}", f"data.root={shapes_dir}",
+                              "input.image_size=224", "data.num_workers=0",
+                              f"paths.root_dir={tmp_path}"])  # fmt: skip
+        _, module = build(cfg)
+        assert resolve_precision(cfg, module).precision == expected, strategy
 
 
 def test_mixed_precision_trains_but_validation_and_test_measure_the_float32_model(shapes_dir, tmp_path):
@@ -121,7 +144,7 @@ def test_mixed_precision_trains_but_validation_and_test_measure_the_float32_mode
 
     overrides = [f"data.root={shapes_dir}", "input.image_size=32", "data.num_workers=0", "strategy=finetune",
                  "trainer=cpu", "trainer.max_epochs=1", "logger=csv", "worst_samples=0",
-                 "calibrate=false"]  # fmt: skip
+                 "calibrate=false", f"paths.root_dir={tmp_path}"]  # fmt: skip
     cfg = compose_config([*overrides, "trainer.precision=bf16-mixed"], output_dir=tmp_path / "run")
     metrics = train(cfg)
     assert metrics["summary"]["precision"].startswith("bf16-mixed")

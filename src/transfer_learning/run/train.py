@@ -84,12 +84,8 @@ def check_trainer(cfg: DictConfig) -> None:
         )
 
 
-def resolve_precision(cfg: DictConfig) -> PrecisionChoice:
-    """``trainer.precision`` made concrete for this machine, in place (``auto``: the fastest
-    precision its processors run natively); an explicit bf16 that this hardware emulates is
-    kept, with one warning that gives its measured cost."""
-    from lightning.pytorch.utilities import rank_zero_only
-
+def check_precision(cfg: DictConfig) -> None:
+    """An unknown ``trainer.precision``, stopped before anything is built."""
     requested = str(cfg.trainer.get("precision", AUTO))
     if requested not in PRECISIONS:
         raise ConfigError(
@@ -97,7 +93,19 @@ def resolve_precision(cfg: DictConfig) -> PrecisionChoice:
             "hardware runs natively), 32, 16-mixed or bf16-mixed (also: "
             f"{', '.join(PRECISIONS[4:])})."
         )
-    choice = choose_precision(requested, str(cfg.trainer.get("accelerator", AUTO)))
+
+
+def resolve_precision(cfg: DictConfig, module: Any = None) -> PrecisionChoice:
+    """``trainer.precision`` made concrete for this machine, in place (``auto``: the fastest
+    precision its processors run natively, for what ``module`` trains); an explicit bf16 that
+    this hardware emulates is kept, with one warning that gives its measured cost."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    check_precision(cfg)
+    requested = str(cfg.trainer.get("precision", AUTO))
+    crop = module.preprocessing.crop_size if module is not None else None
+    trains = not module.net.backbone_frozen if module is not None else True
+    choice = choose_precision(requested, str(cfg.trainer.get("accelerator", AUTO)), crop, trains)
     with open_dict(cfg):
         cfg.trainer.precision = choice.precision
     if choice.warning and getattr(rank_zero_only, "rank", 0) == 0:
@@ -158,10 +166,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     check_trainer(cfg)
     check_tune_lr(cfg)
-    precision = resolve_precision(cfg)
+    check_precision(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
+    precision = resolve_precision(cfg, module)
     resolve_monitor(cfg, module.monitor)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     saved = _resumable(ckpt_path, cfg, module) if ckpt_path else None  # before any logger makes files

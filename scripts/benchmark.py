@@ -108,9 +108,10 @@ def plain_loop(strategy: str, data: Path, epochs: int, image_size: int, model: s
 # ------------------------------------------------------------------------------ the floor
 
 
-def floor_pass(data: Path, model: str) -> dict[str, Any]:
-    """One decode and one forward pass over every image under ``data``: the least any feature
-    extraction of these images can cost. Runs in its own process (see main)."""
+def floor_pass(data: Path, model: str, image_size: int | None = None) -> dict[str, Any]:
+    """One decode and one forward pass over every image under ``data`` (at the model's own input
+    size, or ``image_size``): the least any feature extraction of these images can cost. Runs in
+    its own process (see main)."""
     import torch
     from hydra.utils import instantiate
     from PIL import Image
@@ -125,7 +126,8 @@ def floor_pass(data: Path, model: str) -> dict[str, Any]:
     bf16 = gpu_has_bf16() if device.type == "cuda" else cpu_has_bf16()
     files = list_images(data).files  # hidden folders (the template's caches) left out
     net = instantiate(compose_config([f"model={model}"]).model, num_classes=2)
-    transform = build_transforms(net.preprocessing, train=False, augment={})
+    preprocessing = net.preprocessing.at_size(image_size) if image_size else net.preprocessing
+    transform = build_transforms(preprocessing, train=False, augment={})
     backbone = net.backbone.eval().to(device).to(memory_format=torch.channels_last)
 
     def decode(index: int) -> torch.Tensor:

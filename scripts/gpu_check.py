@@ -154,14 +154,14 @@ def _pil_decode(path: str) -> tuple[int, int]:
         return image.size
 
 
-def floor_rate(data: str) -> tuple[float, bool]:
-    """Images/s of the floor's decode + forward pass in this process (imports excluded), and
-    whether it ran in bf16."""
+def floor_rate(data: str, image_size: int) -> tuple[float, bool]:
+    """Images/s of the floor's decode + forward pass at ``image_size`` in this process (imports
+    excluded), and whether it ran in bf16."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchmark import floor_pass
 
     start = time.perf_counter()
-    result = floor_pass(Path(data), "efficientnet_lite0")
+    result = floor_pass(Path(data), "efficientnet_lite0", image_size)
     return result["images"] / (time.perf_counter() - start), result["bf16"]
 
 
@@ -204,12 +204,13 @@ def main() -> None:
             f"{r['strategy']:<16} {r['precision']:<11} {r['val_acc']:>7.3f} {r['s_per_epoch']:>8.2f} "
             f"{r['s_per_epoch'] / base:>6.2f}  {r['backbone_unchanged']!s:<18}  {r['params_fp32']}"
         )
-    floor, bf16 = floor_rate(args.data)
+    floor, bf16 = floor_rate(args.data, args.image_size)
     from transfer_learning.data.images import list_images
 
     images = len(list_images(Path(args.data)).files)
     train_images = round(images * 0.7)  # the default split: 15% val, 15% test
-    print(f"\nimages/s on this device (floor: one decode + forward pass, {'bf16' if bf16 else 'float32'}):")
+    print(f"\nimages/s on this device at {args.image_size} px (floor: one decode + forward pass, "
+          f"{'bf16' if bf16 else 'float32'}):")  # fmt: skip
     print(f"  {'floor':<44}{floor:>8.1f}")
     for r in rows:
         rate = train_images / r["s_per_epoch"]

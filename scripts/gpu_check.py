@@ -119,17 +119,15 @@ def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) 
         }
 
 
-def decode_rates(data: str, workers: int, limit: int = 512) -> dict[str, float | None]:
-    """Images/s decoding the JPEGs under ``data`` (at most ``limit``): PIL on ``workers``
+def decode_rates(images: list[Path], workers: int, limit: int = 512) -> dict[str, float | None]:
+    """Images/s decoding the JPEGs among ``images`` (at most ``limit``): PIL on ``workers``
     processes, and torchvision's nvjpeg decoder on the GPU in batches of 64 (None without one)."""
     import concurrent.futures
 
     import torch
     from torchvision.io import decode_jpeg, read_file
 
-    from transfer_learning.data.images import list_images
-
-    files = [str(p) for p in list_images(Path(data)).files if p.suffix.lower() in (".jpg", ".jpeg")][:limit]
+    files = [str(p) for p in images if p.suffix.lower() in (".jpg", ".jpeg")][:limit]
     start = time.perf_counter()
     with concurrent.futures.ProcessPoolExecutor(max(1, workers)) as pool:
         list(pool.map(_pil_decode, files, chunksize=16))
@@ -207,8 +205,8 @@ def main() -> None:
     floor, bf16 = floor_rate(args.data, args.image_size)
     from transfer_learning.data.images import list_images
 
-    images = len(list_images(Path(args.data)).files)
-    train_images = round(images * 0.7)  # the default split: 15% val, 15% test
+    images = list_images(Path(args.data)).files
+    train_images = round(len(images) * 0.7)  # the default split: 15% val, 15% test
     print(f"\nimages/s on this device at {args.image_size} px (floor: one decode + forward pass, "
           f"{'bf16' if bf16 else 'float32'}):")  # fmt: skip
     print(f"  {'floor':<44}{floor:>8.1f}")
@@ -222,7 +220,7 @@ def main() -> None:
             else "(head on cached features)"
         )
         print(f"  {name:<44}{rate:>8.1f}  {against}")
-    rates = decode_rates(args.data, args.workers)
+    rates = decode_rates(images, args.workers)
     pil = float(rates["pil"] or 0.0)
     gpu = f"{rates['gpu']:.1f}" if rates["gpu"] is not None else "(no GPU)"
     print(f"  {f'JPEG decode, PIL on {args.workers} CPU processes':<44}{pil:>8.1f}")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -98,10 +96,9 @@ def main() -> None:
     parser.add_argument("--finetune", action="store_true", help="also fine-tune the multi-label data")
     args = parser.parse_args()
     from transfer_learning.data.demo import SHAPES, generate_multilabel_shapes, generate_shapes
-    from transfer_learning.hardware import cpu_has_bf16
+    from transfer_learning.hardware import cpu_description
 
-    cpu = platform.processor() or platform.machine()
-    print(f"CPU: {cpu}, {os.cpu_count()} cores, native bf16: {cpu_has_bf16()}")
+    print(f"CPU: {cpu_description()}")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     # Six shapes (hexagons look like circles) drawn small: hard enough that accuracy is not 1.0.

@@ -19,6 +19,7 @@ measured on this machine (:func:`bf16_slowdown`). Nothing here imports Lightning
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -29,30 +30,30 @@ import torch
 AUTO = "auto"
 BF16 = ("bf16-mixed", "bf16-true", "bf16")
 CPU_BF16_MIN_SIZE = 192
-# What Lightning's Trainer(precision=...) takes, and auto.
-PRECISIONS = (AUTO, "32", "16-mixed", "bf16-mixed", "32-true", "16", "16-true", "bf16", "bf16-true", "64",
-              "64-true", "transformer-engine", "transformer-engine-float16")  # fmt: skip
+# What Lightning's Trainer(precision=...) takes, and auto: the usual choices, then the others.
+USUAL_PRECISIONS = (AUTO, "32", "16-mixed", "bf16-mixed")
+OTHER_PRECISIONS = ("32-true", "16", "16-true", "bf16", "bf16-true", "64", "64-true", "transformer-engine",
+                    "transformer-engine-float16")  # fmt: skip
+PRECISIONS = USUAL_PRECISIONS + OTHER_PRECISIONS
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def _cpuinfo_line(key: str) -> str | None:
+    """The value of ``key`` in /proc/cpuinfo's first processor (None where there is none)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith("flags")), "")
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == key), None)
 
 
-@functools.cache
+def _cpu_flags() -> str:
+    return _cpuinfo_line("flags") or ""
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_line("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_bf16() -> bool:
@@ -63,8 +64,6 @@ def cpu_has_bf16() -> bool:
 
 def cpu_description() -> str:
     """One line for benchmarks and summaries: the CPU, its cores and its bfloat16 support."""
-    import os
-
     native = "native bf16 (AVX-512 BF16/AMX)" if cpu_has_bf16() else "no native bf16 (emulated)"
     return f"{cpu_name()}, {os.cpu_count()} cores, {native}"
 

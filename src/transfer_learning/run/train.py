@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.hardware import PRECISIONS, PrecisionChoice, choose_precision
+from transfer_learning.hardware import OTHER_PRECISIONS, PRECISIONS, PrecisionChoice, choose_precision
 from transfer_learning.results.analysis import (
     run_facts,
 )
@@ -91,7 +91,7 @@ def check_precision(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.precision={requested} is not a precision. Use auto (the default: the fastest this "
             "hardware runs natively), 32, 16-mixed or bf16-mixed (also: "
-            f"{', '.join(PRECISIONS[4:])})."
+            f"{', '.join(OTHER_PRECISIONS)})."
         )
 
 

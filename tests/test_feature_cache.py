@@ -18,6 +18,7 @@ from transfer_learning.results.predict import Classifier
 
 EXACT = [
     "strategy=feature_extract",
+    "strategy.cached_batch_size=null",  # the image path's batches, for a step-by-step comparison
     "strategy.bf16=false",
     "data.augment.enabled=false",
     "scheduler=constant",
@@ -117,13 +118,15 @@ def test_augmented_views_are_cached_and_picked_by_epoch(shapes_dir, tmp_path):
     assert datamodule.datasets["val"].features.shape[0] == 1  # evaluation is always exact
 
 
-def test_a_cached_run_checkpoint_is_a_whole_network_that_predicts_from_image_files(shapes_dir, tmp_path):
+def test_a_cached_run_checkpoint_predicts_from_image_files(shapes_dir, tmp_path):
+    """Saved mid-fit, the checkpoint holds the head only (test_head_only.py); it still loads as
+    a whole classifier of image files, the pretrained backbone put back."""
     module, fit = fit_head(shapes_dir, "strategy=feature_extract", *cache_overrides(tmp_path))
     assert isinstance(fit.datamodule.datasets["train"], CachedFeatures)
     path = tmp_path / "cached.ckpt"
     fit.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["state_dict"]
-    assert "net.backbone.conv_stem.weight" in state and state["net.head.weight"].shape == (5, 1280)
+    assert "net.backbone.conv_stem.weight" not in state and state["net.head.weight"].shape == (5, 1280)
 
     classifier = Classifier.from_checkpoint(path)
     images = [sorted((shapes_dir / name).glob("*.jpg"))[0] for name in ("circle", "star")]
@@ -141,6 +144,43 @@ def test_a_cached_run_checkpoint_is_a_whole_network_that_predicts_from_image_fil
         from_images.softmax(-1).max(-1).values.numpy(),
         atol=1e-5,
     )
+
+
+def test_the_auto_batch_on_cached_features_grows_with_the_data_and_keeps_eight_steps():
+    from transfer_learning.data.loaders import cached_batch_size
+
+    assert cached_batch_size("auto", 180, 32) == 32  # the demo set: never below data.batch_size
+    assert cached_batch_size("auto", 1079, 32) == 128 and 1079 // 128 >= 8
+    assert cached_batch_size("auto", 600, 32) == 75  # 8 steps of 75
+    assert cached_batch_size("auto", 100_000, 32) == 128
+    assert cached_batch_size(None, 100_000, 32) == 32 and cached_batch_size(512, 10, 32) == 512
+
+
+@pytest.mark.parametrize("value", [0, -4, "big", 2.5])
+def test_a_bad_cached_batch_size_names_the_setting(value):
+    from transfer_learning.errors import ConfigError
+    from transfer_learning.model.strategies import FeatureExtraction
+
+    with pytest.raises(ConfigError, match=r"strategy\.cached_batch_size=.*use auto"):
+        FeatureExtraction(cached_batch_size=value)
+
+
+def test_a_cached_run_trains_on_the_auto_batch_and_evaluates_a_split_per_step(shapes_dir, tmp_path):
+    """700 cached training rows: batches of 87 (8 steps per epoch) where images take 8; val and
+    test in one step each; the summary's batch line says what the rows are."""
+    from transfer_learning.data.demo import generate_shapes
+    from transfer_learning.results.analysis import run_facts
+    from transfer_learning.results.reporting import _batch
+
+    root = generate_shapes(tmp_path / "many", images_per_class=200, image_size=32)
+    module, datamodule = build(root, "strategy=feature_extract", *cache_overrides(tmp_path), image_size=32)
+    fit = trainer(max_epochs=1, limit_val_batches=None)
+    fit.fit(module, datamodule)
+    assert len(datamodule.split_files["train"][0]) == 700
+    assert fit.train_dataloader.batch_size == 87 and fit.num_training_batches == 8
+    assert fit.num_val_batches == [1] and datamodule.val_dataloader().batch_size == 4096
+    facts = run_facts(module, datamodule, fit)
+    assert facts["batch/per_device"] == 87 and _batch(facts) == "87 feature vectors"
 
 
 @pytest.mark.parametrize("views", [0, -1])

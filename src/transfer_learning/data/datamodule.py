@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from transfer_learning.data import checks
 from transfer_learning.data.datasets import ListedImages, multi_hot, samples
 from transfer_learning.data.feature_cache import CachedFeatures, FeatureCache
-from transfer_learning.data.loaders import balanced_sampler, check_batch_size, make_loader, worker_count
+from transfer_learning.data.loaders import (
+    balanced_sampler,
+    cached_batch_size,
+    check_batch_size,
+    check_cached_batch_size,
+    make_loader,
+    worker_count,
+)
 from transfer_learning.data.scan import check_listing
 from transfer_learning.data.skipping import gather_sets, skipped_positions
 from transfer_learning.data.sources import Listing, make_source
@@ -35,6 +42,8 @@ from transfer_learning.model.preprocessing import Preprocessing
 log = logging.getLogger(__name__)
 
 BALANCE = ("none", "weighted_loss", "weighted_sampler")
+# Validation/test batches of cached features: rows of a few kB, so a whole split per step.
+EVAL_FEATURE_ROWS = 4096
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -84,6 +93,7 @@ class ImageDataModule(L.LightningDataModule):
         self.preprocessing: Preprocessing | None = None
         self.feature_cache: FeatureCache | None = None
         self.cache_views, self.cache_seed = 1, 0
+        self.cache_batch_size: int | str | None = None
         self.datasets: dict[str, Dataset] = {}
         self.split_files: dict[str, tuple[list[str], list[Any]]] = {}
         self._cached: dict[tuple[int, tuple[str, ...]], dict[str, CachedFeatures]] = {}
@@ -212,10 +222,25 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- cached features --------------------------------------------------------------------
 
-    def use_feature_cache(self, cache: FeatureCache, views: int = 1, seed: int = 0) -> None:
+    def use_feature_cache(
+        self, cache: FeatureCache, views: int = 1, seed: int = 0, batch_size: int | str | None = None
+    ) -> None:
         """Serve cached backbone features instead of images: ``views`` augmented views of each
-        training image (1: the exact evaluation transform), one exact view of val and test."""
+        training image (1: the exact evaluation transform), one exact view of val and test;
+        training batches of ``batch_size`` rows (``auto``: :func:`loaders.cached_batch_size`;
+        None: ``data.batch_size``)."""
         self.feature_cache, self.cache_views, self.cache_seed = cache, views, seed
+        self.cache_batch_size = check_cached_batch_size(batch_size)
+
+    def train_batch_size(self, processes: int = 1) -> int:
+        """The training batch per process: ``data.batch_size`` for images; for cached features,
+        what ``strategy.cached_batch_size`` makes of it for this split's size."""
+        if self.feature_cache is None:
+            return self.batch_size
+        self.discover()  # the split's size, before any dataset exists (the run's summary asks first)
+        assert self.listing is not None
+        rows = len(split_listing(self.listing, self.fractions, self.seed)["train"]) // max(processes, 1)
+        return cached_batch_size(self.cache_batch_size, rows, self.batch_size)
 
     def cached_features(self, cache: FeatureCache, splits: Sequence[str]) -> dict[str, CachedFeatures]:
         """Exact cached features (evaluation transform) of ``splits`` (computed first where no
@@ -299,15 +324,25 @@ class ImageDataModule(L.LightningDataModule):
         sampler = None
         if self.balance == "weighted_sampler":
             sampler = balanced_sampler(self.split_files["train"][1], len(self.class_names))
-        return make_loader(
-            self.datasets["train"], self.batch_size, self.num_workers, self.trainer, True, sampler
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        batch = self.train_batch_size(processes)
+        return make_loader(self.datasets["train"], batch, self.num_workers, self.trainer, True, sampler)
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        # Evaluating cached features is one matrix product per batch: a batch size only costs steps.
+        dataset = self.datasets[name]
+        batch = (
+            max(self.batch_size, EVAL_FEATURE_ROWS)
+            if isinstance(dataset, CachedFeatures)
+            else self.batch_size
         )
+        return make_loader(dataset, batch, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.datasets["val"], self.batch_size, self.num_workers, self.trainer)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self.datasets["test"], self.batch_size, self.num_workers, self.trainer)
+        return self._eval_loader("test")
 
 
 class ImageFolderDataModule(ImageDataModule):

@@ -25,6 +25,36 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
+# strategy.cached_batch_size=auto: a feature vector costs a few kB, so the batch grows with the data
+# (fewer optimizer steps, each with little Lightning overhead) up to 128 rows, keeping at least 8
+# steps per epoch: on scikit-learn's digits (1,079 training images) 128 rows matched batches of 32
+# (test accuracy 0.889 vs 0.888, two seeds) where 256 lost 2.7 points and 1,024 lost 25; on
+# the 180-image demo set one batch of 128 per epoch lost 7 points.
+CACHED_BATCH_MAX = 128
+CACHED_MIN_STEPS = 8
+
+
+def check_cached_batch_size(setting: Any) -> int | str | None:
+    """``strategy.cached_batch_size``: ``auto``, a positive number, or null."""
+    if setting is None or setting == "auto" or (isinstance(setting, int) and setting >= 1):
+        return setting
+    raise ConfigError(
+        f"strategy.cached_batch_size={setting}: use auto (grows with the data, up to "
+        f"{CACHED_BATCH_MAX}), a positive number, or null (data.batch_size)."
+    )
+
+
+def cached_batch_size(setting: int | str | None, rows: int, batch_size: int) -> int:
+    """The training batch on cached features: ``setting`` (``auto``: ``batch_size`` or more, up
+    to :data:`CACHED_BATCH_MAX` rows, at least :data:`CACHED_MIN_STEPS` steps per epoch of
+    ``rows``; None: ``batch_size``)."""
+    if setting is None:
+        return batch_size
+    if setting == "auto":
+        return max(batch_size, min(CACHED_BATCH_MAX, rows // CACHED_MIN_STEPS))
+    return int(setting)
+
+
 def worker_count(num_workers: int | str) -> int:
     """``data.num_workers``: a number, or "auto" (one per core this process may use, at most 8)."""
     if num_workers == "auto":

@@ -6,6 +6,8 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transfer_learning.errors import TransferLearningError
+from transfer_learning.model.head_only import FROZEN_KEY, put_back_backbone
 from transfer_learning.run import registry
 from transfer_learning.run.checkpoints import CheckpointError, safe_load
 
@@ -25,7 +27,8 @@ def model_state(state_dict: dict[str, Any]) -> dict[str, Any]:
 def load_for_inference(
     cls: type[TransferLearningModule], path: str | Path, map_location: str = "cpu"
 ) -> TransferLearningModule:
-    """Rebuild from a checkpoint alone: no pretrained weights file or network needed.
+    """Rebuild from a checkpoint alone: no pretrained weights file or network needed (except for
+    a head-only checkpoint, :mod:`transfer_learning.model.head_only`).
 
     The checkpoint's settings are data: its backbone builder, strategy, optimizer and scheduler
     must be the template's own (:mod:`transfer_learning.run.registry`), with plain values;
@@ -51,7 +54,10 @@ def load_for_inference(
     for key in ("arch_kwargs", "thresholds", "calibration"):
         if checkpoint.get(key) is not None:
             registry.check_plain(checkpoint[key], key, source)
-    model_cfg = dict(hparams["model"], weights=None)
+    # The pretrained weights are built only for a head-only checkpoint (a feature-extraction run
+    # stopped mid-fit): every other checkpoint holds the whole network.
+    head_only = FROZEN_KEY in checkpoint
+    model_cfg = dict(hparams["model"]) if head_only else dict(hparams["model"], weights=None)
     if checkpoint.get("arch_kwargs"):
         model_cfg["arch_kwargs"] = checkpoint["arch_kwargs"]
     hparams = {**hparams, "model": model_cfg}
@@ -60,7 +66,17 @@ def load_for_inference(
         if kind == "scheduler" and not (spec or {}).get("_target_"):
             continue  # scheduler=constant
         registry.resolve(kind, spec, source)
-    module = cls(**hparams, trusted=False)
+    try:
+        module = cls(**hparams, trusted=False)
+    except TransferLearningError as exc:
+        if not head_only:
+            raise
+        raise CheckpointError(
+            f"{path} holds only the head of a feature-extraction run that did not finish; its "
+            f"backbone is rebuilt from the pretrained weights '{model_cfg.get('weights')}', which "
+            f"failed: {exc}"
+        ) from exc
+    put_back_backbone(checkpoint, module, f"checkpoint {path}")
     module.on_load_checkpoint(checkpoint)  # drops the losses' entries, restores thresholds
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

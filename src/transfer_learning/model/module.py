@@ -21,7 +21,7 @@ from torchmetrics import MaxMetric, MeanMetric
 
 from transfer_learning.data.feature_cache import CachedFeatures, infer_features, is_convolutional, use_bf16
 from transfer_learning.errors import ConfigError, TransferLearningError
-from transfer_learning.model import loading
+from transfer_learning.model import head_only, loading
 from transfer_learning.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from transfer_learning.model.network import Network
 from transfer_learning.model.optimization import StrategyOptimization
@@ -119,6 +119,7 @@ class TransferLearningModule(StrategyOptimization):
         self.probe_result: dict[str, float] | None = None  # what the strategy's before_fit returned
         self.stop_on_nonfinite_loss = True  # off while the learning-rate finder sweeps
         self.calibration: dict[str, Any] | None = None  # set by calibrate(), kept in checkpoints
+        self._backbone_fingerprint: str | None = None  # of a frozen pretrained backbone (head_only)
 
     # -- what the build path hands over -----------------------------------------------------
 
@@ -352,9 +353,14 @@ class TransferLearningModule(StrategyOptimization):
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
         self.save_base_lrs(checkpoint)
+        if head_only.leaves_out_backbone(self):  # the pretrained backbone, unchanged: its fingerprint
+            if self._backbone_fingerprint is None:
+                self._backbone_fingerprint = head_only.fingerprint(head_only.backbone_state(self))
+            head_only.leave_out_backbone(checkpoint, self, self._backbone_fingerprint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        head_only.put_back_backbone(checkpoint, self, "the checkpoint")
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = loading.model_state(checkpoint["state_dict"])
         # "val_acc_best": checkpoints written before multi-label (the best val/acc).

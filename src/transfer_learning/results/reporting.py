@@ -104,10 +104,12 @@ def _parameters(facts: Mapping[str, Any]) -> str:
 def _batch(facts: Mapping[str, Any]) -> str:
     processes = facts["devices"] * facts["num_nodes"]
     accumulate = facts["accumulate_grad_batches"]
+    rows = " feature vectors" if facts.get("batch/cached_features") else ""
     if processes == 1 and accumulate == 1:
-        return str(facts["batch/per_device"])
+        return f"{facts['batch/per_device']}{rows}"
     steps = f" x {accumulate} accumulated" if accumulate > 1 else ""
-    return f"{facts['batch/per_device']} per device x {processes} devices{steps} = {facts['batch/effective']}"
+    per_device = f"{facts['batch/per_device']}{rows} per device"
+    return f"{per_device} x {processes} devices{steps} = {facts['batch/effective']}"
 
 
 def save_confusion_matrix(

@@ -184,7 +184,9 @@ def build(cfg: DictConfig) -> tuple[ImageDataModule, TransferLearningModule]:
                 "its prepare(), or return None from training_features()."
             )
         cache = feature_cache(cfg, module, datamodule, wanted.bf16)
-        datamodule.use_feature_cache(cache, views=wanted.views, seed=cfg.get("seed") or 0)
+        datamodule.use_feature_cache(
+            cache, views=wanted.views, seed=cfg.get("seed") or 0, batch_size=wanted.batch_size
+        )
     before = strategy.features_before_fit()
     if before is not None:
         probe_cache = feature_cache(cfg, module, datamodule, before.bf16)

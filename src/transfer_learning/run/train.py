@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from transfer_learning.errors import ConfigError
 from transfer_learning.hardware import OTHER_PRECISIONS, PRECISIONS, PrecisionChoice, choose_precision
+from transfer_learning.model.head_only import complete_checkpoints
 from transfer_learning.results.analysis import (
     run_facts,
 )
@@ -214,6 +215,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
             preemption.training = True  # from here on, SIGTERM saves a checkpoint to resume from
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         preemption.check()  # a SIGTERM after Lightning's last look stops the run here
+        complete_checkpoints(trainer, module)  # a frozen backbone went into none of them while fitting
         fit_metrics = {k: number(v) for k, v in trainer.callback_metrics.items()}
 
         checkpoint = best_checkpoint(trainer)

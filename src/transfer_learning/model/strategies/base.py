@@ -50,11 +50,14 @@ class FeatureRequest:
     ``views``: stored views per training image; 1 is exact (the evaluation transform), more are
     augmented views, epoch ``e`` reading view ``e mod views``. ``bf16``: bfloat16 autocast for
     the backbone (None: where the hardware pays for it; False: exact float32). ``splits``: the
-    splits wanted (for :meth:`Strategy.features_before_fit`; training features cover them all)."""
+    splits wanted (for :meth:`Strategy.features_before_fit`; training features cover them all).
+    ``batch_size``: the training batch on cached features."""
 
     views: int = 1
     bf16: bool | None = False
     splits: tuple[str, ...] = ("train", "val")
+    #: Training batch on cached features: rows, ``auto`` or None (``data.batch_size``, as on images).
+    batch_size: int | str | None = None
 
 
 class Strategy(ABC):

@@ -81,14 +81,18 @@ def test_a_head_only_checkpoint_predicts_and_a_foreign_backbone_is_refused(tmp_p
     """A head-only checkpoint (a run stopped mid-fit) loads for inference with the pretrained
     backbone put back; one whose recorded backbone differs from the weights built now is
     refused with a message that says what the file holds and what to do."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from helpers import build, trainer
 
     module, datamodule = build(shapes_dir, "strategy=feature_extract", image_size=64)
-    fit = trainer(max_epochs=1)
+    saving = ModelCheckpoint(dirpath=tmp_path, filename="head")  # written while fitting
+    fit = trainer([saving], max_epochs=1, enable_checkpointing=True)
     fit.fit(module, datamodule)
     path = tmp_path / "head.ckpt"
-    fit.save_checkpoint(path)
     assert FROZEN_KEY in safe_load(path)
+    fit.save_checkpoint(tmp_path / "after.ckpt")  # by hand after fitting: whole
+    assert FROZEN_KEY not in safe_load(tmp_path / "after.ckpt")
 
     loaded = TransferLearningModule.load_for_inference(path)
     for key, value in module.state_dict().items():

@@ -36,7 +36,7 @@ def data_args(shapes_dir: Path) -> list[str]:
 
 def check_two_process_run(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["batch size"] == "32 per device x 2 devices = 64"
+    assert summary["batch size"] == "32 feature vectors per device x 2 devices = 64"
     counts = confusion_counts(run_dir)
     assert sum(map(sum, counts)) == int(summary["images train/val/test"].split("/")[2])
     return summary

@@ -162,7 +162,7 @@ def test_ddp_inside_a_multirun_keeps_each_jobs_processes_in_that_jobs_folder(tmp
     for row in rows:
         job = Path(row["output_dir"])
         summary = json.loads((job / "summary.json").read_text())
-        assert summary["batch size"] == "32 per device x 2 devices = 64"
+        assert summary["batch size"] == "32 feature vectors per device x 2 devices = 64"
         worker_log = (job / "ddp_process_1.log").read_text()
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in worker_log
         assert "Seed set to 42" in worker_log

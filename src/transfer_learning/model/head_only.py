@@ -4,9 +4,9 @@ Feature extraction trains a head of a few thousand parameters on a backbone that
 the pretrained one (frozen, BatchNorm statistics in eval mode). Writing the backbone into every
 epoch's checkpoint costs most of a cached run's checkpoint time and disk (13.5 MB per file for
 EfficientNet-Lite0, 528 MB for VGG-16). So while such a run trains, its checkpoints leave the
-backbone out and record a fingerprint of it instead (:data:`FROZEN_KEY`); loading one puts the
-backbone back from the module being built, which holds the same pretrained weights, and refuses
-a backbone whose fingerprint differs. When fitting ends, :func:`complete_checkpoints` writes the
+backbone out and record a fingerprint of it instead (:data:`FROZEN_KEY`; a checkpoint saved by
+hand once fitting is over is whole); loading one puts the backbone back from the module being
+built, which holds the same pretrained weights, and refuses a backbone whose fingerprint differs. When fitting ends, :func:`complete_checkpoints` writes the
 backbone back into every checkpoint the run kept, so the files a finished run leaves are whole
 classifiers that load without any weights file; only a run stopped mid-fit (killed, preempted)
 leaves head-only files, which resume exactly and load wherever the pretrained weights are.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 from transfer_learning.run.checkpoints import CheckpointError, atomic_save, safe_load
 
@@ -39,6 +40,15 @@ def leaves_out_backbone(module: TransferLearningModule) -> bool:
     strategy that never unfreezes it, with trained weights that can be rebuilt."""
     net = module.net
     return net.backbone_frozen and net.pretrained and not module.strategy.changes_what_trains
+
+
+def fitting(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` is in the middle of a fit: checkpoints saved then (each epoch's, the
+    preemption's) leave the backbone out; one saved by hand after fitting is whole."""
+    if trainer is None:
+        return False
+    state = trainer.state
+    return state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
 
 
 def backbone_state(module: TransferLearningModule) -> dict[str, torch.Tensor]:

@@ -353,7 +353,7 @@ class TransferLearningModule(StrategyOptimization):
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
         self.save_base_lrs(checkpoint)
-        if head_only.leaves_out_backbone(self):  # the pretrained backbone, unchanged: its fingerprint
+        if head_only.leaves_out_backbone(self) and head_only.fitting(self._trainer):
             if self._backbone_fingerprint is None:
                 self._backbone_fingerprint = head_only.fingerprint(head_only.backbone_state(self))
             head_only.leave_out_backbone(checkpoint, self, self._backbone_fingerprint)

@@ -3,13 +3,14 @@
 Feature extraction trains a head of a few thousand parameters on a backbone that stays exactly
 the pretrained one (frozen, BatchNorm statistics in eval mode). Writing the backbone into every
 epoch's checkpoint costs most of a cached run's checkpoint time and disk (13.5 MB per file for
-EfficientNet-Lite0, 528 MB for VGG-16). So while such a run trains, its checkpoints leave the
+EfficientNet-Lite0, 528 MB for VGG-16). So while such a run fits, its checkpoints leave the
 backbone out and record a fingerprint of it instead (:data:`FROZEN_KEY`; a checkpoint saved by
-hand once fitting is over is whole); loading one puts the backbone back from the module being
-built, which holds the same pretrained weights, and refuses a backbone whose fingerprint differs. When fitting ends, :func:`complete_checkpoints` writes the
-backbone back into every checkpoint the run kept, so the files a finished run leaves are whole
-classifiers that load without any weights file; only a run stopped mid-fit (killed, preempted)
-leaves head-only files, which resume exactly and load wherever the pretrained weights are.
+hand once fitting is over is whole). Loading one puts the backbone back from the module being
+built, which holds the same pretrained weights, and refuses a backbone whose fingerprint
+differs. When fitting ends, :func:`complete_checkpoints` writes the backbone back into every
+checkpoint the run kept, so the files a finished run leaves are whole classifiers that load
+without any weights file; only a run stopped mid-fit (killed, preempted) leaves head-only
+files, which resume exactly and load wherever the pretrained weights are.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def test_the_auto_batch_on_cached_features_grows_with_the_data_and_keeps_eight_s
     assert cached_batch_size(None, 100_000, 32) == 32 and cached_batch_size(512, 10, 32) == 512
 
 
-@pytest.mark.parametrize("value", [0, -4, "big", 2.5])
+@pytest.mark.parametrize("value", [0, -4, "big", 2.5, True])
 def test_a_bad_cached_batch_size_names_the_setting(value):
     from transfer_learning.errors import ConfigError
     from transfer_learning.model.strategies import FeatureExtraction

@@ -36,7 +36,8 @@ CACHED_MIN_STEPS = 8
 
 def check_cached_batch_size(setting: Any) -> int | str | None:
     """``strategy.cached_batch_size``: ``auto``, a positive number, or null."""
-    if setting is None or setting == "auto" or (isinstance(setting, int) and setting >= 1):
+    number = isinstance(setting, int) and not isinstance(setting, bool)
+    if setting is None or setting == "auto" or (number and setting >= 1):
         return setting
     raise ConfigError(
         f"strategy.cached_batch_size={setting}: use auto (grows with the data, up to "

@@ -25,7 +25,9 @@ builds the network, decodes every image once and runs one channels_last forward 
 then `python train.py data=imagefolder data.root=... strategy=feature_extract` twice, as typed
 (the first run builds the feature cache, the second finds it). It prints each run's wall seconds,
 its ratio to the floor, and the cache hit's start-up: seconds from the process start to its
-features loaded (imports, config, network, loggers), read from the run's train.log.
+features loaded (imports, config, network, loggers), read from the run's train.log. With
+`--float32` the floor and the template's features are float32 even where bf16 is native (the
+conditions of a CPU without it, on this one).
 
 `--frozen-epoch` measures instead, in one process, one training epoch of
 `strategy=feature_extract strategy.cache_features=false strategy.bf16=false` (the baseline: the
@@ -115,10 +117,12 @@ def plain_loop(
 # ------------------------------------------------------------------------------ the floor
 
 
-def floor_pass(data: Path, model: str, image_size: int | None = None) -> dict[str, Any]:
+def floor_pass(
+    data: Path, model: str, image_size: int | None = None, float32: bool = False
+) -> dict[str, Any]:
     """One decode and one forward pass over every image under ``data`` (at the model's own input
-    size, or ``image_size``): the least any feature extraction of these images can cost. Runs in
-    its own process (see main)."""
+    size, or ``image_size``): the least any feature extraction of these images can cost, in bf16
+    where the hardware runs it natively (``float32``: never). Runs in its own process."""
     import torch
     from hydra.utils import instantiate
     from PIL import Image
@@ -130,7 +134,7 @@ def floor_pass(data: Path, model: str, image_size: int | None = None) -> dict[st
     from transfer_learning.run.config import compose_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = gpu_has_bf16() if device.type == "cuda" else cpu_has_bf16()
+    bf16 = not float32 and (gpu_has_bf16() if device.type == "cuda" else cpu_has_bf16())
     files = list_images(data).files  # hidden folders (the template's caches) left out
     net = instantiate(compose_config([f"model={model}"]).model, num_classes=2)
     preprocessing = net.preprocessing.at_size(image_size) if image_size else net.preprocessing
@@ -168,7 +172,7 @@ def log_seconds_after(run: Path, started: float, message: str) -> float | None:
     return None
 
 
-def floor_benchmark(sizes: list[int], model: str) -> None:
+def floor_benchmark(sizes: list[int], model: str, float32: bool = False) -> None:
     from transfer_learning.data.demo import generate_shapes
     from transfer_learning.hardware import choose_precision, cpu_description
 
@@ -179,11 +183,12 @@ def floor_benchmark(sizes: list[int], model: str) -> None:
         work = Path(tempfile.mkdtemp(prefix="benchmark-floor-"))  # fresh logs and a cold feature cache
         python = sys.executable
         print(f"{size} images: the floor ...", flush=True)
+        precision = ["--float32"] if float32 else []
         floor_s, floor_mb, text = timed([python, str(Path(__file__).resolve()), f"--floor-run={data}",
-                                         f"--model={model}"], work)  # fmt: skip
+                                         f"--model={model}", *precision], work)  # fmt: skip
         floor = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
         command = [python, str(REPO / "train.py"), "data=imagefolder", f"data.root={data}", f"model={model}",
-                   "strategy=feature_extract"]  # fmt: skip
+                   "strategy=feature_extract", *(["strategy.bf16=false"] if float32 else [])]  # fmt: skip
         print(f"{size} images: first run ...", flush=True)
         first_s, first_mb, _ = timed(command, work)
         print(f"{size} images: cache hit ...", flush=True)
@@ -201,7 +206,8 @@ def floor_benchmark(sizes: list[int], model: str) -> None:
 
     print(f"\n{cpu_description()}, torch {torch.__version__}, {model}, feature extraction "
           f"(precision auto: {choose_precision('auto', trains_backbone=False).precision}; floor forward in "
-          f"{'bf16' if rows[0]['bf16'] else 'float32'})")  # fmt: skip
+          f"{'bf16' if rows[0]['bf16'] else 'float32'}"
+          f"{'; --float32: the runs with strategy.bf16=false' if float32 else ''})")  # fmt: skip
     print(f"{'images':>7}{'floor s':>9}{'first run s':>13}{'/ floor':>9}{'cache hit s':>13}{'/ floor':>9}"
           f"{'start-up s':>12}{'test acc':>10}{'peak MB':>9}")  # fmt: skip
     for r in rows:
@@ -321,13 +327,18 @@ def main() -> None:
     parser.add_argument("--floor", help="feature extraction against its floor at these numbers of images")
     parser.add_argument("--plain", choices=["feature_extract", "finetune"], help=argparse.SUPPRESS)
     parser.add_argument("--plain-bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="with --floor: the floor and the features in float32, even where bf16 is native",
+    )
     parser.add_argument("--floor-run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_run:
-        print("RESULT " + json.dumps(floor_pass(args.floor_run, args.model)))
+        print("RESULT " + json.dumps(floor_pass(args.floor_run, args.model, float32=args.float32)))
         return
     if args.floor:
-        floor_benchmark([int(n) for n in args.floor.split(",")], args.model)
+        floor_benchmark([int(n) for n in args.floor.split(",")], args.model, args.float32)
         return
     data = (args.data or make_data(Path("data/benchmark_shapes"))).absolute()
     if args.frozen_epoch:

@@ -12,7 +12,7 @@ from test_resume_exact import assert_same_history, pause_at, stop_at
 
 from helpers import assert_same_weights, run_cli
 from transfer_learning.model.backbones.lite0 import efficientnet_lite0
-from transfer_learning.model.head_only import FROZEN_KEY, PREFIX
+from transfer_learning.model.head_only import FROZEN_KEY, PREFIX, complete_checkpoints
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.run.checkpoints import CheckpointError, atomic_save, safe_load
 
@@ -77,7 +77,7 @@ def test_killed_feature_extraction_resumes_from_a_head_only_checkpoint_exactly(
             assert_whole(path, pretrained)
 
 
-def test_a_head_only_checkpoint_predicts_and_a_foreign_backbone_is_refused(tmp_path, shapes_dir):
+def test_a_head_only_checkpoint_predicts_and_a_foreign_backbone_is_refused(tmp_path, shapes_dir, caplog):
     """A head-only checkpoint (a run stopped mid-fit) loads for inference with the pretrained
     backbone put back; one whose recorded backbone differs from the weights built now is
     refused with a message that says what the file holds and what to do."""
@@ -108,3 +108,12 @@ def test_a_head_only_checkpoint_predicts_and_a_foreign_backbone_is_refused(tmp_p
     with pytest.raises(CheckpointError, match="holds only the head of a feature-extraction run") as error:
         TransferLearningModule.load_for_inference(tmp_path / "foreign.ckpt")
     assert "bundled" in str(error.value) and "checkpoint of a finished run" in str(error.value)
+
+    # Completing the run's files touches its own checkpoint, not another run's in the same folder.
+    foreign = (tmp_path / "foreign.ckpt").read_bytes()
+    assert complete_checkpoints(fit, module) == [path]
+    assert FROZEN_KEY not in safe_load(path) and (tmp_path / "foreign.ckpt").read_bytes() == foreign
+    with caplog.at_level("WARNING"):
+        saving.best_k_models[str(tmp_path / "foreign.ckpt")] = torch.tensor(0.0)
+        assert complete_checkpoints(fit, module) == []  # its own is whole now; the other is refused
+    assert any("Left as it is" in r.getMessage() for r in caplog.records)

@@ -16,6 +16,7 @@ files, which resume exactly and load wherever the pretrained weights are.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     import lightning as L
 
     from transfer_learning.model.module import TransferLearningModule
+
+log = logging.getLogger(__name__)
 
 FROZEN_KEY = "frozen_backbone"
 PREFIX = "net.backbone."
@@ -102,19 +105,33 @@ def put_back_backbone(checkpoint: dict[str, Any], module: TransferLearningModule
             checkpoint[key] = {**checkpoint[key], **state}
 
 
+def run_checkpoints(trainer: L.Trainer) -> list[Path]:
+    """The checkpoint files the run's checkpoint callbacks keep (best, top k, last), resumed
+    ones included; not whatever else shares their folder."""
+    paths: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        paths.update(getattr(callback, "best_k_models", {}) or {})
+        paths.update(
+            str(getattr(callback, name, "") or "") for name in ("best_model_path", "last_model_path")
+        )
+    return sorted(Path(p) for p in paths if p and Path(p).is_file())
+
+
 def complete_checkpoints(trainer: L.Trainer, module: TransferLearningModule) -> list[Path]:
-    """On rank zero, after fitting: write the backbone back into every head-only checkpoint in
-    the run's checkpoint folders. Returns the files completed."""
+    """On rank zero, after fitting: write the backbone back into every head-only checkpoint the
+    run kept. Returns the files completed; a file of another backbone (a folder shared with
+    another run) is left as it is, with a warning."""
     done: list[Path] = []
     if trainer.is_global_zero:
-        folders = {
-            Path(folder) for cb in trainer.checkpoint_callbacks if (folder := getattr(cb, "dirpath", None))
-        }
-        for path in sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt")):
+        for path in run_checkpoints(trainer):
             checkpoint = safe_load(path)
             if FROZEN_KEY not in checkpoint:
                 continue
-            put_back_backbone(checkpoint, module, f"checkpoint {path}")
+            try:
+                put_back_backbone(checkpoint, module, f"checkpoint {path}")
+            except CheckpointError as exc:
+                log.warning("Left as it is: %s", exc)
+                continue
             atomic_save(checkpoint, path)
             done.append(path)
     trainer.strategy.barrier("checkpoints completed")

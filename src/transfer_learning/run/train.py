@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -137,13 +138,14 @@ def _resumable(ckpt_path: str, cfg: DictConfig, module: Any) -> dict[str, Any]:
         None if max_epochs is None else int(max_epochs), ckpt_path, folder,
     )  # fmt: skip
     total = f" of {max_epochs}" if max_epochs is not None and int(max_epochs) >= 0 else ""
-    log.info(
-        "Continuing %s from %s: %d%s epochs done",
-        folder or "a new run folder",
-        Path(ckpt_path).name,
-        done,
-        total,
-    )
+    if rank_zero_only.rank == 0:  # DDP processes all check; the first one says it (no Trainer yet)
+        log.info(
+            "Continuing %s from %s: %d%s epochs done",
+            folder or "a new run folder",
+            Path(ckpt_path).name,
+            done,
+            total,
+        )
     return saved
 
 

@@ -138,7 +138,7 @@ def _resumable(ckpt_path: str, cfg: DictConfig, module: Any) -> dict[str, Any]:
         None if max_epochs is None else int(max_epochs), ckpt_path, folder,
     )  # fmt: skip
     total = f" of {max_epochs}" if max_epochs is not None and int(max_epochs) >= 0 else ""
-    if rank_zero_only.rank == 0:  # DDP processes all check; the first one says it (no Trainer yet)
+    if getattr(rank_zero_only, "rank", 0) == 0:  # every DDP process checks; the first one says it
         log.info(
             "Continuing %s from %s: %d%s epochs done",
             folder or "a new run folder",

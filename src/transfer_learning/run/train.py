@@ -101,8 +101,6 @@ def resolve_precision(cfg: DictConfig, module: Any = None) -> PrecisionChoice:
     """``trainer.precision`` made concrete for this machine, in place (``auto``: the fastest
     precision its processors run natively, for what ``module`` trains); an explicit bf16 that
     this hardware emulates is kept, with one warning that gives its measured cost."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     check_precision(cfg)
     requested = str(cfg.trainer.get("precision", AUTO))
     crop = module.preprocessing.crop_size if module is not None else None

@@ -215,8 +215,10 @@ def test_a_bad_file_in_a_loader_worker_reaches_the_user_as_one_message(tmp_path)
     dm.setup()
     files, _ = samples(dm.datasets["val"])
     Path(files[0]).write_bytes(b"broken after the scan")
+    batches = iter(DataLoader(dm.datasets["val"], batch_size=2, num_workers=1))
     with pytest.raises(Exception) as raised:
-        next(iter(DataLoader(dm.datasets["val"], batch_size=2, num_workers=1)))
+        next(batches)
+    batches._shutdown_workers()  # now: left to garbage collection, its worker took 5 s to stop
     error = find_user_error(raised.value)
     assert isinstance(error, DataError)
     assert "Original Traceback" in str(error)  # how torch hands over a worker's exception

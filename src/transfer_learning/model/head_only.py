@@ -121,6 +121,8 @@ def complete_checkpoints(trainer: L.Trainer, module: TransferLearningModule) -> 
     """On rank zero, after fitting: write the backbone back into every head-only checkpoint the
     run kept. Returns the files completed; a file of another backbone (a folder shared with
     another run) is left as it is, with a warning."""
+    if not leaves_out_backbone(module):  # every file is whole: none to read (every process agrees)
+        return []
     done: list[Path] = []
     if trainer.is_global_zero:
         for path in run_checkpoints(trainer):

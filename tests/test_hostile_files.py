@@ -246,9 +246,10 @@ def test_the_report_skips_images_it_cannot_open_and_draws_the_rest(tmp_path, cap
     assert str(images[0]) in note and str(images[2]) in note and str(images[1]) not in note
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert str(images[0]) in logged and str(images[2]) in logged
-    # The three readable images are drawn: one line of three columns (3.2 x 3.7 in at 100 dpi).
+    # The three readable images are drawn: one line of three columns (3.2 x 3.7 in at 100 dpi,
+    # under a 0.55 in band for the picture's title).
     with Image.open(tmp_path / "run" / "confident_mistakes.png") as png:
-        assert png.size == (960, 370)
+        assert png.size == (960, 370 + 55)
     skipped: list[tuple[str, str]] = []
     assert plot_confident_mistakes(worst[:1], tmp_path / "none.png", skipped=skipped) is None
     assert [f for f, _ in skipped] == [str(images[0])] and not (tmp_path / "none.png").exists()

@@ -155,11 +155,13 @@ def test_mistake_titles_clear_the_row_above_and_curves_say_what_trained(tmp_path
     plot_confident_mistakes(rows, tmp_path / "m.png")
     (fig,) = figures
     renderer = fig.canvas.get_renderer()
-    axes = [ax for ax in fig.axes if ax.images]
-    for upper, lower in zip(axes[:4], axes[4:], strict=True):
-        image_bottom = upper.get_window_extent(renderer).y0
-        title_top = lower.title.get_window_extent(renderer).y1
-        assert title_top < image_bottom, (title_top, image_bottom)
+    images = [(im.ox, im.oy, im.oy + im.get_size()[0]) for im in fig.images]  # pixels: left, bottom, top
+    titles = [t.get_window_extent(renderer) for t in fig.texts if t is not fig._suptitle]
+    assert len(images) == len(titles) == 8
+    for (_, _, image_top), title in zip(images, titles, strict=True):
+        assert title.y0 >= image_top  # each title sits above its own image
+    for (_, upper_bottom, _), lower_title in zip(images[:4], titles[4:], strict=True):
+        assert lower_title.y1 < upper_bottom, (lower_title.y1, upper_bottom)
     metrics = [
         {"epoch": "0", "train/loss_epoch": "1.0", "train/acc": "0.5", "val/loss": "1.1", "val/acc": "0.4"}
     ]

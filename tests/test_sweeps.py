@@ -340,3 +340,27 @@ def test_sampled_values_are_shown_short_and_kept_exact_in_the_csv():
         short_numbers("trainer.max_epochs=30 strategy.head_lr=0.1")
         == "trainer.max_epochs=30 strategy.head_lr=0.1"
     )
+
+
+def test_the_first_job_hides_the_imported_libraries_from_the_collector_and_jobs_garbage_is_still_collected():
+    code = """
+import gc, weakref
+from transfer_learning.run.sweeps import settle_imports
+assert gc.get_freeze_count() == 0
+settle_imports()
+frozen = gc.get_freeze_count()
+assert frozen > 10_000, frozen  # hydra, omegaconf and the standard library at least
+
+class Node: pass
+a, b = Node(), Node()
+a.other, b.other = b, a  # a job's reference cycle
+gone = weakref.ref(a)
+del a, b
+settle_imports()  # a second job of the same process freezes nothing more
+assert gc.get_freeze_count() == frozen
+gc.collect()
+assert gone() is None
+print("ok", frozen)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr

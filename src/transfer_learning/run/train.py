@@ -215,14 +215,16 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
             preemption.training = True  # from here on, SIGTERM saves a checkpoint to resume from
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         preemption.check()  # a SIGTERM after Lightning's last look stops the run here
-        complete_checkpoints(trainer, module)  # a frozen backbone went into none of them while fitting
         fit_metrics = {k: number(v) for k, v in trainer.callback_metrics.items()}
 
         checkpoint = best_checkpoint(trainer)
         best_path = checkpoint.best_model_path if checkpoint else ""
         if cfg.get("calibrate", True):  # the temperature goes into the checkpoint the test loads
-            calibrate_best(trainer, module, datamodule, best_path)
+            calibrate_best(trainer, module, datamodule, best_path)  # (writes it whole)
             preemption.check()
+        # A frozen backbone went into none of the checkpoints while fitting: written in now, after
+        # calibration has rewritten the best one (a backbone of 0.5 GB is written once, not twice).
+        complete_checkpoints(trainer, module)
         trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
         preemption.check()
         test_metrics = {k: number(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}

@@ -6,6 +6,7 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -162,6 +163,14 @@ def test_mistake_titles_clear_the_row_above_and_curves_say_what_trained(tmp_path
         assert title.y0 >= image_top  # each title sits above its own image
     for (_, upper_bottom, _), lower_title in zip(images[:4], titles[4:], strict=True):
         assert lower_title.y1 < upper_bottom, (lower_title.y1, upper_bottom)
+    # One mistake: the picture is one cell wide and its title wraps to stay inside it.
+    explain = lambda rows, images: [np.zeros((im.height, im.width)) for im in images]  # noqa: E731
+    plot_confident_mistakes(rows[:1], tmp_path / "one.png", explain=explain)
+    single = figures.pop()
+    box = single._suptitle.get_window_extent(single.canvas.get_renderer())
+    assert "Grad-CAM" in single._suptitle.get_text() and "\n" in single._suptitle.get_text()
+    assert box.x0 >= 0 and box.x1 <= single.bbox.width and box.y1 <= single.bbox.height
+    assert box.y0 > max(t.get_window_extent().y1 for t in single.texts if t is not single._suptitle)
     metrics = [
         {"epoch": "0", "train/loss_epoch": "1.0", "train/acc": "0.5", "val/loss": "1.1", "val/acc": "0.4"}
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,14 @@ def plot_confident_mistakes(
     # of up to three lines, so no title can reach the image above it whatever the photos'
     # shapes. The images are placed as pixels and the titles as figure text: axes and a layout
     # engine would cost most of the run's report time for no visible difference.
-    dpi, cell_w, cell_h, title_h, top_h, pad = 100, 3.2, 3.7, 0.62, 0.55, 0.08
+    dpi, cell_w, cell_h, title_h, pad = 100, 3.2, 3.7, 0.62, 0.08
+    title = "Most confidently wrong validation images"
+    # Multi-label rows name the class of their worst call (a false positive or a missed label).
+    target = "the worst call's class" if "worst_class" in drawn[0][0] else "the predicted class"
+    title += f" (Grad-CAM of {target}: red)" if explain else ""
+    # The picture's title in lines that fit its width (13 pt: ~9.5 characters an inch).
+    title_lines = textwrap.wrap(title, width=max(20, int(cell_w * columns * 9.5)))
+    top_h = 0.31 + 0.24 * len(title_lines)
     width, height = cell_w * columns, cell_h * lines + top_h
     fig = plt.figure(figsize=(width, height), dpi=dpi)
     box_w, box_h = round((cell_w - 2 * pad) * dpi), round((cell_h - title_h - 2 * pad) * dpi)
@@ -216,11 +224,7 @@ def plot_confident_mistakes(
                                                     "worst_class" in row else ""),
             fontsize=9, color="firebrick", ha="center", va="bottom", parse_math=False,
         )  # fmt: skip
-    title = "Most confidently wrong validation images"
-    # Multi-label rows name the class of their worst call (a false positive or a missed label).
-    target = "the worst call's class" if "worst_class" in drawn[0][0] else "the predicted class"
-    title += f" (Grad-CAM of {target}: red)" if explain else ""
-    fig.suptitle(title, fontsize=13, y=1 - 0.12 / height, va="top")
+    fig.suptitle("\n".join(title_lines), fontsize=13, y=1 - 0.12 / height, va="top")
     return _save(fig, path, plt)
 
 

@@ -65,13 +65,10 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> P
     """The folder of one real `python train.py` run on shapes_dir (48 px, one epoch, CSV
     logger, no pictures of mistakes), trained once for the tests that need a run or its
     checkpoints. Read-only: a test that writes next to it works on a copy."""
-    from helpers import run_cli
+    from helpers import finished_run
 
-    base = tmp_path_factory.mktemp("trained_run")
-    result = run_cli(base, f"data.root={shapes_dir}", "input.image_size=48", "trainer.max_epochs=1",
-                     "logger=csv", "worst_samples=0")  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return base / "run"
+    overrides = ["input.image_size=48", "trainer.max_epochs=1", "logger=csv", "worst_samples=0"]
+    return finished_run(tmp_path_factory.mktemp("trained_run"), f"data.root={shapes_dir}", *overrides)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

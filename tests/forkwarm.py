@@ -7,6 +7,7 @@ every forked run would otherwise repeat on first use, done once in the parent it
 
 from __future__ import annotations
 
+import gc
 import io
 
 import wandb.sdk.launch.inputs.internal  # noqa: F401
@@ -22,6 +23,4 @@ _plt.close(_figure)
 
 # Everything imported above lives as long as the forkserver: out of the collector's sight
 # (gc.freeze), so no forked run walks (and copies on write) these objects in a full collection.
-import gc  # noqa: E402
-
 gc.freeze()

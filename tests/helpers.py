@@ -130,6 +130,13 @@ def run_cli(
     )
 
 
+def finished_run(tmp_path: Path, *overrides: str) -> Path:
+    """The run folder of a `python train.py` run (:func:`run_cli`) that must succeed."""
+    result = run_cli(tmp_path, *overrides)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "run"
+
+
 def check_run(tmp_path: Path, result: subprocess.CompletedProcess[str], strategy: str) -> dict:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Run summary" in result.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_resume_exact import assert_same_history, pause_at, stop_at
 
-from helpers import assert_same_weights, run_cli
+from helpers import assert_same_weights, finished_run, run_cli
 from transfer_learning.model.backbones.lite0 import efficientnet_lite0
 from transfer_learning.model.head_only import FROZEN_KEY, PREFIX, complete_checkpoints
 from transfer_learning.model.module import TransferLearningModule
@@ -37,10 +37,7 @@ def assert_whole(path: Path, pretrained: dict[str, torch.Tensor]) -> None:
 
 @pytest.fixture(scope="module")
 def straight(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("straight_fe")
-    result = run_cli(folder, f"data.root={shapes_dir}", *ARGS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
+    return finished_run(tmp_path_factory.mktemp("straight_fe"), f"data.root={shapes_dir}", *ARGS)
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from forkrun import Started, start_python
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from helpers import REPO, assert_same_weights, run_cli
+from helpers import REPO, assert_same_weights, finished_run, run_cli
 from transfer_learning.run.checkpoints import CheckpointError, atomic_save, safe_load
 from transfer_learning.run.loggers import CSVLogger
 from transfer_learning.run.preemption import SaveOnPreemption
@@ -142,10 +142,7 @@ def assert_same_history(run: Path, reference: Path, partial_epochs: tuple[int, .
 @pytest.fixture(scope="module")
 def straight(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the uninterrupted run every stopped run is compared with."""
-    folder = tmp_path_factory.mktemp("straight")
-    result = run_cli(folder, f"data.root={shapes_dir}", *ARGS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
+    return finished_run(tmp_path_factory.mktemp("straight"), f"data.root={shapes_dir}", *ARGS)
 
 
 # -- unit tests ------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def backbone_fingerprint(module: TransferLearningModule) -> str:
+    """:func:`fingerprint` of the module's backbone; hashed once and kept on the module while the
+    backbone cannot change (:func:`leaves_out_backbone`: every save and completion reuses it)."""
+    if not leaves_out_backbone(module):
+        return fingerprint(backbone_state(module))
+    if module._backbone_fingerprint is None:
+        module._backbone_fingerprint = fingerprint(backbone_state(module))
+    return module._backbone_fingerprint
+
+
 def leave_out_backbone(checkpoint: dict[str, Any], module: TransferLearningModule, known: str) -> None:
     """Drop the backbone's tensors from ``checkpoint``, recording ``known`` (its fingerprint)."""
     count = 0
@@ -92,7 +102,7 @@ def put_back_backbone(checkpoint: dict[str, Any], module: TransferLearningModule
         raise CheckpointError(f"{source}: its '{FROZEN_KEY}' entry is damaged; use another checkpoint.")
     state = backbone_state(module)
     weights = record.get("weights")
-    if not module.net.pretrained or fingerprint(state) != record["fingerprint"]:
+    if not module.net.pretrained or backbone_fingerprint(module) != record["fingerprint"]:
         raise CheckpointError(
             f"{source} holds only the head of a feature-extraction run (written before that run "
             f"finished); its frozen backbone is the pretrained weights '{weights}', which the "

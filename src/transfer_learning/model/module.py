@@ -119,7 +119,7 @@ class TransferLearningModule(StrategyOptimization):
         self.probe_result: dict[str, float] | None = None  # what the strategy's before_fit returned
         self.stop_on_nonfinite_loss = True  # off while the learning-rate finder sweeps
         self.calibration: dict[str, Any] | None = None  # set by calibrate(), kept in checkpoints
-        self._backbone_fingerprint: str | None = None  # of a frozen pretrained backbone (head_only)
+        self._backbone_fingerprint: str | None = None  # head_only.backbone_fingerprint's copy
 
     # -- what the build path hands over -----------------------------------------------------
 
@@ -354,9 +354,7 @@ class TransferLearningModule(StrategyOptimization):
             checkpoint["calibration"] = dict(self.calibration)
         self.save_base_lrs(checkpoint)
         if head_only.leaves_out_backbone(self) and head_only.fitting(self._trainer):
-            if self._backbone_fingerprint is None:
-                self._backbone_fingerprint = head_only.fingerprint(head_only.backbone_state(self))
-            head_only.leave_out_backbone(checkpoint, self, self._backbone_fingerprint)
+            head_only.leave_out_backbone(checkpoint, self, head_only.backbone_fingerprint(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))

@@ -41,7 +41,6 @@ of the ratios within a round, which a busy machine disturbs less).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_learning.errors import count
+from transfer_learning.readers import SUMMARY_LIMIT, read_csv_records, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def floor_benchmark(sizes: list[int], model: str, float32: bool = False) -> None
         marker = next(line for line in text.splitlines() if line.strip().startswith("output dir"))
         run = Path(marker.split(maxsplit=2)[2])
         startup = log_seconds_after(run, started, "Feature cache hit for train")
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_json(run / "summary.json", fix="", limit=SUMMARY_LIMIT)
         rows.append({"images": floor["images"], "floor": floor_s, "first": first_s, "hit": hit_s,
                      "startup": startup, "bf16": floor["bf16"], "acc": summary.get("test/acc"),
                      "memory": max(floor_mb, first_mb, hit_mb)})  # fmt: skip
@@ -298,9 +298,12 @@ def template_result(text: str) -> dict[str, Any]:
     """Validation accuracy of a `train.py` run, from the summary and CSV files it names."""
     marker = next(line for line in text.splitlines() if line.strip().startswith("output dir"))
     run = Path(marker.split(maxsplit=2)[2])
-    summary = json.loads((run / "summary.json").read_text())
-    with open(run / "csv" / "metrics.csv") as f:
-        vals = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    summary = read_json(run / "summary.json", fix="", limit=SUMMARY_LIMIT)
+    vals = [
+        float(row["val/acc"])
+        for row in read_csv_records(run / "csv" / "metrics.csv")[1]
+        if row.get("val/acc")
+    ]
     train_images = int(summary["images train/val/test"].split("/")[0])
     return {"val_acc": vals[-1], "best_val_acc": summary["best val/acc"], "train_images": train_images}
 

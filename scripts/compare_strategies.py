@@ -19,7 +19,6 @@ CPU this table was made on takes ~1 s per fine-tuning step at 224 px).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from benchmark import REPO, timed  # scripts/ is on sys.path when this file runs
 from linear_probe import write_digits
 
 from transfer_learning.errors import count
+from transfer_learning.readers import SUMMARY_LIMIT, read_json
 
 STRATEGIES = ("feature_extract", "finetune", "finetune+ema", "gradual_unfreeze", "lp_ft", "layer_decay")
 
@@ -49,7 +49,7 @@ def run(row: str, data: str, epochs: int, image_size: int, extra: list[str], wor
                *callbacks, f"trainer.max_epochs={epochs}", f"input.image_size={image_size}", "logger=csv",
                "worst_samples=0", f"hydra.run.dir={folder}", *extra]  # fmt: skip
     seconds, _, _ = timed(command, Path.cwd())
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = read_json(folder / "summary.json", fix="", limit=SUMMARY_LIMIT)
     return {"seconds": seconds, **{k: summary[k] for k in ("best val/acc", "test/acc", "test/f1")}}
 
 

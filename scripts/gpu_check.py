@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from transfer_learning.readers import SUMMARY_LIMIT, read_checkpoint, read_json
 
 # torch, Lightning and the package load inside the functions: `--help` answers at once.
 
@@ -103,8 +104,8 @@ def run_ddp(data: str, strategy: str, precision: str, args: argparse.Namespace) 
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             return {"strategy": strategy, "precision": precision, "error": result.stderr[-1500:]}
-        summary = json.loads((Path(work) / "run" / "summary.json").read_text())
-        saved = torch.load(summary["best checkpoint"], weights_only=True, map_location="cpu")["state_dict"]
+        summary = read_json(Path(work) / "run" / "summary.json", fix="", limit=SUMMARY_LIMIT)
+        saved = read_checkpoint(summary["best checkpoint"])["state_dict"]
         pretrained = efficientnet_lite0(num_classes=2).backbone.state_dict()
         unchanged = all(torch.equal(saved[f"net.backbone.{k}"], v) for k, v in pretrained.items())
         return {

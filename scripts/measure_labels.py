@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from transfer_learning.readers import SUMMARY_LIMIT, read_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,7 @@ def train(workdir: Path, name: str, *overrides: str) -> dict:
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json", fix="", limit=SUMMARY_LIMIT)
     print(f"  {time.perf_counter() - start:.0f} s", flush=True)
     return summary
 

@@ -260,7 +260,7 @@ def test_the_threshold_file_next_to_the_checkpoint_is_honoured(tmp_path, shapes_
     # A damaged threshold file is a usage error, named.
     threshold_file(ckpt).write_text("{not json")
     assert main([f"ckpt_path={ckpt}", f"images={files[0]}", "device=cpu"]) == 2
-    assert f"{threshold_file(ckpt)} is not a threshold file" in capsys.readouterr().err
+    assert f"cannot read {threshold_file(ckpt)}: not JSON" in capsys.readouterr().err
 
 
 @pytest.mark.slow

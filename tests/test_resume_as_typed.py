@@ -63,7 +63,9 @@ def test_a_saved_setting_that_names_code_is_never_restored(tmp_path, monkeypatch
     argv = restore_settings(["train.py", "ckpt_path=last"])
     assert [a for a in argv if "callbacks" in a] == []
     assert "seed=3" in argv
-    assert "not restoring callbacks.x from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not restoring '+callbacks.x._target_=os.system' from" in err
+    assert "not restoring '+callbacks.x.command=touch pwned' from" in err
 
 
 def test_a_hand_edited_settings_file_is_refused_with_its_name(tmp_path, monkeypatch, capsys):

@@ -17,6 +17,10 @@ class WeightsError(TransferLearningError, RuntimeError):
     """Pretrained weights cannot be found, downloaded or loaded into the chosen model."""
 
 
+class CheckpointError(TransferLearningError, RuntimeError):
+    """A checkpoint file that is missing, damaged, unsafe or made for another model."""
+
+
 def find_user_error(exc: BaseException) -> TransferLearningError | None:
     """The user's mistake behind ``exc``, also when Hydra's instantiate wrapped it."""
     seen: BaseException | None = exc

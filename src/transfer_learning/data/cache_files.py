@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from transfer_learning.errors import TransferLearningError, byte_size
+from transfer_learning.readers import read_array
 
 log = logging.getLogger("transfer_learning.data.feature_cache")
 
@@ -46,7 +47,7 @@ def read_features(path: Path, views: int, rows: int) -> np.ndarray | None:
     Raises :class:`DamagedCacheFile` when the file is not a whole, finite float32 array of
     ``views`` x ``rows`` x features."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = read_array(path)
     except FileNotFoundError:
         return None
     except Exception as exc:  # cut off, random bytes, pickled objects, unreadable

@@ -15,7 +15,6 @@ The decode scan before training is :mod:`transfer_learning.data.scan`.
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -30,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_learning.errors import DataError
+from transfer_learning.readers import file_kind, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -45,55 +45,6 @@ def is_hidden(name: str) -> bool:
 
 def is_image(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMG_EXTENSIONS
-
-
-def file_kind(mode: int) -> str:
-    """What a file that is not a regular file is, from its ``st_mode``."""
-    kinds = (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISDIR, "a folder"),
-    )
-    return next((name for test, name in kinds if test(mode)), "not a plain file")
-
-
-class NotRegularFile(OSError):
-    """A FIFO, device or socket where an image (or the scan cache) was expected: never opened
-    for reading (a FIFO would block, a device might never end)."""
-
-    def __init__(self, path: Path | str, mode: int) -> None:
-        super().__init__(errno.EINVAL, f"not a regular file ({file_kind(mode)})", str(path))
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def read_regular(path: Path | str) -> bytes:
-    """The bytes of a regular file, at most its size at opening (a file that grows while it is
-    read is cut there). Anything else (FIFO, device, socket, folder) raises
-    :class:`NotRegularFile` without being opened (or, replaced in between, without being read)."""
-    info = os.stat(path)  # follows symlinks: a link to /dev/zero is a character device
-    if not stat.S_ISREG(info.st_mode):
-        raise NotRegularFile(path, info.st_mode)
-    # O_NONBLOCK: should the file have become a FIFO since, opening it does not wait for a writer.
-    extra = ("O_NONBLOCK", "O_NOCTTY", "O_BINARY")  # those this system has
-    fd = os.open(path, os.O_RDONLY | sum(getattr(os, flag, 0) for flag in extra))
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFile(path, info.st_mode)
-        chunks, left = [], info.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 @dataclass

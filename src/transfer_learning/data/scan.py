@@ -20,6 +20,7 @@ from pathlib import Path
 from transfer_learning.data.images import decode, read_regular
 from transfer_learning.data.sources.base import Listing
 from transfer_learning.errors import DataError
+from transfer_learning.readers import SCAN_CACHE_LIMIT, UntrustedFileError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +69,17 @@ def read_scan_cache(cache_file: Path) -> dict[str, list]:
     """The scan cache in ``cache_file``; empty when there is none. A file that is not one (not
     JSON, another shape, truncated, not a regular file) is ignored, with one warning naming it:
     this scan rebuilds it."""
+    if not os.path.lexists(cache_file):
+        return {}
     try:
-        data = json.loads(read_regular(cache_file))
+        data = read_json(cache_file, fix="", limit=SCAN_CACHE_LIMIT)
         problem = None if isinstance(data, dict) else f"JSON {type(data).__name__}, not an object"
         if problem is None:
             wrong = next((k for k, v in data.items() if not _cache_entry(v)), None)
             if wrong is not None:
                 problem = f"entry {wrong[:200]!r} is not [size, mtime, problem, digest]"
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        problem = f"cannot be read: {exc.strerror or exc}"
-    except ValueError as exc:  # not JSON (UnicodeDecodeError included), truncated
-        problem = f"not JSON: {exc}"
+    except UntrustedFileError as exc:  # not JSON, truncated, too big, unreadable, not a regular file
+        problem = str(exc).removesuffix(".").split(f"{cache_file}: ", 1)[-1]
     if problem is None:
         return data
     log.warning("The image scan cache %s is damaged or not a scan cache (%s): ignored, and rebuilt by "

@@ -37,6 +37,7 @@ from transfer_learning.data.datasets import samples
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.metrics import classification_metrics
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.readers import read_config
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
 from transfer_learning.results.calibration_report import before_after, evaluate_calibration
 from transfer_learning.results.multilabel import evaluate_multilabel, format_per_class
@@ -75,18 +76,11 @@ def data_config(cfg: DictConfig, checkpoint: Path) -> tuple[dict[str, Any], Path
         if not chosen_group:
             log.info("No %s beside %s: using the data config given here", RUN_CONFIG, checkpoint.parent)
         return expand_paths(OmegaConf.to_container(cfg.data, resolve=True)), None
-    try:
-        loaded = OmegaConf.load(saved)
-    except Exception as exc:  # YAML errors of every kind
-        raise ConfigError(
-            f"cannot read {saved}: {exc}. Delete it, or pass data=<group> data.root=..."
-        ) from None
-    if not isinstance(loaded, DictConfig) or not isinstance(loaded.get("data"), DictConfig):
-        raise ConfigError(
-            f"{saved} holds no data settings (a 'data:' mapping). Delete it, or pass "
-            "data=<group> data.root=..."
-        )
-    base = loaded.data
+    fix = "Delete it, or pass data=<group> data.root=..."
+    loaded = read_config(saved, fix=fix)
+    if not isinstance(loaded.get("data"), dict):
+        raise ConfigError(f"{saved} holds no data settings (a 'data:' mapping). {fix}")
+    base = OmegaConf.create(loaded["data"])  # plain values: read_config refused interpolations
     mine = [o.lstrip("+") for o in overrides if o.lstrip("+").startswith("data.")]
     if mine:
         base = OmegaConf.merge(base, OmegaConf.from_dotlist(mine)["data"])

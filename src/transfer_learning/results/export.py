@@ -40,6 +40,7 @@ from transfer_learning.cli.export import DEMO_IMAGES, ExportArgs
 from transfer_learning.data.images import is_image, list_images, load_rgb
 from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.readers import read_export_metadata
 from transfer_learning.results.predict import Classifier
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -98,18 +99,7 @@ def _flat(metadata: dict[str, Any]) -> dict[str, str]:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata stored inside an exported file (ONNX or TorchScript)."""
-    path = Path(path)
-    if path.suffix == ".onnx":
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        nested = ("class_names", "preprocessing", "thresholds", "temperature")
-        return {k: json.loads(v) if k in nested else v for k, v in props.items()}
-    extra = {"metadata.json": ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra["metadata.json"])
+    return read_export_metadata(path)
 
 
 # -- export --------------------------------------------------------------------------------

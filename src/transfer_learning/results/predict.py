@@ -68,8 +68,6 @@ from tqdm import tqdm
 from transfer_learning.cli import predict as cli_predict
 from transfer_learning.data.images import (
     Listing,
-    NotRegularFile,
-    file_kind,
     identity,
     is_image,
     list_images,
@@ -80,6 +78,7 @@ from transfer_learning.data.transforms import build_transforms
 from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
 from transfer_learning.escaping import csv_dict, visible
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.readers import NotRegularFile, file_kind, json_field
 
 Input: TypeAlias = str | Path | Image.Image | torch.Tensor
 THRESHOLD_KEY = "max_softmax_threshold"
@@ -309,14 +308,8 @@ def read_threshold(checkpoint: str | Path) -> float | None:
     path = threshold_file(checkpoint)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-        value = data[THRESHOLD_KEY]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{path} is not a threshold file ({type(exc).__name__}: {exc}); it needs "
-            f'{{"{THRESHOLD_KEY}": P}}. Fix or delete it, or pass threshold=P.'
-        ) from exc
+    fix = f'A threshold file holds {{"{THRESHOLD_KEY}": P}}: fix or delete it, or pass threshold=P.'
+    value = json_field(path, THRESHOLD_KEY, fix=fix)
     return check_threshold(value, str(path))
 
 

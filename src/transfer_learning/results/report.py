@@ -17,7 +17,6 @@ and named under it, and in the log: the report is still written.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import textwrap
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_learning.escaping import markdown_cell, visible
+from transfer_learning.readers import read_csv_records
 
 REPORT = "report.md"
 log = logging.getLogger(__name__)
@@ -50,10 +50,9 @@ def _number(value: str | None) -> float | None:
 
 
 def read_metrics(path: Path | None) -> list[dict[str, str]]:
-    if path is None or not path.is_file():
+    if path is None:
         return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
+    return read_csv_records(path)[1]
 
 
 def epoch_curves(rows: Sequence[Mapping[str, str]], score: str = "acc") -> dict[str, dict[int, float]]:

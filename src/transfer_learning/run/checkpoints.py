@@ -12,13 +12,10 @@ is :mod:`transfer_learning.run.registry`'s business; stopping and resuming are i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,13 +25,11 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_learning.errors import RunFinished, TransferLearningError, byte_size, count
+from transfer_learning.errors import CheckpointError, RunFinished, TransferLearningError, byte_size, count
+from transfer_learning.readers import json_field
+from transfer_learning.readers import read_checkpoint as safe_load
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(TransferLearningError, RuntimeError):
-    """A checkpoint file that is missing, damaged, unsafe or made for another model."""
 
 
 def fsync_folder(folder: Path) -> None:
@@ -92,31 +87,6 @@ def _write_error(path: Path, exc: BaseException, written: int) -> CheckpointErro
         "callbacks.model_checkpoint.dirpath and callbacks.last_checkpoint.dirpath), then resume "
         "with ckpt_path=<the run's checkpoints/last.ckpt>."
     )
-
-
-def safe_load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint read without pickle (``weights_only=True``), with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist. Check ckpt_path (runs keep theirs in "
-            "logs/<task>/runs/<date>/checkpoints/)."
-        )
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds Python objects that only pickle can rebuild, and "
-            f"unpickling a file can run arbitrary code ({str(exc).splitlines()[0]}). This template's "
-            "checkpoints never need that; use a checkpoint it wrote, or one you trust after converting "
-            "it to a plain state_dict."
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({size} bytes): it is truncated or corrupt ({exc}). "
-            "Use another checkpoint of the run (last.ckpt or best-*.ckpt)."
-        ) from exc
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -224,8 +194,8 @@ def check_resumable(
             else f"{done} of {count(max_epochs or 0, 'epoch')}"
         )
         try:
-            best = json.loads(summary.read_text(encoding="utf-8")).get("best checkpoint") or path
-        except (OSError, ValueError, AttributeError):
+            best = json_field(summary, "best checkpoint", fix="", default=None) or path
+        except TransferLearningError:
             best = path
         raise RunFinished(
             f"{run_folder} has already finished ({how}): nothing to resume, its results are left as "

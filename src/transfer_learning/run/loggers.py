@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from transfer_learning.readers import read_csv_records
+
 log = logging.getLogger(__name__)
 
 
@@ -187,8 +189,7 @@ class _AppendingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
+            self.metrics_keys = read_csv_records(self.metrics_file_path, limit=None)[0]
 
 
 class CSVLogger(LightningCSVLogger):
@@ -209,9 +210,7 @@ class CSVLogger(LightningCSVLogger):
         path = Path(self.log_dir) / "metrics.csv"
         if not path.is_file():
             return
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            fields, rows = reader.fieldnames or [], list(reader)
+        fields, rows = read_csv_records(path, limit=None)
         kept = [
             row
             for row in rows

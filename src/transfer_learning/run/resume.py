@@ -5,8 +5,13 @@ checkpoint of an earlier run (``ckpt_path=last``: the newest ``checkpoints/last.
 ``logs/<task>/runs``; or any ``.../<run>/checkpoints/<file>.ckpt``) gets that run's own
 command-line settings back (:data:`RUN_SETTINGS`), except those given again, so that
 ``python train.py ckpt_path=last`` continues a ``strategy=finetune trainer.max_epochs=3`` run as
-such. The settings are read as data: a saved setting that names code (``_target_``) or Hydra's
-own keys is left out (with a warning), never composed.
+such. The settings are read as data (:func:`transfer_learning.readers.read_string_list`) and
+restored from an allow-list (:func:`restorable`): only ``key=value`` where the key is a config
+group and the value one of its options in ``conf/``, or the key a setting the composed config
+has and the value a plain scalar or a list of them. Anything else (a ``+`` addition, a ``~``
+deletion, a dict holding ``_target_``, an interpolation or resolver, a sweep, Hydra's own keys,
+a setting that moves where files are written) is left out with one warning naming it and the
+file. Settings typed on the command line are the user's own and stay as they are.
 
 Then, before Hydra makes a new run folder, :class:`ResumeRun` points the run back at that run's
 folder: one CSV history (continued, see :class:`transfer_learning.run.loggers.CSVLogger`), one
@@ -26,7 +31,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from transfer_learning.run.config import compose_plain, expand_path
+from transfer_learning.readers import UntrustedFileError, read_string_list
+from transfer_learning.run.config import CONF_DIR, compose_plain, expand_path
 
 # The command-line settings a run trains with, kept by train() once the run has started (or a
 # resume of it has passed its checks). Hydra's own .hydra/overrides.yaml is rewritten by every
@@ -112,46 +118,144 @@ def restore_settings(argv: Sequence[str]) -> list[str]:
     for i in reversed(at[:-1]):
         del args[i]
     folder = run_folder_of(checkpoint)
-    saved = _saved_settings(folder) if folder is not None else []
-    restored = [
-        o for o in saved
-        if setting_key(o) != "ckpt_path"
-        and not any(setting_key(o) == g or setting_key(o).startswith(g + ".") for g in given)
-    ]  # fmt: skip
+    restored = _saved_settings(folder, overrides, given) if folder is not None else []
     if os.environ.get("LOCAL_RANK", "0") == "0" and folder is not None:
         settings = f" with the settings it was started with: {' '.join(restored)}" if restored else ""
         print(f"Resuming {folder} from {checkpoint.name}{settings}", file=sys.stderr)
     return [argv[0], *restored, *args]
 
 
-def _saved_settings(folder: Path) -> list[str]:
-    """The settings a run trains with (:data:`RUN_SETTINGS`), read as data."""
+def _saved_settings(folder: Path, now: Sequence[str], given: set[str]) -> list[str]:
+    """The settings a run trains with (:data:`RUN_SETTINGS`), read as data, less ``ckpt_path``
+    and those ``given`` again now, and kept only where :func:`restorable` allows them; ``now``:
+    this command line's settings (they decide which config groups, so which keys, compose)."""
     path = folder / RUN_SETTINGS if (folder / RUN_SETTINGS).is_file() else folder / HYDRA_OVERRIDES
+    if not path.is_file():
+        return []
+    fix = "Give the run's settings on the command line with ckpt_path (or delete the file)."
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        _fail(f"cannot read {path} ({exc}): give the run's settings on the command line with ckpt_path.")
-    if saved is None:
-        return []
-    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
-        _fail(
-            f"{path} is not a list of settings: give the run's settings on the command line with ckpt_path."
-        )
-    code = [setting_key(o) for o in saved if _CODE_KEY.search(setting_key(o))]
-    # The whole node of a `_target_` is left out (`+callbacks.probe.*`), not only that key.
-    nodes = [re.split(r"[./@]_[a-z]+_", key)[0] for key in code]
-    kept = [
-        o for o in saved if not any(setting_key(o) == n or setting_key(o).startswith(n + ".") for n in nodes)
-    ]
-    if code and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(
-            f"Warning: not restoring {', '.join(sorted(set(nodes)))} from {path}: a saved setting that "
-            "names code is never run from a file. Give it on the command line again if the run needs it.",
-            file=sys.stderr,
-        )
+        saved = read_string_list(path, fix=fix)
+    except UntrustedFileError as exc:
+        _fail(str(exc))
+    wanted = [
+        o for o in saved
+        if setting_key(o) != "ckpt_path"
+        and not any(setting_key(o) == g or setting_key(o).startswith(g + ".") for g in given)
+    ]  # fmt: skip
+    kept, refused = restorable(wanted, now)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for setting, reason in refused:
+            print(
+                f"Warning: not restoring {setting[:200]!r} from {path}: {reason}. Saved settings come back "
+                "only as plain values of settings the config has; give it on the command line if the run "
+                "needs it.",
+                file=sys.stderr,
+            )
     return kept
+
+
+def restorable(saved: Sequence[str], now: Sequence[str] = ()) -> tuple[list[str], list[tuple[str, str]]]:
+    """The saved settings that may come back, and the others with why not. A setting comes back
+    only as ``key=value`` (no ``+`` addition, ``~`` deletion or ``@package``) where ``key`` is a
+    config group and ``value`` one of its options under ``conf/``, or ``key`` is a setting the
+    composed config has (not Hydra's own, not where files are written) and ``value`` a plain
+    scalar or a list of plain scalars: no dict (no ``_target_``), no interpolation or resolver
+    (``${...}``), no sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    options = config_groups()
+    parsed: list[tuple[str, Any]] = []
+    refused: list[tuple[str, str]] = []
+    for setting in saved:
+        try:
+            override = parser.parse_override(setting)
+        except (HydraException, ValueError) as exc:
+            refused.append((setting, f"Hydra cannot read it ({' '.join(str(exc).split())[:120]})"))
+            continue
+        key, reason = override.key_or_group, None
+        if override.type != OverrideType.CHANGE:
+            reason = "it adds or deletes a setting (+ or ~)"
+        elif override.package is not None:
+            reason = "it moves a config to another package (@)"
+        elif _CODE_KEY.search(key) or key == "hydra" or key.startswith("hydra/"):
+            reason = "it is one of Hydra's own settings or names code"
+        elif override.is_sweep_override():
+            reason = "it is a sweep, not a value"
+        elif key.split(".")[-1] in WRITE_KEYS or key.split(".")[0] == "paths":
+            reason = "it says where files are written"
+        else:
+            reason = _plain_reason(override.value())
+        if reason is None and key in options and override.value() not in options[key]:
+            reason = f"{override.value()!r} is not one of the {key} configs in conf/{key}/"
+        if reason is None:
+            parsed.append((setting, override))
+        else:
+            refused.append((setting, reason))
+    chosen = {o.key_or_group: s for s, o in parsed if o.key_or_group in options}  # the last one wins
+    chosen.update({setting_key(o): o for o in now if setting_key(o) in options})
+    keys = known_keys(list(chosen.values()))
+    kept = []
+    for setting, override in parsed:
+        key = override.key_or_group
+        if key in options or key in keys:
+            kept.append(setting)
+        else:
+            refused.append((setting, f"the config has no setting {key}"))
+    return kept, refused
+
+
+# The last part of a key that says where a run writes files: a file that moves them is refused.
+WRITE_KEYS = {"dirpath", "save_dir", "output_dir", "log_dir", "filename"}
+
+
+def _plain_reason(value: Any) -> str | None:
+    """Why ``value`` is not a plain scalar or a list of them; None when it is."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, dict | list):
+            return "its value is a mapping or a nested list, not a plain value"
+        if not (item is None or isinstance(item, bool | int | float | str)):
+            return f"its value is a {type(item).__name__}, not a plain value"
+        if isinstance(item, str) and "${" in item:
+            return "its value is an interpolation (${...}), which OmegaConf would resolve"
+    return None
+
+
+def config_groups() -> dict[str, set[str]]:
+    """Each config group of ``conf/`` (Hydra's own left out) and its options."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        choices = compose("train", return_hydra_config=True).hydra.runtime.choices
+        loader = GlobalHydra.instance().config_loader()
+        return {
+            str(group): set(loader.get_group_options(str(group)))
+            for group in choices
+            if not str(group).startswith("hydra")
+        }
+
+
+def known_keys(groups: Sequence[str]) -> set[str]:
+    """Every dotted key of the config ``groups`` compose (``conf/`` when they cannot)."""
+    try:
+        cfg = compose_plain("train", list(groups))
+    except Exception:  # a group given now that does not compose: Hydra says so when the run starts
+        cfg = compose_plain("train")
+    found: set[str] = set()
+    stack: list[tuple[str, Any]] = [("", cfg)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, DictConfig):
+            for k in node:
+                key = f"{prefix}{k!s}"
+                found.add(key)
+                stack.append((key + ".", node._get_node(k)))
+    return found
 
 
 def latest_checkpoint(runs: Path) -> Path | None:

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_learning.errors import ConfigError, find_user_error, user_message
 from transfer_learning.escaping import csv_dict, markdown_cell
+from transfer_learning.readers import UntrustedFileError, read_json, read_string_list
 from transfer_learning.run.config import check_writable
 from transfer_learning.run.console import quiet_console
 
@@ -279,9 +280,9 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         folder = config.parent.parent
         job_file = folder / JOB_FILE
         if job_file.is_file():
-            records.append(json.loads(job_file.read_text()))
+            records.append(job_record(job_file))
             continue
-        overrides = OmegaConf.to_container(OmegaConf.load(config))
+        overrides = read_string_list(config, fix=f"Delete {folder}, or the sweep's table leaves it out.")
         number = folder.name
         records.append(
             {
@@ -294,6 +295,21 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return records
+
+
+def job_record(path: Path) -> dict[str, Any]:
+    """A job's ``job.json`` (plain values), checked for the fields the table reads."""
+    fix = "Delete it (the table then shows the job as unfinished), or run the job again."
+    record = read_json(path, fix=fix)
+    fields = {"overrides": list, "metrics": dict, "status": str}
+    if not isinstance(record, dict):
+        raise UntrustedFileError(f"refusing {path}: it is not a JSON object. {fix}")
+    for name, kind in fields.items():
+        if not isinstance(record.get(name), kind):
+            raise UntrustedFileError(f"refusing {path}: its {name!r} is not a {kind.__name__}. {fix}")
+    if not all(isinstance(o, str) for o in record["overrides"]):
+        raise UntrustedFileError(f"refusing {path}: its 'overrides' are not all text. {fix}")
+    return record
 
 
 def _varying(records: Sequence[Mapping[str, Any]]) -> list[list[str]]:

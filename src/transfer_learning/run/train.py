@@ -46,11 +46,23 @@ from transfer_learning.run.resume import run_folder_of, save_run_settings
 log = logging.getLogger(__name__)
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Every entry of a config group that has a ``_target_``; ``key: null`` switches one off."""
+def _instantiate_all(group: DictConfig | None, name: str, kind: type) -> list[Any]:
+    """Every entry of a config group that has a ``_target_``; ``key: null`` switches one off.
+    An entry that builds something other than a ``kind`` is refused, naming it."""
     if not group:
         return []
-    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+    built = []
+    for key, spec in group.items():
+        if isinstance(spec, DictConfig) and "_target_" in spec:
+            thing = instantiate(spec)
+            if not isinstance(thing, kind):
+                raise ConfigError(
+                    f"{name}.{key!s} (_target_: {spec._target_}) built a {type(thing).__name__}, not a "
+                    f"Lightning {kind.__name__}. Point its _target_ at a {kind.__name__} class, or drop "
+                    f"it (~{name}.{key!s})."
+                )
+            built.append(thing)
+    return built
 
 
 AUTO = "auto"
@@ -175,8 +187,12 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     resolve_monitor(cfg, module.monitor)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     saved = _resumable(ckpt_path, cfg, module) if ckpt_path else None  # before any logger makes files
-    callbacks: list[Callback] = [*_instantiate_all(cfg.get("callbacks")), preemption, RandomState()]
-    loggers: list[Logger] = _instantiate_all(cfg.get("logger"))
+    callbacks: list[Callback] = [
+        *_instantiate_all(cfg.get("callbacks"), "callbacks", Callback),
+        preemption,
+        RandomState(),
+    ]
+    loggers: list[Logger] = _instantiate_all(cfg.get("logger"), "logger", Logger)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
     )

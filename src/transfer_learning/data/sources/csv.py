@@ -29,6 +29,7 @@ from typing import Any
 from transfer_learning.data.demo import generate_multilabel_shapes
 from transfer_learning.data.sources.base import DataSource, Listing, check_task
 from transfer_learning.errors import ConfigError, DataError
+from transfer_learning.readers import read_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,7 @@ class CsvSource(DataSource):
                 f"columns {self.path_column},{self.label_column} (an image path and its label per row)."
             )
         try:
-            with open(self.file, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a BOM is dropped
-                records = list(enumerate(csv.reader(f), start=1))
+            records = list(enumerate(read_csv_rows(self.file), start=1))  # a BOM is dropped
         except UnicodeDecodeError as exc:
             raise DataError(f"{self.file} is not UTF-8 text ({exc.reason}): save it as CSV UTF-8.") from None
         except csv.Error as exc:

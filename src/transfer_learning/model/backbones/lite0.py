@@ -19,6 +19,7 @@ from transfer_learning.model.backbones.timm_models import timm_network
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
 from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.readers import read_weights
 
 # TensorFlow's EfficientNet-Lite preprocessing: (x - 127) / 128, bicubic, 224 of 256.
 LITE0_PREPROCESSING = Preprocessing(
@@ -82,7 +83,7 @@ def efficientnet_lite0(num_classes: int, weights: str | None = "bundled") -> Net
     # The weights come from TensorFlow, whose BatchNorm epsilon is 1e-3 (timm's default 1e-5).
     model = timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=1e-3)
     if weights == "bundled":
-        source = torch.load(bundled_lite0_file(), map_location="cpu", weights_only=True)
+        source = read_weights(bundled_lite0_file())
         model.load_state_dict(map_lite0_state_dict(source, model))
     elif weights is not None:
         load_weights_file(model, str(weights), ignore=("classifier",), name="efficientnet_lite0")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from transfer_learning.errors import WeightsError
+from transfer_learning.readers import read_weights
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
 
@@ -28,12 +29,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ".safetensors file), or use model.weights=null for random initialisation."
         )
     try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+        state: Any = read_weights(file)
     except Exception as exc:  # any unreadable file: report which one
         raise WeightsError(
             f"cannot read weights file {file} ({file.stat().st_size} bytes): it is not a PyTorch "

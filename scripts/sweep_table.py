@@ -7,10 +7,12 @@ still running (submitit, SLURM) or was interrupted. Writes sweep_results.csv and
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from transfer_learning.errors import TransferLearningError
 from transfer_learning.run.sweeps import collect, metric_mode, summarize_sweep, sweep_metric
 
 
@@ -29,8 +31,12 @@ def main() -> None:
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a folder (expected logs/<task>/multiruns/<date>)")
     sweep_dir = args.sweep_dir.resolve()
-    metric = sweep_metric(OmegaConf.create({"optimized_metric": args.metric}), collect(sweep_dir))
-    _, text = summarize_sweep(sweep_dir, metric, args.mode or metric_mode(None, metric))
+    try:  # a job's files are data: one that is not what a job writes is named, not followed
+        metric = sweep_metric(OmegaConf.create({"optimized_metric": args.metric}), collect(sweep_dir))
+        _, text = summarize_sweep(sweep_dir, metric, args.mode or metric_mode(None, metric))
+    except TransferLearningError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(text)
 
 

@@ -117,14 +117,15 @@ def put_back_backbone(checkpoint: dict[str, Any], module: TransferLearningModule
 
 def run_checkpoints(trainer: L.Trainer) -> list[Path]:
     """The checkpoint files the run's checkpoint callbacks keep (best, top k, last), resumed
-    ones included; not whatever else shares their folder."""
-    paths: set[str] = set()
+    ones included; not whatever else shares their folder, and nothing outside it (a resumed
+    checkpoint's callback state may name any path: it is data, not a list of files to rewrite)."""
+    paths: set[Path] = set()
     for callback in trainer.checkpoint_callbacks:
-        paths.update(getattr(callback, "best_k_models", {}) or {})
-        paths.update(
-            str(getattr(callback, name, "") or "") for name in ("best_model_path", "last_model_path")
-        )
-    return sorted(Path(p) for p in paths if p and Path(p).is_file())
+        named = {str(p) for p in (getattr(callback, "best_k_models", {}) or {})}
+        named |= {str(getattr(callback, name, "") or "") for name in ("best_model_path", "last_model_path")}
+        folder = Path(str(getattr(callback, "dirpath", "") or trainer.default_root_dir)).absolute()
+        paths |= {Path(p).absolute() for p in named if p and Path(p).absolute().parent == folder}
+    return sorted(p for p in paths if p.is_file())
 
 
 def complete_checkpoints(trainer: L.Trainer, module: TransferLearningModule) -> list[Path]:

@@ -12,6 +12,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from transfer_learning.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,39 @@ def _rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def checked_state(state_dict: Any) -> dict[str, Any]:
+    """A checkpoint's :class:`RandomState` state, in today's shape, once each generator state
+    in it has been put in (the last one stays); a damaged one raises :class:`CheckpointError`."""
+    if isinstance(state_dict, dict) and "now" not in state_dict:  # from before the replay
+        state_dict = {"now": state_dict, "epoch_start": state_dict, "replay": 0}
+    try:
+        replay = state_dict.get("replay", 0)
+        if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+            raise TypeError(f"replay is {replay!r}, not a batch count")
+        _set_rng_state(state_dict["now"])
+        _set_rng_state(state_dict["epoch_start"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            "the checkpoint's random number states (callbacks.RandomState) are damaged "
+            f"({type(exc).__name__}: {str(exc)[:200]}): resume from another checkpoint of the run, "
+            "or start a new run without ckpt_path."
+        ) from None
+    return state_dict
+
+
+def check_saved_state(checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose random number states cannot be put back, before anything of
+    the run is written; this process's generators are left as they were."""
+    state = (checkpoint.get("callbacks") or {}).get(RandomState.__qualname__)
+    if state is None:
+        return
+    now = _rng_state()
+    try:
+        checked_state(state)
+    finally:
+        _set_rng_state(now)
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -112,11 +147,9 @@ class RandomState(Callback):
                 pl_module.lr_scheduler_step(config.scheduler, torch.tensor(values[config.monitor]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "now" not in state_dict:  # a checkpoint from before the replay: saved at an epoch's end
-            state_dict = {"now": state_dict, "epoch_start": state_dict, "replay": 0}
+        state_dict = checked_state(state_dict)  # (the epoch-start states are put in)
         self._resume = state_dict
         self._epoch_start = state_dict["epoch_start"]
-        _set_rng_state(state_dict["epoch_start"])
 
     # The first epoch of a fit draws its batches from a loader iterator made while the fit is
     # set up (for the optimizer's step count) or, at the latest, right after the sanity check:

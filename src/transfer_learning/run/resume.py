@@ -184,7 +184,7 @@ def restorable(saved: Sequence[str], now: Sequence[str] = ()) -> tuple[list[str]
             reason = "it is one of Hydra's own settings or names code"
         elif override.is_sweep_override():
             reason = "it is a sweep, not a value"
-        elif key.split(".")[-1] in WRITE_KEYS or key.split(".")[0] == "paths":
+        elif key.split(".")[-1] in WRITE_KEYS:
             reason = "it says where files are written"
         else:
             reason = _plain_reason(override.value())
@@ -204,10 +204,13 @@ def restorable(saved: Sequence[str], now: Sequence[str] = ()) -> tuple[list[str]
             kept.append(setting)
         else:
             refused.append((setting, f"the config has no setting {key}"))
-    return kept, refused
+    order = {id(setting): i for i, setting in enumerate(saved)}
+    return kept, sorted(refused, key=lambda item: order[id(item[0])])
 
 
-# The last part of a key that says where a run writes files: a file that moves them is refused.
+# The last part of a key that says where a run writes its checkpoints and logs: a file that moves
+# them is refused (the run folder itself is the checkpoint's). paths.root_dir and the caches'
+# folders come back: a run started elsewhere finds its data and feature cache again.
 WRITE_KEYS = {"dirpath", "save_dir", "output_dir", "log_dir", "filename"}
 
 

@@ -40,7 +40,7 @@ from transfer_learning.run.loggers import (
 )
 from transfer_learning.run.lr_finder import check_tune_lr, tune_learning_rate
 from transfer_learning.run.preemption import SaveOnPreemption
-from transfer_learning.run.random_state import RandomState
+from transfer_learning.run.random_state import RandomState, check_saved_state
 from transfer_learning.run.resume import run_folder_of, save_run_settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def _resumable(ckpt_path: str, cfg: DictConfig, module: Any) -> dict[str, Any]:
     """The checkpoint to resume from, read (pickle-free) and checked against this run before
     anything is trained or written: :func:`check_resumable`."""
     saved = safe_load(ckpt_path)
+    check_saved_state(saved)
     max_epochs = cfg.trainer.get("max_epochs")
     folder = run_folder_of(Path(ckpt_path))
     done = check_resumable(

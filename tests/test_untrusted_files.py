@@ -29,7 +29,7 @@ from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.errors import CheckpointError
 from transfer_learning.model.head_only import run_checkpoints
 from transfer_learning.readers import UntrustedFileError
-from transfer_learning.run.resume import RUN_SETTINGS, restorable
+from transfer_learning.run.resume import RUN_SETTINGS, restorable, wandb_run_id
 
 SECRET = "s3cr3t-value-of-the-user"  # in the environment: an interpolation that ran would leak it
 
@@ -273,6 +273,14 @@ def test_a_crafted_settings_file_stops_the_resume_with_one_line_and_changes_noth
     assert_refused(result, str(path), "ckpt_path")
     assert not marker.exists()
     assert snapshot(run_copy) == before
+
+
+def test_a_wandb_run_id_is_taken_from_a_folder_name_only_when_it_is_one(tmp_path):
+    wandb = tmp_path / "wandb"
+    (wandb / "offline-run-20261205_160726-gax63vkn").mkdir(parents=True)
+    assert wandb_run_id(tmp_path) == "gax63vkn"
+    (wandb / "offline-run-20261205_160727-..").mkdir()  # newer, and not an id
+    assert wandb_run_id(tmp_path) is None
 
 
 # -- run_config.yaml: eval.py ----------------------------------------------------------------

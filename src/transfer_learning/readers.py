@@ -167,6 +167,13 @@ def check_plain(
         )
 
 
+def _plain_or_refused(value: Any, path: Path, fix: str, interpolations: bool = True) -> None:
+    try:
+        check_plain(value, path, interpolations=interpolations)
+    except UntrustedFileError as exc:
+        raise UntrustedFileError(f"{exc} {fix}".rstrip()) from None
+
+
 def _is_tensor_value(item: Any) -> bool:
     """A tensor, or the few torch values a pickle-free checkpoint holds beside tensors."""
     import torch
@@ -217,7 +224,7 @@ def read_yaml(
         ) from None
     except RecursionError:
         raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}") from None
-    check_plain(loaded, path, interpolations=interpolations)
+    _plain_or_refused(loaded, path, fix, interpolations=interpolations)
     return loaded
 
 
@@ -252,7 +259,7 @@ def read_json(path: Path | str, *, fix: str, limit: int = SETTINGS_LIMIT) -> Any
         raise UntrustedFileError(f"cannot read {path}: not JSON ({exc}). {fix}") from None
     except RecursionError:
         raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}") from None
-    check_plain(loaded, path)
+    _plain_or_refused(loaded, path, fix)
     return loaded
 
 

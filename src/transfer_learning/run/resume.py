@@ -273,9 +273,11 @@ def run_folder_of(checkpoint: Path) -> Path | None:
 
 
 def wandb_run_id(folder: Path) -> str | None:
-    """The id of the newest W&B run kept in a run folder (``wandb/[offline-]run-<date>-<id>``)."""
+    """The id of the newest W&B run kept in a run folder (``wandb/[offline-]run-<date>-<id>``);
+    None when there is none or the name holds anything but a W&B id's letters and digits."""
     runs = sorted((folder / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
-    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+    run_id = runs[-1].name.rsplit("-", 1)[-1] if runs else None
+    return run_id if run_id and re.fullmatch(r"[a-z0-9]{1,64}", run_id) else None  # a folder name is data
 
 
 class ResumeRun(Callback):

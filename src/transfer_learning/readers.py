@@ -122,9 +122,11 @@ def _text(path: Path, limit: int, fix: str) -> str:
     try:
         return read_regular(path, limit).decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UntrustedFileError(f"cannot read {path}: not UTF-8 text ({exc.reason}). {fix}") from None
+        raise UntrustedFileError(
+            f"cannot read {path}: not UTF-8 text ({exc.reason}). {fix}".rstrip()
+        ) from None
     except OSError as exc:
-        raise UntrustedFileError(f"cannot read {path}: {exc.strerror or exc}. {fix}") from None
+        raise UntrustedFileError(f"cannot read {path}: {exc.strerror or exc}. {fix}".rstrip()) from None
 
 
 # -- plain values --------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def read_yaml(
             f"refusing {path}: it holds {detail[:300]}, not plain settings. {fix}"
         ) from None
     except RecursionError:
-        raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}") from None
+        raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}".rstrip()) from None
     _plain_or_refused(loaded, path, fix, interpolations=interpolations)
     return loaded
 
@@ -234,7 +236,7 @@ def read_string_list(path: Path | str, *, fix: str) -> list[str]:
     if loaded is None:
         return []
     if not isinstance(loaded, list) or not all(isinstance(o, str) for o in loaded):
-        raise UntrustedFileError(f"refusing {path}: it is not a list of settings. {fix}")
+        raise UntrustedFileError(f"refusing {path}: it is not a list of settings. {fix}".rstrip())
     return loaded
 
 
@@ -242,7 +244,7 @@ def read_config(path: Path | str, *, fix: str) -> dict[str, Any]:
     """A YAML mapping of plain settings (``run_config.yaml``), with no interpolation in it."""
     loaded = read_yaml(path, fix=fix)
     if not isinstance(loaded, dict):
-        raise UntrustedFileError(f"refusing {path}: it holds no mapping of settings. {fix}")
+        raise UntrustedFileError(f"refusing {path}: it holds no mapping of settings. {fix}".rstrip())
     return loaded
 
 
@@ -256,9 +258,9 @@ def read_json(path: Path | str, *, fix: str, limit: int = SETTINGS_LIMIT) -> Any
     try:
         loaded = json.loads(text)
     except ValueError as exc:
-        raise UntrustedFileError(f"cannot read {path}: not JSON ({exc}). {fix}") from None
+        raise UntrustedFileError(f"cannot read {path}: not JSON ({exc}). {fix}".rstrip()) from None
     except RecursionError:
-        raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}") from None
+        raise UntrustedFileError(f"refusing {path}: nested too deep. {fix}".rstrip()) from None
     _plain_or_refused(loaded, path, fix)
     return loaded
 
@@ -270,9 +272,9 @@ def json_field(path: Path | str, key: str, *, fix: str, default: Any = _NO_DEFAU
         return default
     data = read_json(path, fix=fix)
     if not isinstance(data, dict):
-        raise UntrustedFileError(f"refusing {path}: it is not a JSON object. {fix}")
+        raise UntrustedFileError(f"refusing {path}: it is not a JSON object. {fix}".rstrip())
     if key not in data and default is _NO_DEFAULT:
-        raise UntrustedFileError(f"refusing {path}: it has no {key!r} field. {fix}")
+        raise UntrustedFileError(f"refusing {path}: it has no {key!r} field. {fix}".rstrip())
     return data.get(key, default)
 
 
@@ -386,7 +388,7 @@ def read_export_metadata(path: Path | str) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("/extra/metadata.json")), None)
             if name is None:
-                raise UntrustedFileError(f"refusing {path}: it holds no extra/metadata.json. {fix}")
+                raise UntrustedFileError(f"refusing {path}: it holds no extra/metadata.json. {fix}".rstrip())
             info = archive.getinfo(name)
             if info.file_size > SETTINGS_LIMIT:
                 raise UntrustedFileError(
@@ -394,12 +396,14 @@ def read_export_metadata(path: Path | str) -> dict[str, Any]:
                 )
             text = archive.read(name).decode("utf-8")
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as exc:
-        raise UntrustedFileError(f"cannot read {path}: not a TorchScript archive ({exc}). {fix}") from None
+        raise UntrustedFileError(
+            f"cannot read {path}: not a TorchScript archive ({exc}). {fix}".rstrip()
+        ) from None
     try:
         loaded = json.loads(text)
     except (ValueError, RecursionError):
-        raise UntrustedFileError(f"refusing {path}: its metadata is not JSON. {fix}") from None
+        raise UntrustedFileError(f"refusing {path}: its metadata is not JSON. {fix}".rstrip()) from None
     if not isinstance(loaded, dict):
-        raise UntrustedFileError(f"refusing {path}: its metadata is not a JSON object. {fix}")
+        raise UntrustedFileError(f"refusing {path}: its metadata is not a JSON object. {fix}".rstrip())
     check_plain(loaded, path)
     return loaded

@@ -75,8 +75,14 @@ def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     }
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "SECRET_TOKEN": SECRET}
+def cli(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "0",
+        "SECRET_TOKEN": SECRET,
+        **(env or {}),
+    }
     return run_python(args, cwd=cwd, env=env)
 
 
@@ -341,6 +347,46 @@ def test_predict_refuses_a_crafted_threshold_file(run_copy, tmp_path, shapes_dir
         assert threshold.read_text() == content
     assert not (tmp_path / "predictions.csv").exists()
     assert snapshot(run_copy, skip=(str(threshold.relative_to(run_copy)),)) == before
+
+
+# -- weights: a file named by model.weights, the $TORCH_HOME cache -------------------------
+
+
+class Trap:
+    """Unpickling this creates a file: the proof that something ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.slow
+def test_pickled_weights_run_nothing_from_model_weights_or_the_torch_hub_cache(tmp_path, shapes_dir):
+    """torchvision reads its cache with weights_only=False: the file a shared or copied
+    $TORCH_HOME holds is read pickle-free all the same."""
+    from torchvision.models import ResNet18_Weights
+
+    from transfer_learning.model.backbones.torchvision_models import torchvision_cache_file
+
+    marker, torch_home = tmp_path / "pwned", tmp_path / "torch_home"
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv1.weight": Trap(marker)}, weights)
+    train = [str(REPO / "train.py"), f"data.root={shapes_dir}", "input.image_size=32", "logger=csv",
+             f"hydra.run.dir={tmp_path}/run", "data.num_workers=0"]  # fmt: skip
+    env = {"TORCH_HOME": str(torch_home), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    assert_refused(cli([*train, f"model.weights={weights}"], tmp_path, env), str(weights))
+    assert not marker.exists()
+    os.environ["TORCH_HOME"], saved = str(torch_home), os.environ["TORCH_HOME"]
+    try:
+        cache = torchvision_cache_file(ResNet18_Weights.IMAGENET1K_V1)
+    finally:
+        os.environ["TORCH_HOME"] = saved
+    cache.parent.mkdir(parents=True)
+    torch.save({"conv1.weight": Trap(marker)}, cache)
+    assert_refused(cli([*train, "model=resnet18"], tmp_path, env), f"refusing cached weights {cache}")
+    assert not marker.exists() and cache.is_file()  # the user's file is named, not deleted
 
 
 # -- CSV label files ------------------------------------------------------------------------

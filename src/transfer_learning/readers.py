@@ -27,6 +27,7 @@ module.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -35,7 +36,7 @@ import os
 import pickle
 import stat
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,27 @@ def read_weights(path: Path) -> Any:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def pickle_free_library_loads() -> Iterator[None]:
+    """Inside the block, every ``torch.load`` reads without pickle (``weights_only``), also
+    where a library asks for pickle: torchvision reads its ``$TORCH_HOME`` weights cache with
+    ``weights_only=False``, so a crafted cache file would run code when the model is built."""
+    saved = {name: os.environ.get(name) for name in (_FORCE, _NO_FORCE)}
+    os.environ[_FORCE] = "1"
+    os.environ.pop(_NO_FORCE, None)  # torch refuses both at once
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def read_array(path: Path) -> Any:

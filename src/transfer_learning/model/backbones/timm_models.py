@@ -18,6 +18,7 @@ from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
 from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.readers import pickle_free_library_loads
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ def timm_backbone(
         )
     pretrained = weights is not None and str(weights).lower() == "pretrained"
     try:
-        with _hub_offline_if_unreachable() if pretrained else contextlib.nullcontext():
+        offline = _hub_offline_if_unreachable() if pretrained else contextlib.nullcontext()
+        with offline, pickle_free_library_loads():
             model = timm.create_model(name, pretrained=pretrained, **create_kwargs)
     except Exception as exc:
         if not pretrained:

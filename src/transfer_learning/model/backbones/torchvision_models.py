@@ -4,6 +4,7 @@ an enum name, the ``$TORCH_HOME`` cache, a local file, and a clear error when of
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from transfer_learning.model.backbones.surgery import (
 from transfer_learning.model.backbones.weights_file import load_weights_file, looks_like_path
 from transfer_learning.model.network import Network
 from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.readers import pickle_free_library_loads
 
 # Torchvision modules whose builders accept ``aux_logits``.
 AUX_FAMILIES = ("inception", "googlenet")
@@ -90,8 +92,16 @@ def _build(name: str, weights: WeightsEnum | None, kwargs: dict[str, Any]) -> nn
     cache = torchvision_cache_file(weights)
     had_file = cache.is_file()
     try:
-        return torchvision.models.get_model(name, weights=weights, **kwargs)
+        with pickle_free_library_loads():  # torchvision would unpickle its cache file
+            return torchvision.models.get_model(name, weights=weights, **kwargs)
     except Exception as exc:  # network, hash or unpickling failures all end here
+        if had_file and isinstance(exc, pickle.UnpicklingError):
+            raise WeightsError(
+                f"refusing cached weights {cache} for {name}: it is not a file of plain tensors (damaged, "
+                "or it holds Python objects that only pickle can rebuild, and unpickling a file can run "
+                "code). torchvision's own weights are plain tensors: delete it and run again with network "
+                "access, or copy the real file there."
+            ) from None
         if had_file:
             raise WeightsError(
                 f"cannot load cached weights {cache} for {name} ({exc}). The file may be "

@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from helpers import REPO, best_checkpoint, run_cli
 from transfer_learning.model.calibration import (
     ECE_BINS,
+    PRIOR_SD,
     calibration_metrics,
+    choose_temperature,
     fit_temperature,
     reliability_bins,
 )
@@ -51,11 +54,42 @@ def test_multilabel_fit_uses_one_shared_temperature_on_the_sigmoids():
     assert fit_temperature(logits * 2.0, targets, multilabel=True) == pytest.approx(2.0, rel=0.1)
 
 
-def test_no_samples_and_perfectly_separated_ones_give_bounded_temperatures():
+def test_temperature_stays_1_where_the_images_cannot_identify_one():
     assert fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long), False) == 1.0
-    logits = torch.eye(3).repeat(5, 1) * 4  # every sample right: the likelihood wants T -> 0
-    fitted = fit_temperature(logits, torch.arange(3).repeat(5), False)
-    assert 0.05 <= fitted < 1.0
+    logits = torch.eye(3).repeat(20, 1) * 4  # 60 images, every one right: the likelihood wants T -> 0
+    kept = choose_temperature(logits, torch.arange(3).repeat(20), False)
+    assert (kept.temperature, kept.fitted) == (1.0, False) and "all 60 images right" in kept.why
+    few = choose_temperature(torch.randn(6, 3), torch.arange(3).repeat(2), False)
+    assert (few.temperature, few.fitted) == (1.0, False) and "only 6 images" in few.why
+    z = torch.eye(3).repeat(10, 1) * 3
+    y = torch.arange(3).repeat(10)
+    y[0] = 1  # one mistake in 30: a fitted T gains too little over T = 1 to be told from chance
+    chance = choose_temperature(z, y, False)
+    assert (chance.temperature, chance.fitted) == (1.0, False) and "likelihood-ratio test" in chance.why
+    targets = torch.eye(3).repeat(20, 1)  # multi-label: every (image, class) call right
+    every = choose_temperature((targets * 2 - 1) * 3, targets, True)
+    assert every.why.startswith("all 180 class calls right")
+
+
+def test_the_prior_holds_a_few_images_near_1_and_lets_many_decide():
+    # Over-confident by 3x: many images find T = 3; 24 images with 4 confident mistakes move T only
+    # part way, and the fit equals the minimum of the penalised NLL computed on a grid.
+    logits, labels = calibrated_sample(4000, 5, seed=4)
+    many = choose_temperature(logits * 3, labels, False)
+    assert many.fitted and many.temperature == pytest.approx(3.0, rel=0.08)
+    z = torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]]).repeat(8, 1)
+    y = torch.arange(3).repeat(8)
+    y[:4] = torch.tensor([1, 2, 0, 2])  # four confident mistakes
+    few = choose_temperature(z, y, False)
+    grid = torch.linspace(-2, 3, 5001, dtype=torch.float64)
+    prior = grid**2 / (2 * PRIOR_SD**2)
+    data = torch.stack([F.cross_entropy(z.double() / t.exp(), y) * 24 for t in grid])
+    penalised = (data + prior).numpy()
+    best = float(grid[int(np.argmin(penalised))])
+    assert few.fitted and math.log(few.temperature) == pytest.approx(best, abs=2e-3)
+    unpenalised = [float(F.cross_entropy(z.double() / t.exp(), y)) for t in grid]
+    assert "4 of 24 predictions wrong" in few.why
+    assert 1.0 < few.temperature < math.exp(float(grid[int(np.argmin(unpenalised))]))
 
 
 def test_ece_nll_and_brier_match_their_definitions():
@@ -177,3 +211,35 @@ def test_a_checkpoints_temperature_is_taken_only_within_the_fits_range(shapes_di
     assert module.temperature == (2.0 if temperature == 2.0 and temperature is not True else 1.0)
     probs = module.probabilities(torch.randn(4, len(module.class_names)) * 50)
     assert torch.isfinite(probs).all()
+
+
+# What calibration may cost on the test split and still count as "not worse": the ECE of 30-60
+# test images moves by a few hundredths with one image, so 0.02; the NLL by 2 % plus 0.005.
+ECE_TOLERANCE, NLL_TOLERANCE = 0.02, (1.02, 0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["feature_extract", "finetune"])
+def test_calibration_does_not_worsen_the_demos_test_probabilities_on_several_seeds(tmp_path, strategy):
+    """The README's first command (feature extraction on the demo) and the demo fine-tune, shrunk
+    (30 images per class, 64 px, 2 epochs), on three seeds: the summary says what calibration did,
+    and test NLL and ECE after it are no worse than before, within the tolerances above."""
+    from helpers import train_cli
+
+    data = tmp_path / "data"
+    for seed in (0, 1, 2):
+        work = tmp_path / f"seed{seed}"
+        work.mkdir()
+        result = train_cli(work, f"strategy={strategy}", f"seed={seed}", "trainer.max_epochs=2",
+                           "input.image_size=64", f"data.root={data}", f"data.generate.root={data}",
+                           "data.generate.images_per_class=30", "data.num_workers=0", "worst_samples=0",
+                           "logger=csv")  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        summary = json.loads(next((work / "logs").rglob("summary.json")).read_text())
+        line = str(summary["calibration"])
+        assert line.startswith("temperature ") and ("val images" in line or "val split" in line), line
+        assert summary["test/ece"] <= summary["test/ece_uncalibrated"] + ECE_TOLERANCE, (seed, line)
+        ratio, slack = NLL_TOLERANCE
+        assert summary["test/nll"] <= summary["test/nll_uncalibrated"] * ratio + slack, (seed, line)
+        if line.startswith("temperature 1 kept"):
+            assert summary["test/nll"] == pytest.approx(summary["test/nll_uncalibrated"], abs=1e-9)

@@ -22,9 +22,9 @@ from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.model.calibration import (
     ECE_BINS,
     MAX_TEMPERATURE,
-    MIN_TEMPERATURE,
+    PRIOR_SD,
     calibration_metrics,
-    fit_temperature,
+    choose_temperature,
     reliability_bins,
 )
 from transfer_learning.model.module import TransferLearningModule
@@ -136,11 +136,16 @@ def _fit(module: TransferLearningModule, datamodule: ImageDataModule) -> tuple[f
     multilabel = module.task == "multilabel"
     logits, labels = predict_logits(module, datamodule, "val")
     targets = targets_tensor(labels, len(module.class_names), multilabel)
-    temperature = fit_temperature(logits, targets, multilabel)
+    fit = choose_temperature(logits, targets, multilabel)
+    temperature = fit.temperature
     before = calibration_metrics(module.metrics.activation(logits.double()), targets, multilabel)
     after = calibration_metrics(module.metrics.activation(logits.double() / temperature), targets, multilabel)
     record = {
-        "method": "temperature scaling: one temperature" + (" shared by every class" if multilabel else ""),
+        "method": "temperature scaling: one temperature"
+        + (" shared by every class" if multilabel else "")
+        + f", fitted with a normal prior on log T (sd {PRIOR_SD}) around 1",
+        "fitted": fit.fitted,
+        "why": fit.why,
         "fitted_on": "val",
         "images": len(targets),
         "val_nll_before": before["nll"],
@@ -180,13 +185,20 @@ def describe(module: TransferLearningModule, enabled: bool) -> str:
         return "off (calibrate=false): probabilities as the network gives them"
     if record is None:
         return "none: no validation split to fit a temperature on"
-    temperature = record["temperature"]
-    limit = temperature in (MIN_TEMPERATURE, MAX_TEMPERATURE)
+    temperature, images = record["temperature"], record["images"]
+    nll = f"val NLL {record['val_nll_before']:.4f} -> {record['val_nll_after']:.4f}"
+    if record.get("fitted", True):  # checkpoints from before the prior have no "fitted"
+        limit = " (at its limit: the network is far more confident than right)"
+        return (
+            f"temperature {temperature:.3f}"
+            + (limit if temperature >= MAX_TEMPERATURE else "")
+            + f", fitted on {images} {record['fitted_on']} images"
+            + (f" ({record['why']}; {nll})" if record.get("why") else f" ({nll})")
+            + "; stored in the best checkpoint"
+        )
     return (
-        f"temperature {temperature:.3f}"
-        + (" (at its limit: too few or too easy validation images for a reliable fit)" if limit else "")
-        + f", fitted on {record['images']} val images (val NLL {record['val_nll_before']:.4f} -> "
-        f"{record['val_nll_after']:.4f}); stored in the best checkpoint"
+        f"temperature 1 kept on the {record['fitted_on']} split ({images} images), the network's own "
+        f"probabilities: {record['why']}"
     )
 
 

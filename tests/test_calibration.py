@@ -156,7 +156,12 @@ def test_a_run_is_calibrated_and_eval_predict_and_export_use_its_temperature(
     result = run_python([REPO / "eval.py", f"ckpt_path={copied}", f"hydra.run.dir={work}/eval",
                          "data.num_workers=0"], cwd=work)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    numbers = json.loads((work / "eval" / "eval.json").read_text())["calibration"]
+    evaluated = json.loads((work / "eval" / "eval.json").read_text())
+    numbers = evaluated["calibration"]
+    # the same test images as the run's, so the same accuracy interval
+    bounds = [summary["test/acc_ci95_low"], summary["test/acc_ci95_high"]]
+    assert evaluated["accuracy_ci95"] == pytest.approx(bounds)
+    assert "95 % [" in result.stdout
     assert numbers["temperature"] == pytest.approx(temperature)
     for key in ("ece", "nll", "brier"):
         assert numbers["calibrated"][key] == pytest.approx(summary[f"test/{key}"], abs=1e-5), key

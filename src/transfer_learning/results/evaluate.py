@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.readers import read_config
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
 from transfer_learning.results.calibration_report import before_after, evaluate_calibration
+from transfer_learning.results.confidence import format_interval, wilson
 from transfer_learning.results.multilabel import evaluate_multilabel, format_per_class
 from transfer_learning.results.predict import threshold_file
 from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
@@ -161,6 +163,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     measure = evaluate_multilabel if module.task == "multilabel" else _multiclass
     result.update(measure(module, checkpoint, files, targets, probs, output, split))
+    share = "exact_match" if module.task == "multilabel" else "accuracy"
+    result[f"{share}_ci95"] = list(wilson(round(result[share] * len(files)), len(files)))
     result["calibration"], diagram = evaluate_calibration(probs, targets, module, output, split)
     result["files"]["reliability diagram"] = str(diagram)
     (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -230,6 +234,10 @@ def _write_threshold(checkpoint: Path, threshold: float, output: Path, split: st
         log.warning("Could not write %s (%s); the threshold is in eval.json", where, exc)
 
 
+def _bounds(result: Mapping[str, Any], key: str) -> str:
+    return format_interval(result[f"{key}_ci95"], result["images"])
+
+
 def format_result(result: dict[str, Any]) -> str:
     width = max(8, *(len(r["class"]) for r in result["per_class"]))
     lines = [
@@ -246,6 +254,7 @@ def format_result(result: dict[str, Any]) -> str:
     if result["task"] == "multilabel":
         lines += [
             f"  {name:<12} {result[key]:.4f}"
+            + (f"  95 % {_bounds(result, key)}" if key == "exact_match" else "")
             for name, key in (
                 ("mAP", "map"),
                 ("macro F1", "f1"),
@@ -255,7 +264,8 @@ def format_result(result: dict[str, Any]) -> str:
         ]
         lines += ["", *format_per_class(result["per_class"])]  # fmt: skip
     else:
-        lines += [f"  accuracy   {result['accuracy']:.4f}", f"  macro F1   {result['macro_f1']:.4f}"]
+        lines += [f"  accuracy   {result['accuracy']:.4f}  95 % {_bounds(result, 'accuracy')}",
+                  f"  macro F1   {result['macro_f1']:.4f}"]  # fmt: skip
         if "top5_accuracy" in result:
             lines.append(f"  top-5 acc  {result['top5_accuracy']:.4f}")
         lines += ["", f"  {'class':<{width}}  precision  recall      f1  support"]

@@ -16,6 +16,7 @@ from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import per_class_metrics, predict_split, worst_samples, write_rows
 from transfer_learning.results.calibration_report import measure_test
+from transfer_learning.results.confidence import format_interval, share_intervals
 from transfer_learning.results.multilabel import multi_hot, save_pr_curves, set_mistakes
 from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import (
@@ -38,6 +39,7 @@ from transfer_learning.run.loggers import (
 )
 
 log = logging.getLogger(__name__)
+INTERVAL_BOUNDS = ("_ci95_low", "_ci95_high")  # in summary.json and W&B; printed as one entry
 
 
 def finish_run(
@@ -66,6 +68,7 @@ def finish_run(
     summary = build_summary(
         trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
     )
+    summary = _with_intervals(summary, test_metrics, datamodule.split_sizes().get("test", 0))
     summary.update(tuned)
     summary["weight averaging"] = weight_averaging(trainer)
     if trainer.is_global_zero:
@@ -75,6 +78,8 @@ def finish_run(
         summary.update(numbers)
         test_metrics = {**test_metrics, **numbers}
         log_results(loggers, numbers)
+        bounds = {k: v for k, v in summary.items() if k.endswith(INTERVAL_BOUNDS)}
+        log_results(loggers, bounds)
         log_picture(loggers, "test/reliability_diagram", Path(entries["reliability diagram"]))
         summary.update(
             _report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics, summary)
@@ -82,8 +87,27 @@ def finish_run(
         summary.update(logger_locations(loggers))
         write_summary(summary, output_dir / "summary.json")
         # The calibration numbers are in summary.json; printed once, as "before -> after".
-        print(format_summary({k: v for k, v in summary.items() if k not in numbers}), flush=True)
+        shown = {k: v for k, v in summary.items() if k not in numbers and k not in bounds}
+        print(format_summary(shown), flush=True)
     return summary
+
+
+def _with_intervals(
+    summary: dict[str, Any], test_metrics: Mapping[str, float | None], images: int
+) -> dict[str, Any]:
+    """``summary`` with each test share's 95 % interval after it: printed as ``test/acc 95 %``,
+    in ``summary.json`` and W&B also as numbers (``test/acc_ci95_low``, ``_high``)."""
+    intervals = share_intervals(test_metrics, images)
+    out: dict[str, Any] = {}
+    numbers: dict[str, float] = {}
+    for key, value in summary.items():
+        out[key] = value
+        if f"{key}_ci95" in intervals:
+            bounds = intervals[f"{key}_ci95"]
+            out[f"{key} 95 %"] = format_interval(bounds, images)
+            numbers.update({f"{key}_ci95_low": bounds[0], f"{key}_ci95_high": bounds[1]})
+    out.update(numbers)
+    return out
 
 
 def _write_report(

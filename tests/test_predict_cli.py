@@ -305,3 +305,19 @@ def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
     new = f"tl-predict ckpt_path={checkpoint} {images(*pictures)!r} output=preds.csv top_k=3"
     assert result.stderr.strip().endswith(f"write: {new}"), result.stderr
     assert not (tmp_path / "preds.csv").exists()
+
+
+def test_help_names_the_multilabel_csv_columns_predict_writes():
+    """--help's multi-label CSV columns are the ones the writer puts in the header, in order."""
+    import re
+    import subprocess
+    import sys
+
+    from transfer_learning.results.predict import csv_columns
+
+    shown = subprocess.run([sys.executable, "-m", "transfer_learning.cli.predict", "--help"],
+                           capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    listed = re.search(r"multi-label checkpoint.*?the CSV: (.*?); no", " ".join(shown.split()))
+    assert listed is not None, shown
+    written = [c.replace("prob_a", "prob_<class>") for c in csv_columns(["a"], 3, multilabel=True)]
+    assert re.findall(r"``([^`]+)``", listed.group(1)) == written

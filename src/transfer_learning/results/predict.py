@@ -19,7 +19,7 @@ is read in :mod:`transfer_learning.cli.predict`)
 * A multi-label checkpoint (``task=multilabel``) gives each image its label set instead: every
   class whose sigmoid probability reaches the class's threshold (stored in the checkpoint),
   possibly none. Stdout: path, the label set (``(no label)`` when empty), every class's
-  probability; the CSV: ``file``, ``labels`` (names joined by a space), ``prob_<class>``; no
+  probability; the CSV: ``file``, ``predicted`` (names joined by a space), ``prob_<class>``, ``error``; no
   top-k and no ``uncertain`` flag (a maximum softmax probability means nothing here).
 * A file that cannot be read (missing, not an image, truncated) is reported on stderr and in the
   output file, and skipped. Exit status: 0 when every input was predicted, 1 when some were

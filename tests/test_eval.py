@@ -132,3 +132,88 @@ def test_eval_errors_name_the_setting_and_the_fix(held_out, tmp_path):
     assert unknown.returncode == 2 and "'hexagon'" in said and "Traceback" not in said
     bad = eval_cli(tmp_path, f"ckpt_path={summary['best checkpoint']}", "tta=rotate")
     assert bad.returncode == 2 and "tta=rotate: none or flip" in bad.stdout + bad.stderr
+
+
+def test_input_settings_reach_eval_whatever_the_data_group():
+    """input.* is one of eval's settings with any data group (it was "not a group of settings"
+    with data=imagefolder); a key the input group does not have keeps its usual message."""
+    from transfer_learning.cli.checks import check_command
+
+    for data in ([], ["data=imagefolder", "data.root=x"], ["data=csv", "data.file=x.csv"]):
+        command = ["eval.py", "ckpt_path=x.ckpt", *data]
+        repeated = ["input.image_size=96", "input.image_size_strict=true"]
+        assert check_command("eval", [*command, *repeated]) is None
+        assert check_command("eval", [*command, "input.imagesize=96"]) == (
+            "input.imagesize is not a setting (did you mean input.image_size=96?)."
+        )
+
+
+METRICS = ("images", "accuracy", "macro_f1", "per_class", "confusion_matrix", "max_softmax_threshold")
+
+
+@pytest.mark.slow
+def test_input_settings_the_checkpoint_was_trained_with_change_nothing(held_out, tmp_path):
+    """The training command's input.image_size=48 (and input.image_size_strict=true, its default),
+    repeated on eval's command line, is the checkpoint's own: the same numbers as without it, on
+    the run's own test split and with data=imagefolder on the same held-out folder."""
+    root, summary, _ = held_out
+    checkpoint = summary["best checkpoint"]
+    commands = {
+        "plain": [],
+        "repeated": ["input.image_size=48", "input.image_size_strict=true"],
+        "group": ["data=imagefolder", f"data.root={root / 'test'}", "split=all", "input.image_size=48"],
+    }
+    results = {}
+    for name, settings in commands.items():
+        cwd = tmp_path / name
+        cwd.mkdir()
+        result = eval_cli(cwd, f"ckpt_path={checkpoint}", *settings)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[name] = json.loads((cwd / "eval" / "eval.json").read_text())
+        given = " ".join(s for s in settings if s.startswith("input."))
+        said = (result.stdout + result.stderr).splitlines()
+        info = [line for line in said if "the checkpoint's own" in line]
+        assert info == ([f"{given}: the checkpoint's own; eval takes the image size from it (48 px)."]
+                        if given else [])  # fmt: skip
+    plain = results["plain"]
+    assert {k: v for k, v in results["repeated"].items() if k != "files"} == {
+        k: v for k, v in plain.items() if k != "files"
+    }
+    assert {k: results["group"][k] for k in METRICS} == {k: plain[k] for k in METRICS}
+    assert read_csv(tmp_path / "repeated" / "eval" / "predictions.csv") == read_csv(
+        tmp_path / "plain" / "eval" / "predictions.csv"
+    )
+
+
+@pytest.mark.slow
+def test_input_settings_that_contradict_the_checkpoint_stop_eval_before_it_writes(held_out, tmp_path):
+    """input.image_size=96 for a checkpoint trained at 48 px: exit 2, one line that says the size
+    comes from the checkpoint, names its value and the way on; an input.* key that does not
+    exist: the unknown-setting message. Neither writes into the checkpoint's folder (no
+    threshold file) or leaves an eval folder."""
+    root, summary, _ = held_out
+    checkpoint = Path(summary["best checkpoint"])
+    folder = checkpoint.parent
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    held_out_folder = ["data=imagefolder", f"data.root={root / 'test'}", "split=all"]
+    for n, data in enumerate(([], held_out_folder)):
+        cwd = tmp_path / f"contradicts{n}"
+        cwd.mkdir()
+        result = eval_cli(cwd, f"ckpt_path={checkpoint}", *data, "input.image_size=96")
+        said = result.stdout + result.stderr
+        assert result.returncode == 2 and "Traceback" not in said, said[-3000:]
+        lines = [line for line in said.splitlines() if "input.image_size" in line]
+        assert lines == [
+            f"Error: input.image_size=96 contradicts the checkpoint {checkpoint.name}: eval takes the "
+            "image size from the checkpoint, trained with input.image_size=48 (48 px). Drop "
+            "input.image_size=96 from the command line."
+        ], said[-3000:]
+        assert not (cwd / "eval").exists()
+    cwd = tmp_path / "unknown"
+    cwd.mkdir()
+    unknown = eval_cli(cwd, f"ckpt_path={checkpoint}", "input.imagesize=48")
+    said = unknown.stdout + unknown.stderr
+    assert unknown.returncode == 2 and "Traceback" not in said
+    assert said.strip() == "Error: input.imagesize is not a setting (did you mean input.image_size=48?)."
+    assert not (cwd / "eval").exists()
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()} == before

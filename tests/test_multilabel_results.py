@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,33 @@ def test_predict_writes_label_sets_and_every_probability(run, multilabel_dir, tm
     again = tmp_path / "again.csv"
     write_csv(again, expected, [], NAMES, 1, multilabel=True)
     assert [r["predicted"] for r in read_csv(again)] == [r["predicted"] for r in rows[:10]]
+
+
+@pytest.mark.slow
+def test_predict_help_names_the_columns_of_the_multilabel_csv_it_writes(run, multilabel_dir, tmp_path):
+    """The columns --help gives for a multi-label checkpoint's CSV (``prob_<class>``: one per
+    class), in order, are the header of the CSV a real predict writes for one (it said
+    ``labels`` where the CSV has ``predicted``)."""
+    shown = command(tmp_path, "-m transfer_learning.results.predict", "--help")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    text = " ".join(shown.stdout.split())
+    listed = re.search(r"A multi-label checkpoint .*?the CSV's columns: (.*?``error``)", text)
+    assert listed is not None, shown.stdout
+    checkpoint = run["summary"]["best checkpoint"]
+    pictures = list_images(multilabel_dir / "images").files[:2]
+    output = tmp_path / "preds.csv"
+    result = command(tmp_path, "-m transfer_learning.results.predict", f"ckpt_path={checkpoint}",
+                     f"images=[{pictures[0]},{pictures[1]}]", f"output={output}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(output, newline="") as f:
+        header = next(csv.reader(f))
+    classes = TransferLearningModule.load_for_inference(checkpoint).class_names
+    named = [
+        column
+        for name in re.findall(r"``([^`]+)``", listed[1])
+        for column in ([f"prob_{c}" for c in classes] if name == "prob_<class>" else [name])
+    ]
+    assert named == header and "predicted" in header and "labels" not in header
 
 
 @pytest.mark.slow

@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -307,17 +310,53 @@ def test_the_command_line_exit_codes(tmp_path, shapes_dir, checkpoint, capsys):
     assert not (tmp_path / "preds.csv").exists()
 
 
-def test_help_names_the_multilabel_csv_columns_predict_writes():
-    """--help's multi-label CSV columns are the ones the writer puts in the header, in order."""
-    import re
-    import subprocess
-    import sys
+def help_columns(shown: str, class_names: list[str], top_k: int) -> tuple[list[str], list[str]]:
+    """The CSV columns ``--help`` names, single-label then multi-label, in order: ``prob_<class>``
+    one column per class of ``class_names``; ``top1_class, top1_prob, ...`` each part per rank up
+    to ``top_k``."""
+    lists = re.findall(r"the CSV's columns: (.*?``error``)", " ".join(shown.split()))
+    assert len(lists) == 2, shown
+    expanded = []
+    for listed in lists:
+        names = re.findall(r"``([^`]+)``", listed)
+        parts = [n.removeprefix("top1_") for n in names if n.startswith("top1_")]
+        columns: list[str] = []
+        for name in names:
+            if name == "prob_<class>":
+                columns += [f"prob_{c}" for c in class_names]
+            elif name.startswith("top1_"):  # top1_class, top1_prob, ...: every rank's, at the first
+                if name == f"top1_{parts[0]}":
+                    columns += [f"top{r}_{part}" for r in range(1, top_k + 1) for part in parts]
+            else:
+                columns.append(name)
+        expanded.append(columns)
+    return expanded[0], expanded[1]
 
+
+def usage() -> str:
+    """``--help`` of the real command, in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "transfer_learning.results.predict", "--help"],
+                          capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+
+
+def test_help_names_the_csv_columns_the_writer_writes():
+    """--help's CSV columns, single- and multi-label, are the writer's own list, in order."""
     from transfer_learning.results.predict import csv_columns
 
-    shown = subprocess.run([sys.executable, "-m", "transfer_learning.cli.predict", "--help"],
-                           capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
-    listed = re.search(r"multi-label checkpoint.*?the CSV: (.*?); no", " ".join(shown.split()))
-    assert listed is not None, shown
-    written = [c.replace("prob_a", "prob_<class>") for c in csv_columns(["a"], 3, multilabel=True)]
-    assert re.findall(r"``([^`]+)``", listed.group(1)) == written
+    single, multi = help_columns(usage(), ["a", "b", "c"], 2)
+    assert single == csv_columns(["a", "b", "c"], 2)
+    assert multi == csv_columns(["a", "b", "c"], 2, multilabel=True)
+
+
+@pytest.mark.slow
+def test_help_names_the_columns_of_the_csv_predict_writes(tmp_path, shapes_dir, checkpoint):
+    """The header of the CSV a real `tl-predict ... output=preds.csv top_k=3` writes is the list
+    of columns --help gives for a single-label checkpoint."""
+    pictures = [shapes_dir / "star" / "0007.jpg", shapes_dir / "circle" / "0007.jpg"]
+    command = ["-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}", images(*pictures)]
+    result = run_python([*command, "top_k=3", "output=preds.csv"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "preds.csv", newline="") as f:
+        header = next(csv.reader(f))
+    classes = TransferLearningModule.load_for_inference(checkpoint).class_names
+    assert help_columns(usage(), classes, 3)[0] == header

@@ -17,6 +17,11 @@ macro and micro F1 and exact match at the thresholds stored in the checkpoint (t
 functions, :mod:`transfer_learning.model.metrics`), per-class AP / precision / recall / F1 /
 support in ``per_class_metrics.csv``, ``pr_curves.png``, and ``predictions.csv`` with the true
 and predicted label sets (names joined by a space) and every class's probability.
+
+The checkpoint holds its preprocessing, so eval takes the image size from it: ``input.*`` on the
+command line (the training command's ``input.image_size=96``, repeated) must be the checkpoint's
+own value, and then changes nothing; another value stops eval with the checkpoint's value
+(:func:`check_input_settings`).
 """
 
 from __future__ import annotations
@@ -90,6 +95,62 @@ def data_config(cfg: DictConfig, checkpoint: Path) -> tuple[dict[str, Any], Path
     return expand_paths(OmegaConf.to_container(base, resolve=True)), saved
 
 
+def _command_line(prefix: str) -> dict[str, str]:
+    """The ``<prefix><key>=<value>`` settings of this command (Hydra's record of it), as typed:
+    key -> value text, the last one of a key winning; deletions (``~key``) left out."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    given: dict[str, str] = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+")
+        if key.startswith(prefix) and not override.startswith("~"):
+            given[key.removeprefix(prefix)] = value
+    return given
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b and isinstance(a, bool) == isinstance(b, bool)  # True is not 1 here
+
+
+def check_input_settings(cfg: DictConfig, module: TransferLearningModule, checkpoint: Path) -> None:
+    """``input.<key>=<value>`` on eval's command line (the training command's, repeated): the
+    checkpoint holds its preprocessing, which eval never changes. A value the checkpoint was
+    trained with changes nothing (one info line says so); any other is a ConfigError naming the
+    checkpoint's value. ``input.image_size`` may be the size the training command asked for or
+    the size the network takes (they differ where the one asked for did not apply)."""
+    given = _command_line("input.")
+    if not given:
+        return
+    crop = module.preprocessing.crop_size
+    size, strict = module.hparams.get("image_size"), module.hparams.get("image_size_strict", True)
+    if size is None:
+        size_text = f"input.image_size=null (the weights' own size, {crop} px)"
+    elif _same(size, crop):
+        size_text = f"input.image_size={crop} ({crop} px)"
+    else:
+        size_text = f"input.image_size={size}, which this model could not take ({crop} px)"
+    trained = {
+        "image_size": (size, size_text),
+        "image_size_strict": (strict, f"input.image_size_strict={str(strict).lower()} ({crop} px)"),
+    }
+    for key, text in given.items():
+        if key not in trained:  # +input.<key>: conf/input/default.yaml has no such setting
+            raise ConfigError(f"input.{key} is not a setting (input has: {', '.join(sorted(trained))}).")
+        value = OmegaConf.select(cfg, f"input.{key}")  # as Hydra parsed it
+        theirs, described = trained[key]
+        # input.image_size: the size asked for, or the size the network takes; null where the one
+        # asked for did not apply (the weights' own size was used)
+        taken = (crop, *([None] if size is not None and not _same(size, crop) else []))
+        if not (_same(value, theirs) or (key == "image_size" and any(_same(value, t) for t in taken))):
+            raise ConfigError(
+                f"input.{key}={text} contradicts the checkpoint {checkpoint.name}: eval takes the image "
+                f"size from the checkpoint, trained with {described}. Drop input.{key}={text} from the "
+                "command line."
+            )
+    settings = " ".join(f"input.{key}={text}" for key, text in given.items())
+    log.info("%s: the checkpoint's own; eval takes the image size from it (%d px).", settings, crop)
+
+
 def eval_dataset(datamodule: ImageDataModule, split: str) -> Dataset:
     """``split`` of the data module under the evaluation transform; ``all``: every image."""
     if split not in SPLITS:
@@ -110,7 +171,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if tta not in ("none", "flip"):
         raise ConfigError(f"tta={tta}: none or flip.")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device)).to(device)
+    # The training-time hint about small input sizes says nothing useful here (predict's rule too).
+    size_log = logging.getLogger("transfer_learning.model.preprocessing")
+    level = size_log.level
+    size_log.setLevel(logging.ERROR)
+    try:
+        module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device))
+    finally:
+        size_log.setLevel(level)
+    module = module.to(device)
+    check_input_settings(cfg, module, checkpoint)  # before anything is written
     data, saved = data_config(cfg, checkpoint)
     for key in ("image_size", "image_size_strict"):
         data.pop(key, None)  # run_config.yaml from before the input group: the checkpoint decides

@@ -15,12 +15,15 @@ is read in :mod:`transfer_learning.cli.predict`)
   tab separated (tabs, newlines and other control characters in names written as ``\\t``,
   ``\\n``, ...). The CSV output neutralises cells a spreadsheet would run as formulas (a leading
   ``'`` before ``= + - @``).
-  ``output=`` also writes every probability to a CSV or JSON file (chosen by its suffix).
+  ``output=`` also writes every probability to a CSV or JSON file (chosen by its suffix); the
+  CSV's columns: ``file``, ``predicted``, ``score``, ``uncertain``, ``top1_class``, ``top1_prob``,
+  ... (up to the top k), ``prob_<class>`` (one per class), ``error``.
 * A multi-label checkpoint (``task=multilabel``) gives each image its label set instead: every
   class whose sigmoid probability reaches the class's threshold (stored in the checkpoint),
   possibly none. Stdout: path, the label set (``(no label)`` when empty), every class's
-  probability; the CSV: ``file``, ``predicted`` (names joined by a space), ``prob_<class>``, ``error``; no
-  top-k and no ``uncertain`` flag (a maximum softmax probability means nothing here).
+  probability; the CSV's columns: ``file``, ``predicted`` (the label set, names joined by a
+  space), ``prob_<class>`` (one per class), ``error``; no top-k and no ``uncertain`` flag (a
+  maximum softmax probability means nothing here).
 * A file that cannot be read (missing, not an image, truncated) is reported on stderr and in the
   output file, and skipped. Exit status: 0 when every input was predicted, 1 when some were
   bad (the others are still written), 2 for a usage error (an unreadable checkpoint, say).

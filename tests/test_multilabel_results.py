@@ -174,6 +174,24 @@ def test_the_run_reports_per_class_ap_and_pr_curves(run):
         assert 0.0 <= summary[key] <= 1.0, key
         assert key in run["stdout"]
     module = TransferLearningModule.load_for_inference(summary["best checkpoint"])
+    # Every headline test number with its 95 % interval: exact match by Wilson, the rest by bootstrap,
+    # all of them recomputed from test_predictions.json (the probabilities the test scored).
+    from transfer_learning.results.intervals import intervals, point_values, wilson
+    from transfer_learning.results.test_predictions import read_test_predictions
+
+    saved = read_test_predictions(folder / "test_predictions.json")
+    assert len(saved.files) == int(summary["images train/val/test"].split("/")[2])
+    thresholds = torch.tensor(saved.thresholds)
+    points = point_values(saved.probs, saved.targets, True, thresholds)
+    found = intervals(saved.probs, saved.targets, True, thresholds, seed=0, resamples=1000)
+    right = round(points["exact_match"] * len(saved.files))
+    assert found["exact_match"] == pytest.approx(wilson(right, len(saved.files)))
+    for key in ("map", "f1", "exact_match", "ece"):
+        assert summary[f"test/{key}"] == pytest.approx(points[key], abs=1e-5), key
+        assert [summary[f"test/{key}_ci95_low"], summary[f"test/{key}_ci95_high"]] == pytest.approx(
+            found[key]
+        )
+        assert f"test/{key} 95 %" in summary and "95 %" in run["stdout"]
     assert summary["thresholds"] == ", ".join(
         f"{n} {t:.3f}" for n, t in zip(NAMES, thresholds_of(module), strict=True)
     )
@@ -201,6 +219,10 @@ def test_the_run_reports_per_class_ap_and_pr_curves(run):
     assert table["columns"] == ["class", "ap", "precision", "recall", "f1", "support", "threshold"]
     assert [r[0] for r in table["data"]] == NAMES
     assert "_wandb.visualize.test/pr_curves_plot" in logged["config"]
+    history = {key: value for row in logged["history"] for key, value in row.items()}
+    for key in ("map", "f1", "exact_match", "ece"):  # the intervals, as numbers
+        for end in ("low", "high"):
+            assert history[f"test/{key}_ci95_{end}"] == pytest.approx(summary[f"test/{key}_ci95_{end}"]), key
     curves = logged["tables"]["test/pr_curves_plot_table"]
     assert {row[curves["columns"].index("lineKey")] for row in curves["data"]} == set(NAMES)
 
@@ -216,6 +238,10 @@ def test_eval_reproduces_the_runs_test_numbers(run, multilabel_dir, tmp_path):
     for key in ("map", "f1", "f1_micro", "exact_match"):
         assert evaluated[key] == pytest.approx(summary[f"test/{key}"], abs=1e-6), key
     assert evaluated["images"] == int(summary["images train/val/test"].split("/")[2])
+    for key in ("map", "f1", "exact_match", "ece"):  # the same images: the run's intervals
+        assert evaluated[f"{key}_ci95"] == pytest.approx(
+            [summary[f"test/{key}_ci95_low"], summary[f"test/{key}_ci95_high"]], abs=1e-4
+        ), key
     module = TransferLearningModule.load_for_inference(summary["best checkpoint"])
     assert evaluated["thresholds"] == pytest.approx(thresholds_of(module))
     predictions = read_csv(tmp_path / "eval" / "predictions.csv")

@@ -66,6 +66,8 @@ def test_a_four_job_multirun_writes_one_sorted_table_and_groups_the_jobs_on_wand
         summary = json.loads((Path(row["output_dir"]) / "summary.json").read_text())
         assert float(row[METRIC]) == pytest.approx(summary["best val/acc"])
         assert float(row["test/acc"]) == pytest.approx(summary["test/acc"])
+        bounds = (summary["test/acc_ci95_low"], summary["test/acc_ci95_high"])
+        assert row["test/acc 95 %"] == f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
         assert row["epochs"] == "2" and row["status"] == "ok"
         (wandb_dir,) = (Path(row["output_dir"]) / "wandb").glob("offline-run-*")
         run = read_wandb_run(wandb_dir)["run"]
@@ -74,9 +76,35 @@ def test_a_four_job_multirun_writes_one_sorted_table_and_groups_the_jobs_on_wand
     assert groups == {f"train-{sweep.name}"}  # one W&B group per sweep: <task_name>-<sweep folder>
     assert len(names) == 4
     markdown = (sweep / "sweep_results.md").read_text()
-    assert markdown.count("\n") == 6 and "| * |" in markdown
-    best = rows[0]
+    best, second = rows[0], rows[1]
+    lead = check_lead(best, second)
+    assert markdown.count("\n") == 8 and "| * |" in markdown and markdown.splitlines()[-1].startswith(lead)
     assert f"best: job {best['job']} ({best['overrides']})" in result.stdout
+    assert lead in result.stdout
+
+
+def check_lead(best: dict, second: dict) -> str:
+    """The sweep's lead line, recomputed from the two jobs' test_predictions.json by the
+    per-resample loop (accuracy from torch, not the vectorised counts): the same numbers."""
+    from transfer_learning.results.intervals import paired_bootstrap
+    from transfer_learning.results.test_predictions import read_test_predictions
+
+    a = read_test_predictions(Path(best["output_dir"]) / "test_predictions.json")
+    b = read_test_predictions(Path(second["output_dir"]) / "test_predictions.json")
+    assert a.files == b.files and len(a.files) > 0
+    right_a, right_b = a.probs.argmax(1) == a.targets, b.probs.argmax(1) == b.targets
+    assert float(right_a.double().mean()) == pytest.approx(float(best["test/acc"]))
+
+    def accuracy(right):
+        return lambda i: float(right[i].double().mean())
+
+    found = paired_bootstrap(accuracy(right_a), accuracy(right_b), len(a.files), 1000, 0)
+    assert found["difference"] == pytest.approx(float(best["test/acc"]) - float(second["test/acc"]))
+    verdict = "inside the noise" if found["low"] <= 0 <= found["high"] else "outside the noise"
+    jobs = f"job {best['job']} over job {second['job']}"
+    low, high, images = found["low"], found["high"], len(a.files)
+    return (f"lead of {jobs} on test/acc: {found['difference']:+.4f}, 95 % [{low:+.3f}, {high:+.3f}] "
+            f"(paired bootstrap, {images} test images): {verdict}")  # fmt: skip
 
 
 @pytest.mark.slow

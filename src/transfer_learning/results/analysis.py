@@ -128,14 +128,14 @@ def predict_probabilities(
 
 def predict_logits(
     module: TransferLearningModule, datamodule: ImageDataModule, split: str
-) -> tuple[torch.Tensor, list[Any]]:
-    """The raw logits (before any temperature) of every readable sample of ``split`` and their
-    targets, on this process alone (cached features when the run used them)."""
+) -> tuple[torch.Tensor, list[Any], list[str]]:
+    """The raw logits (before any temperature) of every readable sample of ``split``, their
+    targets and their files, on this process alone (cached features when the run used them)."""
     dataset = datamodule.datasets[split]
     workers = 0 if isinstance(dataset, CachedFeatures) else datamodule.num_workers
     logits, kept = _outputs(module, dataset, max(datamodule.batch_size, 64), workers, module, False)
-    labels = datamodule.split_files[split][1]
-    return logits, [labels[i] for i in kept]
+    files, labels = datamodule.split_files[split]
+    return logits, [labels[i] for i in kept], [files[i] for i in kept]
 
 
 def predict_split(

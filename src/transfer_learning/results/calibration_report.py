@@ -134,7 +134,7 @@ def _write_into_checkpoint(path: str, checkpoint: dict[str, Any], module: Transf
 def _fit(module: TransferLearningModule, datamodule: ImageDataModule) -> tuple[float, dict[str, Any]]:
     """The temperature for the module's current weights, from the validation split's logits."""
     multilabel = module.task == "multilabel"
-    logits, labels = predict_logits(module, datamodule, "val")
+    logits, labels, _ = predict_logits(module, datamodule, "val")
     targets = targets_tensor(labels, len(module.class_names), multilabel)
     fit = choose_temperature(logits, targets, multilabel)
     temperature = fit.temperature
@@ -203,14 +203,17 @@ def describe(module: TransferLearningModule, enabled: bool) -> str:
 
 
 def measure_test(
-    module: TransferLearningModule, datamodule: ImageDataModule, output_dir: Path, enabled: bool
+    module: TransferLearningModule,
+    logits: torch.Tensor,
+    labels: Sequence[Any],
+    output_dir: Path,
+    enabled: bool,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Rank zero, after testing: ECE, NLL and Brier on the test split with the module's
-    temperature and with temperature 1, and the reliability diagram. Returns the summary's
-    entries and the numbers (``test/ece`` ...: what the checkpoint's probabilities score;
-    ``test/ece_uncalibrated`` ...: temperature 1)."""
+    """Rank zero, after testing, from the test split's ``logits`` and ``labels``: ECE, NLL and
+    Brier with the module's temperature and with temperature 1, and the reliability diagram.
+    Returns the summary's entries and the numbers (``test/ece`` ...: what the checkpoint's
+    probabilities score; ``test/ece_uncalibrated`` ...: temperature 1)."""
     multilabel = module.task == "multilabel"
-    logits, labels = predict_logits(module, datamodule, "test")
     targets = targets_tensor(labels, len(module.class_names), multilabel)
     raw = module.metrics.activation(logits.double())
     calibrated = module.metrics.activation(logits.double() / module.temperature)

@@ -1,47 +1,79 @@
-"""How far a headline number on a small split could move: 95 % intervals.
+"""How far a headline number on a small split could move: the 95 % intervals the run summary,
+``summary.json``, W&B, eval, the report and the sweep table show.
 
-Accuracy (and multi-label exact match) is a share of images right, so its interval is exact
-enough in closed form: the Wilson score interval, which stays inside [0, 1] and is not
-degenerate at 0 or n right (the normal approximation gives [1, 1] for 60 of 60). On 60 test
-images an accuracy of 0.98 reads as 0.911-0.997: differences between runs smaller than that
-are noise.
+On 60 test images an accuracy of 0.98 reads as 0.911-0.997: differences between runs smaller than
+that are noise. Accuracy and multi-label exact match are shares of images right, so they get the
+Wilson score interval (closed form; inside [0, 1] and not degenerate at 0 or n right). Macro F1,
+mAP and ECE have no such form: a percentile bootstrap over the images, 1000 resamples from a fixed
+seed, so the same predictions always give the same interval (a run's and eval's agree on the same
+images). The arithmetic is in :mod:`transfer_learning.results.intervals`.
+
+A bootstrap interval of ECE need not contain the ECE itself: ECE is biased upwards on few images
+(every resample repeats some images, which empties bins), so its interval sits a little above.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from statistics import NormalDist
+from typing import Any
+
+from torch import Tensor
+
+from transfer_learning.results.intervals import Thresholds, intervals
 
 LEVEL = 0.95
-# The shares whose intervals the run summary and eval give: summary key -> what it counts.
-SHARES = {"test/acc": "single-label", "test/exact_match": "multilabel"}
+RESAMPLES = 1000
+SEED = 0
+EXACT = ("acc", "exact_match")  # Wilson; every other metric: bootstrap
+BOUNDS = ("_ci95_low", "_ci95_high")  # summary.json and W&B: <metric>_ci95_low / _high
 
 
-def wilson(successes: int, n: int, level: float = LEVEL) -> tuple[float, float]:
-    """The Wilson score interval of ``successes`` out of ``n`` (nan, nan without images)."""
-    if n <= 0:
-        return math.nan, math.nan
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    low = 0.0 if successes <= 0 else max(0.0, centre - half)  # exact ends: no rounding past them
-    high = 1.0 if successes >= n else min(1.0, centre + half)
-    return low, high
+def headline_intervals(
+    probs: Tensor, targets: Tensor, multilabel: bool, thresholds: Thresholds = None
+) -> dict[str, tuple[float, float]]:
+    """The 95 % interval of each headline metric of these (calibrated) probabilities: ``acc``,
+    ``f1``, ``ece`` (single-label); ``exact_match``, ``map``, ``f1``, ``ece`` (multi-label, at the
+    checkpoint's ``thresholds``). Keys as the run names its metrics (``test/<key>``)."""
+    return intervals(probs, targets, multilabel, thresholds, seed=SEED, resamples=RESAMPLES, level=LEVEL)
 
 
-def share_intervals(metrics: Mapping[str, float | None], images: int) -> dict[str, list[float]]:
-    """``<key>_ci95: [low, high]`` for each share among :data:`SHARES` in ``metrics``, measured
-    on ``images`` images (the count right is the share times the images, rounded)."""
-    out = {}
-    for key in SHARES:
-        value = metrics.get(key)
-        if value is not None and images > 0:
-            out[f"{key}_ci95"] = list(wilson(round(float(value) * images), images))
+def method(metric: str) -> str:
+    """How ``metric``'s interval was found: ``Wilson`` or ``bootstrap``."""
+    return "Wilson" if metric.rsplit("/", 1)[-1] in EXACT else "bootstrap"
+
+
+def format_interval(bounds: tuple[float, float] | list[float], images: int, how: str = "Wilson") -> str:
+    """``[0.911, 0.997] (Wilson, 60 images)``: a 95 % interval as printed."""
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}] ({how}, {images} images)"
+
+
+def bound_numbers(prefix: str, found: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """``{prefix}{metric}_ci95_low`` / ``_high`` for every interval: the numbers summary.json and
+    W&B carry."""
+    out: dict[str, float] = {}
+    for metric, (low, high) in found.items():
+        out[f"{prefix}{metric}{BOUNDS[0]}"] = low
+        out[f"{prefix}{metric}{BOUNDS[1]}"] = high
     return out
 
 
-def format_interval(bounds: list[float], images: int) -> str:
-    """``[0.911, 0.997] (Wilson, 60 images)``: the 95 % interval, as printed."""
-    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}] (Wilson, {images} images)"
+def with_intervals(
+    summary: Mapping[str, Any],
+    found: Mapping[str, tuple[float, float]],
+    images: int,
+    anchors: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``summary`` with ``<key> 95 %`` (printed) right after each ``<key>`` of ``found`` (or after
+    the entry ``anchors`` names for it: the ECE sits under "calibration on test"), and the bounds
+    as numbers at the end."""
+    anchors = anchors or {}
+    after: dict[str, list[str]] = {}
+    for key in found:
+        after.setdefault(anchors.get(key, key), []).append(key)
+    out: dict[str, Any] = {}
+    for entry, value in summary.items():
+        out[entry] = value
+        for key in after.get(entry, []):
+            out[f"{key} 95 %"] = format_interval(found[key], images, method(key))
+    out.update(bound_numbers("", found))
+    return out

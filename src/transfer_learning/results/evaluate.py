@@ -45,8 +45,8 @@ from transfer_learning.model.metrics import classification_metrics
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.readers import read_config
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
-from transfer_learning.results.calibration_report import before_after, evaluate_calibration
-from transfer_learning.results.confidence import format_interval, wilson
+from transfer_learning.results.calibration_report import before_after, evaluate_calibration, targets_tensor
+from transfer_learning.results.confidence import format_interval, headline_intervals, method
 from transfer_learning.results.multilabel import evaluate_multilabel, format_per_class
 from transfer_learning.results.predict import threshold_file
 from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
@@ -233,8 +233,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     measure = evaluate_multilabel if module.task == "multilabel" else _multiclass
     result.update(measure(module, checkpoint, files, targets, probs, output, split))
-    share = "exact_match" if module.task == "multilabel" else "accuracy"
-    result[f"{share}_ci95"] = list(wilson(round(result[share] * len(files)), len(files)))
+    result.update(_intervals(module, probs, targets, result))
     result["calibration"], diagram = evaluate_calibration(probs, targets, module, output, split)
     result["files"]["reliability diagram"] = str(diagram)
     (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -304,8 +303,27 @@ def _write_threshold(checkpoint: Path, threshold: float, output: Path, split: st
         log.warning("Could not write %s (%s); the threshold is in eval.json", where, exc)
 
 
+# eval.json's names for the headline metrics (the run's: acc, f1, ...), by task
+EVAL_NAMES = {"multiclass": {"acc": "accuracy", "f1": "macro_f1"}, "multilabel": {}}
+
+
+def _intervals(
+    module: TransferLearningModule, probs: torch.Tensor, targets: list[Any], result: Mapping[str, Any]
+) -> dict[str, list[float]]:
+    """``<metric>_ci95: [low, high]`` for accuracy, macro F1 and ECE (multi-label: mAP, F1, exact
+    match, ECE) of these probabilities, at the thresholds the scores used: the run's intervals,
+    computed the same way (:mod:`transfer_learning.results.confidence`)."""
+    multilabel = module.task == "multilabel"
+    truth = targets_tensor(targets, len(module.class_names), multilabel)
+    thresholds = torch.tensor(result["thresholds"]) if multilabel else None
+    names = EVAL_NAMES["multilabel" if multilabel else "multiclass"]
+    found = headline_intervals(probs, truth, multilabel, thresholds)
+    return {f"{names.get(metric, metric)}_ci95": list(bounds) for metric, bounds in found.items()}
+
+
 def _bounds(result: Mapping[str, Any], key: str) -> str:
-    return format_interval(result[f"{key}_ci95"], result["images"])
+    how = method("acc" if key == "accuracy" else key)
+    return format_interval(result[f"{key}_ci95"], result["images"], how)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -324,7 +342,7 @@ def format_result(result: dict[str, Any]) -> str:
     if result["task"] == "multilabel":
         lines += [
             f"  {name:<12} {result[key]:.4f}"
-            + (f"  95 % {_bounds(result, key)}" if key == "exact_match" else "")
+            + (f"  95 % {_bounds(result, key)}" if f"{key}_ci95" in result else "")
             for name, key in (
                 ("mAP", "map"),
                 ("macro F1", "f1"),
@@ -335,7 +353,7 @@ def format_result(result: dict[str, Any]) -> str:
         lines += ["", *format_per_class(result["per_class"])]  # fmt: skip
     else:
         lines += [f"  accuracy   {result['accuracy']:.4f}  95 % {_bounds(result, 'accuracy')}",
-                  f"  macro F1   {result['macro_f1']:.4f}"]  # fmt: skip
+                  f"  macro F1   {result['macro_f1']:.4f}  95 % {_bounds(result, 'macro_f1')}"]  # fmt: skip
         if "top5_accuracy" in result:
             lines.append(f"  top-5 acc  {result['top5_accuracy']:.4f}")
         lines += ["", f"  {'class':<{width}}  precision  recall      f1  support"]
@@ -346,7 +364,8 @@ def format_result(result: dict[str, Any]) -> str:
             lines += ["", f"  confidence threshold for predict: {result['max_softmax_threshold']:.4f}"]
     calibration = result["calibration"]
     lines += ["", f"  calibration (temperature {calibration['temperature']:.3f}; before -> after):",
-              f"    {before_after(calibration['uncalibrated'], calibration['calibrated'])}"]  # fmt: skip
+              f"    {before_after(calibration['uncalibrated'], calibration['calibrated'])}",
+              f"    ECE 95 % {_bounds(result, 'ece')}"]  # fmt: skip
     key_width = max(map(len, result["files"]))
     lines += [""] + [f"  {k:<{key_width}} {v}" for k, v in result["files"].items()] + ["=" * 72]
     return "\n".join(lines)

@@ -9,14 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.results.analysis import per_class_metrics, predict_split, worst_samples, write_rows
-from transfer_learning.results.calibration_report import measure_test
-from transfer_learning.results.confidence import format_interval, share_intervals
+from transfer_learning.results.analysis import (
+    per_class_metrics,
+    predict_logits,
+    predict_split,
+    worst_samples,
+    write_rows,
+)
+from transfer_learning.results.calibration_report import measure_test, targets_tensor
+from transfer_learning.results.confidence import BOUNDS, headline_intervals, with_intervals
 from transfer_learning.results.multilabel import multi_hot, save_pr_curves, set_mistakes
 from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import (
@@ -26,6 +33,8 @@ from transfer_learning.results.reporting import (
     save_confusion_table,
     write_summary,
 )
+from transfer_learning.results.test_predictions import FILE as TEST_PREDICTIONS
+from transfer_learning.results.test_predictions import write_test_predictions
 from transfer_learning.run.averaging import weight_averaging
 from transfer_learning.run.loggers import (
     CSVLogger,
@@ -39,7 +48,6 @@ from transfer_learning.run.loggers import (
 )
 
 log = logging.getLogger(__name__)
-INTERVAL_BOUNDS = ("_ci95_low", "_ci95_high")  # in summary.json and W&B; printed as one entry
 
 
 def finish_run(
@@ -68,17 +76,19 @@ def finish_run(
     summary = build_summary(
         trainer, module, datamodule, model_name, fit_metrics, test_metrics, output_dir, facts
     )
-    summary = _with_intervals(summary, test_metrics, datamodule.split_sizes().get("test", 0))
     summary.update(tuned)
     summary["weight averaging"] = weight_averaging(trainer)
     if trainer.is_global_zero:
         enabled = bool(cfg.get("calibrate", True))
-        entries, numbers = measure_test(module, datamodule, output_dir, enabled)
+        logits, labels, files = predict_logits(module, datamodule, "test")
+        entries, numbers = measure_test(module, logits, labels, output_dir, enabled)
         summary.update(entries)
         summary.update(numbers)
         test_metrics = {**test_metrics, **numbers}
         log_results(loggers, numbers)
-        bounds = {k: v for k, v in summary.items() if k.endswith(INTERVAL_BOUNDS)}
+        summary = with_intervals(summary, _test_intervals(module, logits, labels), len(labels), ANCHORS)
+        summary["test predictions"] = str(_write_test_predictions(module, logits, labels, files, output_dir))
+        bounds = {k: v for k, v in summary.items() if k.endswith(BOUNDS)}
         log_results(loggers, bounds)
         log_picture(loggers, "test/reliability_diagram", Path(entries["reliability diagram"]))
         summary.update(
@@ -92,22 +102,45 @@ def finish_run(
     return summary
 
 
-def _with_intervals(
-    summary: dict[str, Any], test_metrics: Mapping[str, float | None], images: int
+ANCHORS = {"test/ece": "calibration on test"}  # printed under the before -> after line
+
+
+def _test_probabilities(module: TransferLearningModule, logits: torch.Tensor) -> torch.Tensor:
+    """What the test metrics scored: the logits with the checkpoint's temperature, activated."""
+    return module.metrics.activation(logits.double() / module.temperature)
+
+
+def _write_test_predictions(
+    module: TransferLearningModule,
+    logits: torch.Tensor,
+    labels: list[Any],
+    files: list[str],
+    output_dir: Path,
+) -> Path:
+    """``test_predictions.json``: each test image's probabilities and target (the sweep table
+    compares two jobs on them)."""
+    thresholds = None
+    if module.task == "multilabel":  # as the test scored them (0.5 before any tuning)
+        chosen = module.thresholds
+        thresholds = [float(t) for t in chosen] if chosen is not None else [0.5] * len(module.class_names)
+    probs = _test_probabilities(module, logits)
+    path = output_dir / TEST_PREDICTIONS
+    return write_test_predictions(
+        path, module.task, list(module.class_names), thresholds, files, labels, probs
+    )
+
+
+def _test_intervals(
+    module: TransferLearningModule, logits: torch.Tensor, labels: list[Any]
 ) -> dict[str, Any]:
-    """``summary`` with each test share's 95 % interval after it: printed as ``test/acc 95 %``,
-    in ``summary.json`` and W&B also as numbers (``test/acc_ci95_low``, ``_high``)."""
-    intervals = share_intervals(test_metrics, images)
-    out: dict[str, Any] = {}
-    numbers: dict[str, float] = {}
-    for key, value in summary.items():
-        out[key] = value
-        if f"{key}_ci95" in intervals:
-            bounds = intervals[f"{key}_ci95"]
-            out[f"{key} 95 %"] = format_interval(bounds, images)
-            numbers.update({f"{key}_ci95_low": bounds[0], f"{key}_ci95_high": bounds[1]})
-    out.update(numbers)
-    return out
+    """The 95 % interval of every headline test metric (``test/acc``, ``test/f1``, ``test/ece``;
+    multi-label ``test/exact_match``, ``test/map``, ``test/f1``) from the test split's logits with
+    the checkpoint's temperature and thresholds: the probabilities the test metrics scored."""
+    multilabel = module.task == "multilabel"
+    probs = _test_probabilities(module, logits)
+    targets = targets_tensor(labels, len(module.class_names), multilabel)
+    found = headline_intervals(probs, targets, multilabel, module.thresholds if multilabel else None)
+    return {f"test/{metric}": bounds for metric, bounds in found.items()}
 
 
 def _write_report(

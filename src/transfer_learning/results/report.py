@@ -286,9 +286,9 @@ def write_report(
                 "best val/map", "test/acc", "test/map", "test/f1", "test/f1_micro", "test/exact_match",
                 "thresholds", "best checkpoint")  # fmt: skip
     lines = [f"# Run report: {summary.get('model')} with {summary.get('strategy')}", ""]
-    lines += _table(
-        [{"": k, "value": summary[k]} for k in headline if summary.get(k) is not None], ["", "value"]
-    )
+    rows_shown = [{"": k, "value": summary[k], "95 % interval": summary.get(f"{k} 95 %", "")}
+                  for k in headline if summary.get(k) is not None]  # fmt: skip
+    lines += _table(rows_shown, ["", "value", "95 % interval"])
     lines += ["", "## Settings that differ from the defaults", ""]
     lines += [f"- `{visible(o)}`" for o in overrides] or ["- none: `python train.py` with the defaults"]
     lines += [""]
@@ -303,8 +303,10 @@ def write_report(
         columns = ["class", "precision", "recall", "f1", "support"]
     if summary.get("calibration on test"):
         lines += ["## Calibration (test)", ""]
+        ece = summary.get("test/ece 95 %")
         lines += [f"- {visible(str(summary.get('calibration')))}",
-                  f"- before -> after: {summary['calibration on test']}", ""]  # fmt: skip
+                  f"- before -> after: {summary['calibration on test']}",
+                  *([f"- test ECE 95 % interval: {ece}"] if ece else []), ""]  # fmt: skip
         diagram = summary.get("reliability diagram")
         lines += picture("Reliability diagram", Path(diagram) if diagram else None, "No reliability diagram.")
     lines += ["## Per-class metrics (test)", ""]

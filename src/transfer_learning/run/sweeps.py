@@ -341,6 +341,7 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
                 "overrides": " ".join(overrides) or "(none)",
                 metric: value(record, metric),
                 test_key: value(record, test_key),
+                f"{test_key} 95 %": _interval(record, test_key),
                 "epochs": record.get("epochs"),
                 "wall_s": round(float(record["wall_s"])) if record.get("wall_s") is not None else None,
                 "status": "ok" if ok else f"{record.get('status')}: {record.get('error')}",
@@ -358,6 +359,15 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
     if rows and rows[0]["status"] == "ok" and rows[0][metric] is not None:
         rows[0]["best"] = "*"
     return rows
+
+
+def _interval(record: Mapping[str, Any], key: str) -> str:
+    """``[0.911, 0.997]``: the job's 95 % interval of ``key`` (empty without one)."""
+    metrics = record.get("metrics") or {}
+    low, high = metrics.get(f"{key}_ci95_low"), metrics.get(f"{key}_ci95_high")
+    if not isinstance(low, int | float) or not isinstance(high, int | float):
+        return ""
+    return f"[{low:.3f}, {high:.3f}]"
 
 
 _LONG_FLOAT = re.compile(r"(?<==)(-?\d*\.\d{5,}(?:e-?\d+)?|-?\d\.\d+e-?\d+)(?=\s|$)")
@@ -411,6 +421,14 @@ def summarize_sweep(sweep_dir: Path, metric: str, mode: str) -> tuple[list[dict[
             f"best: job {best['job']} ({short_numbers(best['overrides'])})  {metric}={_cell(best[metric])}"
         )
         text.append(f"      {best['output_dir']}")
+        runner_up = rows[1] if len(rows) > 1 and rows[1]["status"] == "ok" else None
+        if runner_up is not None:
+            from transfer_learning.results.comparison import describe_lead  # torch: not for --help
+
+            test_key = next(c for c in rows[0] if c.startswith("test/"))
+            lead = describe_lead(best, runner_up, test_key)
+            text.append(lead)
+            md_path.write_text(markdown + "\n" + lead + "\n")
     text += [f"table: {md_path}  (and {csv_path.name})", bar]
     return rows, "\n".join(text)
 

@@ -24,6 +24,7 @@ from transfer_learning.results.analysis import (
     run_facts,
 )
 from transfer_learning.results.calibration_report import calibrate_best
+from transfer_learning.results.confidence import BOUNDS
 from transfer_learning.results.evaluate import RUN_CONFIG
 from transfer_learning.results.finish import finish_run
 from transfer_learning.results.reporting import (
@@ -249,6 +250,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
             cfg, trainer, module, datamodule, loggers, best_path, fit_metrics, test_metrics, facts, tuned
         )
         status = "success"
-        return {**fit_metrics, **test_metrics, "best_checkpoint": best_path, "summary": summary}
+        bounds = {k: v for k, v in summary.items() if k.endswith(BOUNDS)}  # the sweep table shows them
+        return {**fit_metrics, **test_metrics, **bounds, "best_checkpoint": best_path, "summary": summary}
     finally:
         close_loggers(loggers, status)

@@ -95,6 +95,10 @@ def test_every_headline_number_of_a_run_and_of_eval_carries_its_interval(trained
             assert bounds[0] <= summary[key] <= bounds[1], key
     keys = list(summary)
     assert keys.index("test/acc 95 %") == keys.index("test/acc") + 1  # printed under its number
+    report = (trained_run / "report.md").read_text()  # the report's table: value, then interval
+    for key in ("test/acc", "test/f1"):
+        assert f"| {key} | {summary[key]:.4f} | {summary[key + ' 95 %']} |" in report, key
+    assert f"- test ECE 95 % interval: {summary['test/ece 95 %']}" in report
     assert keys.index("test/f1 95 %") == keys.index("test/f1") + 1
     assert keys.index("test/ece 95 %") == keys.index("calibration on test") + 1
 

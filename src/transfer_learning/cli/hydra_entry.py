@@ -28,6 +28,14 @@ HYDRA_INFO_FLAGS, HYDRA_INFO_VALUES = {"-i", "--info"}, {"all", "config", "defau
 _OVERRIDE = re.compile(r"^(\+{0,2}[^=+~-][^=]*=|~)")  # key=value, +key=value, ++key=value, ~key
 
 
+def _cv_shorthand(arg: str) -> str:
+    """``cv=5`` -> ``cv.folds=5``, ``cv=none`` -> ``cv.folds=null``, ``cv=3,5`` -> ``cv.folds=3,5``."""
+    if not arg.startswith("cv=") or arg.startswith("cv={"):
+        return arg
+    value = arg.removeprefix("cv=")
+    return f"cv.folds={'null' if value.lower() in ('none', 'null', '') else value}"
+
+
 def launch(config_name: str, task: Task, positional: Sequence[str] = ()) -> None:
     """Run ``task`` as the Hydra app of ``conf/<config_name>.yaml``.
 
@@ -54,6 +62,8 @@ def launch(config_name: str, task: Task, positional: Sequence[str] = ()) -> None
         raise SystemExit(2)
     os.environ.setdefault("PROJECT_ROOT", os.getcwd())
     sys.argv = expand_overrides(sys.argv)
+    if config_name == "train":  # cv=5: short for cv.folds=5 (Hydra reads cv=5 as replacing the cv block)
+        sys.argv = [sys.argv[0], *(_cv_shorthand(a) for a in sys.argv[1:])]
     if config_name == "train":  # ckpt_path=...: the run's own settings, unless given again
         from transfer_learning.run.resume import restore_settings
 

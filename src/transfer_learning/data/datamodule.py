@@ -34,7 +34,13 @@ from transfer_learning.data.scan import check_listing
 from transfer_learning.data.skipping import gather_sets, skipped_positions
 from transfer_learning.data.sources import Listing, make_source
 from transfer_learning.data.sources.base import check_task
-from transfer_learning.data.splits import check_fractions, split_listing
+from transfer_learning.data.splits import (
+    check_folds,
+    check_fractions,
+    fold_numbers,
+    fold_split,
+    split_listing,
+)
 from transfer_learning.data.transforms import augment_settings, build_transforms
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.preprocessing import Preprocessing
@@ -67,6 +73,8 @@ class ImageDataModule(L.LightningDataModule):
         scan_cache_dir: str | None = None,
         drop_duplicates: bool = False,
         balance: str = "none",
+        cv_folds: int | None = None,
+        cv_fold: int = 0,
         **source_settings: Any,
     ) -> None:
         super().__init__()
@@ -76,6 +84,9 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = worker_count(num_workers)
         self.fractions = check_fractions(val_fraction, test_fraction)
         self.seed = seed
+        # k-fold cross-validation (set by the fold loop, cv=K): val is fold cv_fold of cv_folds
+        self.cv_folds = check_folds(cv_folds)
+        self.cv_fold = int(cv_fold)
         self.augment = augment_settings(augment)
         self.verify = verify_images
         if on_bad_file not in ("error", "skip"):
@@ -160,6 +171,13 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- datasets ---------------------------------------------------------------------------
 
+    def _split(self) -> dict[str, list[int]]:
+        """Listing positions per split: the seeded split, or with cross-validation this fold's."""
+        assert self.listing is not None
+        if self.cv_folds:
+            return fold_split(self.listing, self.fractions, self.seed, self.cv_folds, self.cv_fold)
+        return split_listing(self.listing, self.fractions, self.seed)
+
     def _images(self, positions: Sequence[int], train: bool) -> ListedImages:
         listing = self.listing
         assert listing is not None and self.preprocessing is not None
@@ -179,7 +197,7 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError("set_preprocessing() must be called before setup(): the backbone decides it")
         self.discover()
         assert self.listing is not None
-        indices = split_listing(self.listing, self.fractions, self.seed)
+        indices = self._split()
         datasets: dict[str, Dataset] = {"train": self._images(indices["train"], augment_train)}
         for name in ("val", "test"):
             if indices.get(name):
@@ -239,7 +257,7 @@ class ImageDataModule(L.LightningDataModule):
             return self.batch_size
         self.discover()  # the split's size, before any dataset exists (the run's summary asks first)
         assert self.listing is not None
-        rows = len(split_listing(self.listing, self.fractions, self.seed)["train"]) // max(processes, 1)
+        rows = len(self._split()["train"]) // max(processes, 1)
         return cached_batch_size(self.cache_batch_size, rows, self.batch_size)
 
     def cached_features(self, cache: FeatureCache, splits: Sequence[str]) -> dict[str, CachedFeatures]:
@@ -260,7 +278,11 @@ class ImageDataModule(L.LightningDataModule):
         exact = {"eval": self.preprocessing.to_dict()}
         train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
         out: dict[str, CachedFeatures] = {}
+        if self.cv_folds and views == 1:  # every fold's train and val: rows of one cache of them all
+            out.update(self._fold_features(cache, images, exact, device))
         for name, dataset in images.items():
+            if name in out:
+                continue
             if name == "test" and dataset is images.get("val"):
                 out[name] = out["val"]
                 continue
@@ -278,6 +300,27 @@ class ImageDataModule(L.LightningDataModule):
                     [targets[i] for i in features.kept],
                 )
             out[name] = features
+        return out
+
+    def _fold_features(
+        self, cache: FeatureCache, images: dict[str, Dataset], exact: dict[str, Any], device: torch.device
+    ) -> dict[str, CachedFeatures]:
+        """Cross-validation: the features of all training+validation images, cached once under
+        one key (the same for every fold), and this fold's train and val as rows of them; empty
+        where an image broke while caching (each split is then cached on its own)."""
+        assert self.listing is not None
+        numbers = fold_numbers(self.listing, self.fractions, self.seed, self.cv_folds or 0)
+        pool = self._images(sorted(numbers), False)
+        files, targets = samples(pool)
+        labels: Sequence[Any] = multi_hot(targets, len(self.class_names)) if self.multilabel else targets
+        features = cache.get("trainval", pool, files, labels, transform=exact, views=1, seed=0, device=device)
+        if features.kept is not None:
+            return {}
+        row = {file: i for i, file in enumerate(files)}
+        out = {}
+        for name in ("train", "val"):
+            chosen = [row[f] for f in samples(images[name])[0]]
+            out[name] = CachedFeatures(features.features[:, chosen], [labels[i] for i in chosen])
         return out
 
     def _features(self) -> dict[str, Dataset]:

@@ -13,6 +13,7 @@ at random (seeded).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,6 +155,21 @@ def split_deviation(
     return float(max(np.abs(shares(indices) - whole).max() for indices in split.values() if len(indices)))
 
 
+MAX_FOLDS = 10
+
+
+def check_folds(folds: Any) -> int | None:
+    """``cv.folds`` (``cv=K``): None, or a whole number from 2 to :data:`MAX_FOLDS`."""
+    if folds is None:
+        return None
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+        raise ConfigError(
+            f"cv.folds={folds!r}: k-fold cross-validation takes 2 to {MAX_FOLDS} folds (cv=5), or none "
+            "(cv=none)."
+        )
+    return folds
+
+
 def check_fractions(val_fraction: float, test_fraction: float) -> dict[str, float]:
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError(
@@ -177,3 +193,77 @@ def split_listing(listing: Listing, fractions: Mapping[str, float], seed: int) -
     pool = given["train"]
     parts = seeded_split([listing.targets[i] for i in pool], listing.task, wanted, seed, listing.class_names)
     return {**given, **{name: [pool[j] for j in positions] for name, positions in parts.items()}}
+
+
+def deal_folds(targets: Sequence[Sequence[int]], folds: int, seed: int) -> list[int]:
+    """Each image's fold (0 .. ``folds`` - 1), by iterative stratification into equal folds: the
+    rarest class still to deal goes first, each of its images into the fold that still wants the
+    most of that class (each fold wants 1/folds of every class's positives, not rounded), ties to
+    the fold with the most room, then at random (seeded). One label per image is the special
+    case: every class dealt evenly, fold sizes within one image. Images without labels fill the
+    folds with the most room."""
+    rng = np.random.default_rng(seed)
+    n = len(targets)
+    classes = 1 + max((c for row in targets for c in row), default=-1)
+    positives = np.zeros(classes)
+    for row in targets:
+        positives[list(row)] += 1
+    want = np.tile(positives / folds, (folds, 1))
+    room = np.full(folds, n / folds)
+    out = [-1] * n
+    todo = {i for i in range(n) if targets[i]}
+
+    def place(i: int, candidates: np.ndarray) -> None:
+        best = candidates[room[candidates] == room[candidates].max()]
+        fold = int(rng.choice(best))
+        out[i] = fold
+        want[fold, list(targets[i])] -= 1
+        room[fold] -= 1
+
+    while todo:
+        left = np.zeros(classes)
+        for i in todo:
+            left[list(targets[i])] += 1
+        rarest = int(np.flatnonzero(left == left[left > 0].min())[0])
+        for i in rng.permutation(sorted(i for i in todo if rarest in targets[i])).tolist():
+            wants = want[:, rarest]
+            place(i, np.flatnonzero(wants == wants.max()))
+            todo.discard(i)
+    for i in rng.permutation([i for i in range(n) if not targets[i]]).tolist():
+        place(i, np.arange(folds))
+    return out
+
+
+def fold_numbers(listing: Listing, fractions: Mapping[str, float], seed: int, folds: int) -> dict[int, int]:
+    """k-fold cross-validation: each training+validation image's fold (listing position -> 0 ..
+    ``folds`` - 1), dealt by :func:`deal_folds` so each fold keeps every class's share; the test
+    split (listed, or cut off by ``fractions``) is left out, exactly as without folds. Every class
+    needs at least ``folds`` training+validation images (one per fold)."""
+    base = split_listing(listing, fractions, seed)
+    pool = sorted(base["train"] + base.get("val", []))
+    for label, name in enumerate(listing.class_names):
+        have = sum(label in listing.targets[i] for i in pool)
+        if 0 < have < folds:
+            raise ConfigError(
+                f"cv={folds}: class {name!r} has {have} training+validation image(s), and each of the "
+                f"{folds} folds needs one. Use fewer folds (cv={max(2, have)}), add images of {name!r}, "
+                "or leave the class out."
+            )
+    dealt = deal_folds([listing.targets[i] for i in pool], folds, seed)
+    return {pool[j]: fold for j, fold in enumerate(dealt)}
+
+
+def fold_split(
+    listing: Listing, fractions: Mapping[str, float], seed: int, folds: int, fold: int
+) -> dict[str, list[int]]:
+    """Positions per split for fold ``fold`` of ``folds``: val is that fold, train the other folds,
+    test the split that is held out without folds."""
+    if not 0 <= fold < folds:
+        raise ConfigError(f"data.cv_fold={fold}: a fold of {folds} is 0 to {folds - 1}.")
+    numbers = fold_numbers(listing, fractions, seed, folds)
+    test = split_listing(listing, fractions, seed).get("test", [])
+    return {
+        "train": sorted(i for i, k in numbers.items() if k != fold),
+        "val": sorted(i for i, k in numbers.items() if k == fold),
+        **({"test": test} if test else {}),
+    }

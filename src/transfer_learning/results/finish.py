@@ -34,6 +34,7 @@ from transfer_learning.results.reporting import (
     write_summary,
 )
 from transfer_learning.results.test_predictions import FILE as TEST_PREDICTIONS
+from transfer_learning.results.test_predictions import FOLD_FILE as FOLD_PREDICTIONS
 from transfer_learning.results.test_predictions import write_test_predictions
 from transfer_learning.run.averaging import weight_averaging
 from transfer_learning.run.loggers import (
@@ -87,7 +88,14 @@ def finish_run(
         test_metrics = {**test_metrics, **numbers}
         log_results(loggers, numbers)
         summary = with_intervals(summary, _test_intervals(module, logits, labels), len(labels), ANCHORS)
-        summary["test predictions"] = str(_write_test_predictions(module, logits, labels, files, output_dir))
+        summary["test predictions"] = str(
+            _write_predictions(module, logits, labels, files, output_dir / TEST_PREDICTIONS)
+        )
+        if datamodule.cv_folds:  # a fold of cv=K: its val images' probabilities are out-of-fold
+            fold = predict_logits(module, datamodule, "val")
+            summary["fold predictions"] = str(
+                _write_predictions(module, *fold, output_dir / FOLD_PREDICTIONS)
+            )
         bounds = {k: v for k, v in summary.items() if k.endswith(BOUNDS)}
         log_results(loggers, bounds)
         log_picture(loggers, "test/reliability_diagram", Path(entries["reliability diagram"]))
@@ -110,21 +118,17 @@ def _test_probabilities(module: TransferLearningModule, logits: torch.Tensor) ->
     return module.metrics.activation(logits.double() / module.temperature)
 
 
-def _write_test_predictions(
-    module: TransferLearningModule,
-    logits: torch.Tensor,
-    labels: list[Any],
-    files: list[str],
-    output_dir: Path,
+def _write_predictions(
+    module: TransferLearningModule, logits: torch.Tensor, labels: list[Any], files: list[str], path: Path
 ) -> Path:
-    """``test_predictions.json``: each test image's probabilities and target (the sweep table
-    compares two jobs on them)."""
+    """``test_predictions.json``: each test image's probabilities (as the test scored them) and
+    target (the sweep table compares two jobs on them); a fold's ``fold_predictions.json``: the
+    same for its val images (cross-validation's out-of-fold predictions)."""
     thresholds = None
     if module.task == "multilabel":  # as the test scored them (0.5 before any tuning)
         chosen = module.thresholds
         thresholds = [float(t) for t in chosen] if chosen is not None else [0.5] * len(module.class_names)
     probs = _test_probabilities(module, logits)
-    path = output_dir / TEST_PREDICTIONS
     return write_test_predictions(
         path, module.task, list(module.class_names), thresholds, files, labels, probs
     )

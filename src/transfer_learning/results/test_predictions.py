@@ -19,6 +19,7 @@ import torch
 from transfer_learning.readers import MiB, UntrustedFileError, read_json
 
 FILE = "test_predictions.json"
+FOLD_FILE = "fold_predictions.json"  # a cross-validation fold's val images: out-of-fold
 LIMIT = 256 * MiB
 TASKS = ("multiclass", "multilabel")
 

@@ -262,13 +262,18 @@ def known_keys(groups: Sequence[str]) -> set[str]:
 
 
 def latest_checkpoint(runs: Path) -> Path | None:
-    found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest ``last.ckpt`` of a run, or of a fold of a cv=K run (``<run>/folds/fold<k>/``)."""
+    found = [*runs.glob("*/checkpoints/last.ckpt"), *runs.glob("*/folds/fold*/checkpoints/last.ckpt")]
+    found.sort(key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
 def run_folder_of(checkpoint: Path) -> Path | None:
-    """The run folder a checkpoint belongs to (``<run>/checkpoints/<file>``), if it is one."""
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/<file>``, or a cv=K run's
+    ``<run>/folds/fold<k>/checkpoints/<file>``), if it is one."""
     folder = checkpoint.absolute().parent.parent
+    if folder.parent.name == "folds" and re.fullmatch(r"fold\d{1,2}", folder.name):
+        folder = folder.parent.parent
     return folder if checkpoint.parent.name == "checkpoints" and (folder / ".hydra").is_dir() else None
 
 

@@ -144,7 +144,8 @@ def _resumable(ckpt_path: str, cfg: DictConfig, module: Any) -> dict[str, Any]:
     saved = safe_load(ckpt_path)
     check_saved_state(saved)
     max_epochs = cfg.trainer.get("max_epochs")
-    folder = run_folder_of(Path(ckpt_path))
+    # a fold of cv=K resumes in its own folder (<run>/folds/fold<k>), not in the cv run's
+    folder = Path(cfg.paths.output_dir) if cfg.data.get("cv_folds") else run_folder_of(Path(ckpt_path))
     done = check_resumable(
         saved, dict(module.hparams), len(module.strategy.param_groups(module.net)),
         None if max_epochs is None else int(max_epochs), ckpt_path, folder,
@@ -166,6 +167,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     SIGTERM at any point (preemption, a time limit) saves what can be saved and ends the run
     with :class:`Preempted`, which says how to go on (exit code 143)."""
+    if cfg.get("cv") is not None and cfg.cv.get("folds"):  # cv=K: K of these runs, in one folder
+        from transfer_learning.run.cross_validation import cross_validate
+
+        return cross_validate(cfg, train)
     preemption = SaveOnPreemption(resumed_from=expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
     with preemption.handling_sigterm():
         try:
@@ -211,7 +216,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
                 logger.drop_rows_after(int(saved.get("global_step", 0)))
     if trainer.is_global_zero:  # what eval.py reads to rebuild this run's splits; what a resume restores
         write_run_config(cfg, output_dir / RUN_CONFIG)
-        if HydraConfig.initialized():
+        if HydraConfig.initialized() and not cfg.data.get("cv_folds"):  # (a fold's are its cv run's)
             save_run_settings(output_dir, HydraConfig.get().overrides.task)
     model_name = cfg.model.get("name") or cfg.model._target_.rsplit(".", 1)[-1]
     facts = {**run_facts(module, datamodule, trainer), "precision": precision.precision,

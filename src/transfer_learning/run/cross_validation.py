@@ -1,0 +1,213 @@
+"""k-fold cross-validation (``cv=K``): one run folder, K fold runs in it, one summary.
+
+On a few hundred images a 60-image validation split moves every number by several points. With
+``cv=K`` the training+validation images are dealt into K stratified, seeded folds (the test split
+stays held out, as without folds); fold k trains on the others and validates on it, as an
+ordinary run in ``<run>/folds/fold<k>/`` (checkpoints, calibration, test, report). Then:
+
+- ``<run>/summary.json`` and the printed summary give each metric as mean ± std over the folds
+  (sample standard deviation) with the per-fold values;
+- ``<run>/oof_predictions.csv``: every training+validation image's probabilities from the fold
+  model that did not train on it (its best checkpoint, calibrated), with the fold;
+- the value a sweep optimises is the mean over folds.
+
+Feature extraction computes the backbone's features of all training+validation images once,
+under one cache key, and each fold reads its rows (:meth:`ImageDataModule._fold_features`).
+
+A fold that finished wrote ``fold.json``; a cv run started again (``ckpt_path=last``, or the
+fold's ``.../folds/fold<k>/checkpoints/last.ckpt``) skips those folds and continues the one
+that was interrupted from its ``last.ckpt``. ``fold.json`` is read back as data.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import re
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from transfer_learning.data.splits import check_folds
+from transfer_learning.errors import ConfigError
+from transfer_learning.escaping import csv_row
+from transfer_learning.readers import UntrustedFileError, read_json
+from transfer_learning.results.reporting import format_summary, write_summary
+from transfer_learning.results.test_predictions import FOLD_FILE as FOLD_PREDICTIONS
+from transfer_learning.results.test_predictions import read_test_predictions
+from transfer_learning.run.resume import save_run_settings
+
+log = logging.getLogger(__name__)
+
+FOLDS_DIR = "folds"
+FOLD_RECORD = "fold.json"
+OOF_FILE = "oof_predictions.csv"
+# The summary's numbers, per fold and as mean ± std (those a fold's summary has).
+SHOWN = ("best val/acc", "best val/map", "test/acc", "test/f1", "test/map", "test/exact_match", "test/ece")
+
+
+def fold_folder(run: Path, fold: int) -> Path:
+    return run / FOLDS_DIR / f"fold{fold}"
+
+
+def fold_of_checkpoint(checkpoint: Path) -> tuple[Path, int] | None:
+    """``(<run>, k)`` for a checkpoint in ``<run>/folds/fold<k>/checkpoints/``; else None."""
+    folder = checkpoint.absolute().parent.parent
+    match = re.fullmatch(r"fold(\d{1,2})", folder.name)
+    if checkpoint.parent.name != "checkpoints" or folder.parent.name != FOLDS_DIR or not match:
+        return None
+    return folder.parent.parent, int(match[1])
+
+
+def _fold_config(cfg: DictConfig, fold: int, folds: int, folder: Path) -> DictConfig:
+    """The run's settings for one fold: its folder, its split, and no folds of its own."""
+    fold_cfg = copy.deepcopy(cfg)
+    with open_dict(fold_cfg):
+        fold_cfg.paths.output_dir = str(folder)
+        fold_cfg.data.cv_folds = folds
+        fold_cfg.data.cv_fold = fold
+        fold_cfg.cv.folds = None
+        last = folder / "checkpoints" / "last.ckpt"
+        fold_cfg.ckpt_path = str(last) if last.is_file() else None
+        wandb = (fold_cfg.get("logger") or {}).get("wandb")
+        if wandb is not None:  # each fold a W&B run, the folds of a run one group
+            wandb.group = wandb.get("group") or f"cv-{folder.parent.parent.name}"
+            wandb.name = f"{wandb.get('name') or 'train'} fold{fold}"
+    return fold_cfg
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[str(key)] = float(value)
+    return out
+
+
+def read_fold(path: Path, fold: int, folds: int) -> dict[str, Any]:
+    """A finished fold's ``fold.json``, checked: this fold of this many, numbers only."""
+    fix = f"Delete {path.parent} to train that fold again."
+    record = read_json(path, fix=fix)
+    if not isinstance(record, dict) or record.get("fold") != fold or record.get("folds") != folds:
+        raise UntrustedFileError(f"refusing {path}: it is not the record of fold {fold} of {folds}. {fix}")
+    metrics, summary = record.get("metrics"), record.get("summary")
+    if not isinstance(metrics, dict) or not isinstance(summary, dict):
+        raise UntrustedFileError(f"refusing {path}: its 'metrics' and 'summary' must be mappings. {fix}")
+    if _numbers(metrics) != metrics or _numbers(summary) != summary:
+        raise UntrustedFileError(f"refusing {path}: its metrics must all be numbers. {fix}")
+    return record
+
+
+def _write_fold(path: Path, record: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:
+    """Train every fold of ``cfg.cv.folds`` with ``train_one`` (one ordinary run), skipping the
+    finished ones; then the out-of-fold predictions and the summary. Returns the mean over folds
+    of every metric the folds share (``<metric>_std`` beside each) and ``summary``."""
+    folds = check_folds(cfg.cv.get("folds"))
+    assert folds is not None
+    if cfg.cv.get("refit"):
+        raise ConfigError(
+            "cv.refit=true is not available yet: use the fold checkpoints "
+            "(<run>/folds/fold<k>/checkpoints/), or train the final model with cv=none on the settings "
+            "the folds chose."
+        )
+    if cfg.get("tune_lr"):
+        raise ConfigError(
+            "tune_lr=true with cv: run the learning-rate finder once without cv, then pass its rate."
+        )
+    run = Path(cfg.paths.output_dir)
+    if HydraConfig.initialized():  # what ckpt_path=last restores: the cv run's own settings
+        save_run_settings(run, HydraConfig.get().overrides.task)
+    records = []
+    for fold in range(folds):
+        folder = fold_folder(run, fold)
+        done = folder / FOLD_RECORD
+        if done.is_file():
+            log.info("Fold %d of %d finished before (%s): not trained again", fold + 1, folds, done)
+            records.append(read_fold(done, fold, folds))
+            continue
+        log.info("Fold %d of %d: %s", fold + 1, folds, folder)
+        result = train_one(_fold_config(cfg, fold, folds, folder))
+        summary = result.get("summary") or {}
+        record = {
+            "fold": fold,
+            "folds": folds,
+            "metrics": _numbers({k: v for k, v in result.items() if k != "summary"}),
+            "summary": _numbers({k: summary.get(k) for k in SHOWN}),
+            "best checkpoint": str(summary.get("best checkpoint") or result.get("best_checkpoint") or ""),
+        }
+        _write_fold(done, record)
+        records.append(record)
+    oof = write_oof(run, folds)
+    summary = cv_summary(records, folds, oof)
+    write_summary(summary, run / "summary.json")
+    print(format_summary({k: v for k, v in summary.items() if k != "cv"}), flush=True)
+    shared = set.intersection(*(set(r["metrics"]) for r in records))
+    means: dict[str, Any] = {}
+    for key in sorted(shared):
+        values = [r["metrics"][key] for r in records]
+        means[key] = statistics.fmean(values)
+        means[f"{key}_std"] = statistics.stdev(values)
+    return {**means, "cv/folds": folds, "summary": summary}
+
+
+def mean_std(values: list[float]) -> str:
+    """``0.9833 ± 0.0120``: mean and sample standard deviation."""
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def cv_summary(records: Sequence[Mapping[str, Any]], folds: int, oof: Path) -> dict[str, Any]:
+    """The cv run's summary: each metric as mean ± std, the per-fold values, the folders."""
+    summary: dict[str, Any] = {"cross-validation": f"{folds} folds, stratified, seeded (data.seed)"}
+    for key in SHOWN:
+        values = [r["summary"][key] for r in records if key in r["summary"]]
+        if len(values) == folds:
+            summary[key] = mean_std(values)
+            summary[f"{key} per fold"] = ", ".join(f"{v:.4f}" for v in values)
+    summary["out-of-fold predictions"] = str(oof)
+    summary["fold checkpoints"] = ", ".join(r["best checkpoint"] for r in records)
+    summary["cv"] = {
+        key: {"mean": statistics.fmean(v), "std": statistics.stdev(v), "folds": v}
+        for key in SHOWN
+        if len(v := [r["summary"][key] for r in records if key in r["summary"]]) == folds
+    }
+    return summary
+
+
+def write_oof(run: Path, folds: int) -> Path:
+    """``oof_predictions.csv``: ``file, label, fold, prob_<class> ...`` for every
+    training+validation image, from the fold that validated on it (multi-label ``label``: the
+    class names joined by a space)."""
+    rows: list[list[Any]] = []
+    names: list[str] = []
+    for fold in range(folds):
+        saved = read_test_predictions(fold_folder(run, fold) / FOLD_PREDICTIONS)
+        if names and saved.class_names != names:
+            raise UntrustedFileError(
+                f"fold {fold} of {run} has other classes than fold 0: {saved.class_names}"
+            )
+        names = saved.class_names
+        for i, file in enumerate(saved.files):
+            if saved.multilabel:
+                label = " ".join(n for n, t in zip(names, saved.targets[i].tolist(), strict=True) if t)
+            else:
+                label = names[int(saved.targets[i])]
+            rows.append([file, label, fold, *(f"{p:.6f}" for p in saved.probs[i].tolist())])
+    path = run / OOF_FILE
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(csv_row(["file", "label", "fold", *(f"prob_{n}" for n in names)]))
+        writer.writerows(csv_row(row) for row in sorted(rows))
+    return path

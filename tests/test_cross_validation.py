@@ -1,0 +1,208 @@
+"""k-fold cross-validation (cv=K): folds that partition the training+validation images,
+stratified and seeded, with the test split untouched; real cv runs whose summary is the folds'
+mean and std, whose out-of-fold predictions come from the fold that did not train on each
+image, whose backbone features are computed once; a fold killed mid-training resumes without
+redoing the finished ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import Callback
+from test_resume_exact import stop_at
+
+from helpers import run_cli
+from transfer_learning.cli.hydra_entry import _cv_shorthand
+from transfer_learning.data.sources.base import Listing
+from transfer_learning.data.splits import check_folds, fold_numbers, fold_split, split_listing
+from transfer_learning.errors import ConfigError
+from transfer_learning.readers import UntrustedFileError
+from transfer_learning.run.cross_validation import SHOWN, fold_of_checkpoint, read_fold
+from transfer_learning.run.resume import run_folder_of
+
+FRACTIONS = {"val": 0.2, "test": 0.2}
+
+
+def listing(per_class: tuple[int, ...] = (30, 20, 10), multilabel: bool = False) -> Listing:
+    files, targets = [], []
+    for label, count in enumerate(per_class):
+        for i in range(count):
+            files.append(Path(f"c{label}/{i}.jpg"))
+            targets.append(sorted({label, (label + i) % len(per_class)}) if multilabel else [label])
+    task = "multilabel" if multilabel else "multiclass"
+    return Listing(files, targets, [f"c{k}" for k in range(len(per_class))], task, where="test")
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_folds_partition_the_training_and_validation_images_stratified(folds):
+    data = listing()
+    numbers = fold_numbers(data, FRACTIONS, seed=1, folds=folds)
+    base = split_listing(data, FRACTIONS, seed=1)
+    assert sorted(numbers) == sorted(base["train"] + base["val"])  # every non-test image, once
+    assert set(numbers.values()) == set(range(folds))
+    for label in range(3):  # each class dealt evenly: fold shares differ by at most one image
+        per_fold = Counter(k for i, k in numbers.items() if data.targets[i] == [label])
+        assert max(per_fold.values()) - min(per_fold.values()) <= 1, (label, per_fold)
+    for fold in range(folds):
+        split = fold_split(data, FRACTIONS, 1, folds, fold)
+        assert split["test"] == base["test"]  # held out exactly as without folds
+        assert split["val"] == sorted(i for i, k in numbers.items() if k == fold)
+        assert set(split["train"]) | set(split["val"]) == set(numbers)
+        assert not set(split["train"]) & set(split["val"])
+    assert fold_numbers(data, FRACTIONS, seed=1, folds=folds) == numbers  # seeded
+    assert fold_numbers(data, FRACTIONS, seed=2, folds=folds) != numbers
+
+
+def test_multilabel_folds_give_every_class_to_every_fold():
+    data = listing((12, 12, 12, 12), multilabel=True)
+    numbers = fold_numbers(data, FRACTIONS, seed=0, folds=3)
+    for fold in range(3):
+        present = {c for i, k in numbers.items() if k == fold for c in data.targets[i]}
+        assert present == {0, 1, 2, 3}, fold
+
+
+def test_fold_settings_that_cannot_work_name_the_fix():
+    with pytest.raises(ConfigError, match=r"cv=5: class 'c2' has 4 training\+validation image\(s\).*cv=4\)"):
+        fold_numbers(listing((20, 20, 5)), FRACTIONS, seed=0, folds=5)
+    for bad in (1, 11, "abc", 2.5, True):
+        with pytest.raises(ConfigError, match=r"cv.folds=.*2 to 10 folds \(cv=5\), or none"):
+            check_folds(bad)
+    assert check_folds(None) is None and check_folds(4) == 4
+    with pytest.raises(ConfigError, match=r"data\.cv_fold=3: a fold of 3 is 0 to 2"):
+        fold_split(listing(), FRACTIONS, 0, 3, 3)
+
+
+def test_cv_on_the_command_line_is_short_for_cv_folds():
+    assert _cv_shorthand("cv=5") == "cv.folds=5"
+    assert _cv_shorthand("cv=3,5") == "cv.folds=3,5"
+    assert _cv_shorthand("cv=none") == "cv.folds=null"
+    assert _cv_shorthand("cv.refit=true") == "cv.refit=true"
+    assert _cv_shorthand("cvx=1") == "cvx=1"
+
+
+def test_a_fold_checkpoint_belongs_to_its_cv_run(tmp_path):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    checkpoint = tmp_path / "run" / "folds" / "fold2" / "checkpoints" / "last.ckpt"
+    assert fold_of_checkpoint(checkpoint) == (tmp_path / "run", 2)
+    assert run_folder_of(checkpoint) == tmp_path / "run"
+    assert fold_of_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt") is None
+
+
+def test_a_crafted_fold_record_is_refused(tmp_path):
+    path = tmp_path / "fold.json"
+    good = {"fold": 1, "folds": 3, "metrics": {"val/acc": 0.9}, "summary": {"test/acc": 0.9}}
+    path.write_text(json.dumps(good))
+    assert read_fold(path, 1, 3)["metrics"] == {"val/acc": 0.9}
+    for bad in ({**good, "fold": 2}, {**good, "metrics": {"x": {"_target_": "os.system"}}}, [1, 2]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UntrustedFileError, match=f"refusing {path}"):
+            read_fold(path, 1, 3)
+
+
+# -- real cv runs ----------------------------------------------------------------------------
+
+TINY = ["input.image_size=48", "trainer.max_epochs=2", "logger=csv", "worst_samples=0", "data.batch_size=16"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_cv_run_summarises_its_folds_and_predicts_every_image_out_of_fold(shapes_dir, tmp_path):
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "cv=3", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    folds = [json.loads((run / "folds" / f"fold{k}" / "summary.json").read_text()) for k in range(3)]
+    for key in ("best val/acc", "test/acc", "test/f1", "test/ece"):
+        values = [f[key] for f in folds]
+        want = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+        assert summary[key] == want and want in result.stdout, key
+        assert summary[f"{key} per fold"] == ", ".join(f"{v:.4f}" for v in values)
+        assert summary["cv"][key]["folds"] == pytest.approx(values)
+    assert set(summary["cv"]) <= set(SHOWN)
+    # Every fold: the same test images; its val is one fold, disjoint from its train.
+    sizes = [tuple(int(n) for n in f["images train/val/test"].split("/")) for f in folds]
+    assert len({s[2] for s in sizes}) == 1 and len({s[0] + s[1] for s in sizes}) == 1
+    tests = [
+        json.loads((run / "folds" / f"fold{k}" / "test_predictions.json").read_text())["files"]
+        for k in range(3)
+    ]
+    assert tests[0] == tests[1] == tests[2]
+    # Out-of-fold: every train+val image once, from the fold that validated on it.
+    rows = read_csv(run / "oof_predictions.csv")
+    names = ["circle", "cross", "square", "star", "triangle"]
+    assert list(rows[0]) == ["file", "label", "fold", *(f"prob_{n}" for n in names)]
+    assert len(rows) == sizes[0][0] + sizes[0][1] == len({r["file"] for r in rows})
+    assert not {r["file"] for r in rows} & set(tests[0])
+    for k in range(3):
+        fold_val = json.loads((run / "folds" / f"fold{k}" / "fold_predictions.json").read_text())
+        assert sorted(fold_val["files"]) == sorted(r["file"] for r in rows if r["fold"] == str(k))
+        assert len(fold_val["files"]) == sizes[k][1]
+    for row in rows:
+        assert sum(float(row[f"prob_{n}"]) for n in names) == pytest.approx(1, abs=1e-4)
+        assert row["label"] == Path(row["file"]).parent.name
+    # The backbone ran once for all folds' train+val images (one cache file), once for test.
+    assert folds[0]["feature cache"].startswith("2 built, 0 reused")
+    assert all(f["feature cache"].startswith("0 built, 2 reused") for f in folds[1:])
+
+
+class PauseInFold(Callback):
+    """Test probe: in fold ``fold`` of a cv run, at the first training batch of ``epoch``, write
+    ``marker`` and wait (until SIGKILL ends the process; at most five minutes)."""
+
+    def __init__(self, marker: str, fold: int, epoch: int) -> None:
+        self.marker, self.fold, self.epoch = Path(marker), fold, epoch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        folder = str(trainer.checkpoint_callback.dirpath)  # type: ignore[union-attr]
+        if (
+            f"/folds/fold{self.fold}/" in folder + "/"
+            and trainer.current_epoch == self.epoch
+            and batch_idx == 0
+        ):
+            self.marker.write_text("here\n")
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_killed_fold_resumes_and_the_finished_folds_are_not_redone(shapes_dir, tmp_path):
+    probe = [f"+callbacks.pause._target_={__name__}.PauseInFold", "+callbacks.pause.fold=1",
+             f"+callbacks.pause.marker={tmp_path / 'marker'}", "+callbacks.pause.epoch=1"]  # fmt: skip
+    code, output = stop_at(tmp_path, signal.SIGKILL, f"data.root={shapes_dir}", "cv=3", *TINY, *probe)
+    assert code == -signal.SIGKILL, output[-3000:]
+    run = tmp_path / "run"
+    finished = run / "folds" / "fold0"
+    before = {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()}
+    assert (finished / "fold.json").is_file() and not (run / "folds" / "fold1" / "fold.json").exists()
+    last = run / "folds" / "fold1" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not (run / "summary.json").exists()
+
+    resumed = run_cli(tmp_path, f"ckpt_path={last}")
+    said = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, said[-3000:]
+    assert "Fold 1 of 3 finished before" in said and "Continuing" in said
+    assert "+callbacks.pause" in said  # the probe was not restored (a + addition), with a warning
+    assert {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file()} == before
+    fold1 = json.loads((run / "folds" / "fold1" / "summary.json").read_text())
+    assert fold1["epochs run"] == 2
+    rows = read_csv(run / "folds" / "fold1" / "csv" / "metrics.csv")
+    assert sorted({int(r["epoch"]) for r in rows if r.get("val/acc")}) == [0, 1]  # one history, no repeat
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["cv"]["test/acc"]["folds"]) == 3
+    assert len(read_csv(run / "oof_predictions.csv")) == sum(
+        len(json.loads((run / "folds" / f"fold{k}" / "fold_predictions.json").read_text())["files"])
+        for k in range(3)
+    )

@@ -206,3 +206,25 @@ def test_a_killed_fold_resumes_and_the_finished_folds_are_not_redone(shapes_dir,
         len(json.loads((run / "folds" / f"fold{k}" / "fold_predictions.json").read_text())["files"])
         for k in range(3)
     )
+
+
+@pytest.mark.slow
+def test_a_multirun_compares_settings_on_cross_validated_numbers(shapes_dir, tmp_path):
+    """`python train.py -m strategy.head_lr=...,... cv=2`: each job a cv run; the sweep table ranks
+    them by the mean over folds and gives the spread."""
+    from helpers import read_sweep_table, sweep_dirs, train_cli
+
+    data = ["data=imagefolder", f"data.root={shapes_dir}", "data.num_workers=0"]
+    result = train_cli(tmp_path, "-m", *data, *TINY, "cv=2", "strategy.head_lr=0.001,0.03")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
+    rows = read_sweep_table(sweep)
+    assert len(rows) == 2
+    for row in rows:
+        summary = json.loads((Path(row["output_dir"]) / "summary.json").read_text())
+        val, test = summary["cv"]["best val/acc"], summary["cv"]["test/acc"]
+        assert float(row["val/acc_best"]) == pytest.approx(statistics.fmean(val["folds"]), abs=1e-4)
+        assert float(row["test/acc"]) == pytest.approx(statistics.fmean(test["folds"]), abs=1e-4)
+        assert row["cv ± std"] == f"2 folds: ± {val['std']:.4f}, ± {test['std']:.4f}"
+        assert (Path(row["output_dir"]) / "oof_predictions.csv").is_file()
+    assert float(rows[0]["val/acc_best"]) >= float(rows[1]["val/acc_best"])

@@ -154,7 +154,8 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
     summary = cv_summary(records, folds, oof)
     write_summary(summary, run / "summary.json")
     print(format_summary({k: v for k, v in summary.items() if k != "cv"}), flush=True)
-    shared = set.intersection(*(set(r["metrics"]) for r in records))
+    # the folds' interval bounds do not average into an interval: the spread over folds says it
+    shared = {k for k in set.intersection(*(set(r["metrics"]) for r in records)) if "_ci95_" not in k}
     means: dict[str, Any] = {}
     for key in sorted(shared):
         values = [r["metrics"][key] for r in records]

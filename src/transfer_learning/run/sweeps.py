@@ -342,6 +342,7 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
                 metric: value(record, metric),
                 test_key: value(record, test_key),
                 f"{test_key} 95 %": _interval(record, test_key),
+                "cv ± std": _spread(record, metric, test_key),
                 "epochs": record.get("epochs"),
                 "wall_s": round(float(record["wall_s"])) if record.get("wall_s") is not None else None,
                 "status": "ok" if ok else f"{record.get('status')}: {record.get('error')}",
@@ -355,10 +356,24 @@ def sweep_rows(records: Sequence[Mapping[str, Any]], metric: str, mode: str) -> 
         rank = 0 if row["status"] == "ok" and score is not None else 1 if row["status"] == "ok" else 2
         return rank, sign * score if score is not None else 0.0, str(row["job"])
 
+    if not any(row["cv ± std"] for row in rows):  # no job cross-validated: no such column
+        for row in rows:
+            del row["cv ± std"]
     rows.sort(key=order)
     if rows and rows[0]["status"] == "ok" and rows[0][metric] is not None:
         rows[0]["best"] = "*"
     return rows
+
+
+def _spread(record: Mapping[str, Any], metric: str, test_key: str) -> str:
+    """A cv=K job (its numbers are means over folds): ``5 folds: ± 0.0120, ± 0.0167``, the
+    standard deviations of ``metric`` and ``test_key``; empty for a job without folds."""
+    metrics = record.get("metrics") or {}
+    folds = metrics.get("cv/folds")
+    spreads = [metrics.get(f"{key}_std") for key in (metric, test_key)]
+    if not isinstance(folds, int | float) or not all(isinstance(v, int | float) for v in spreads):
+        return ""
+    return f"{int(folds)} folds: " + ", ".join(f"± {v:.4f}" for v in spreads)
 
 
 def _interval(record: Mapping[str, Any], key: str) -> str:

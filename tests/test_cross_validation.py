@@ -25,8 +25,8 @@ from transfer_learning.data.sources.base import Listing
 from transfer_learning.data.splits import check_folds, fold_numbers, fold_split, split_listing
 from transfer_learning.errors import ConfigError
 from transfer_learning.readers import UntrustedFileError
-from transfer_learning.run.cross_validation import SHOWN, fold_of_checkpoint, read_fold
-from transfer_learning.run.resume import run_folder_of
+from transfer_learning.run.cross_validation import SHOWN, read_fold
+from transfer_learning.run.resume import fold_of_checkpoint, run_folder_of
 
 FRACTIONS = {"val": 0.2, "test": 0.2}
 

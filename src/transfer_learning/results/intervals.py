@@ -54,6 +54,7 @@ ECE_BINS = 15
 _AP_CHUNK_ELEMENTS = 4_000_000
 
 NAN = float("nan")
+NO_COMPARISON = {"difference": NAN, "low": NAN, "high": NAN, "p_better": NAN}  # no images
 
 
 # ----------------------------------------------------------------------------- proportions
@@ -411,7 +412,7 @@ def paired_bootstrap(
     finite) and ``p_better`` (the share of those resamples where A > B strictly; ties are not
     better). An interval containing 0 means the lead is inside the noise. All NaN for n == 0."""
     if n == 0:
-        return {"difference": NAN, "low": NAN, "high": NAN, "p_better": NAN}
+        return dict(NO_COMPARISON)
     everything = torch.arange(n)
     draws = resample_indices(n, resamples, seed)
     a = torch.tensor([float(metric_a_per_index(row)) for row in draws], dtype=torch.float64)
@@ -432,14 +433,7 @@ def paired_accuracy(
     a, b = _tensor(correct_a).bool(), _tensor(correct_b).bool()
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"need two (N,) vectors, got {tuple(a.shape)} and {tuple(b.shape)}")
-    n = len(a)
-    if n == 0:
-        return {"difference": NAN, "low": NAN, "high": NAN, "p_better": NAN}
-    counts = _counts(resample_indices(n, resamples, seed), n)
-    ones = _ones(n)
-    return _paired(
-        float(_share(a, ones)[0]), float(_share(b, ones)[0]), _share(a, counts), _share(b, counts), level
-    )
+    return paired_metric(lambda w: _share(a, w), lambda w: _share(b, w), len(a), resamples, seed, level)
 
 
 def paired_metric(
@@ -454,7 +448,7 @@ def paired_metric(
     of :func:`per_image_metrics` of two models on the same n images): the same draws as
     ``paired_bootstrap`` with that seed. Returns ``difference``, ``low``, ``high``, ``p_better``."""
     if n == 0:
-        return {"difference": NAN, "low": NAN, "high": NAN, "p_better": NAN}
+        return dict(NO_COMPARISON)
     counts, ones = _counts(resample_indices(n, resamples, seed), n), _ones(n)
     return _paired(
         float(metric_a(ones)[0]), float(metric_b(ones)[0]), metric_a(counts), metric_b(counts), level

@@ -26,7 +26,6 @@ import csv
 import json
 import logging
 import math
-import re
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -55,15 +54,6 @@ SHOWN = ("best val/acc", "best val/map", "test/acc", "test/f1", "test/map", "tes
 
 def fold_folder(run: Path, fold: int) -> Path:
     return run / FOLDS_DIR / f"fold{fold}"
-
-
-def fold_of_checkpoint(checkpoint: Path) -> tuple[Path, int] | None:
-    """``(<run>, k)`` for a checkpoint in ``<run>/folds/fold<k>/checkpoints/``; else None."""
-    folder = checkpoint.absolute().parent.parent
-    match = re.fullmatch(r"fold(\d{1,2})", folder.name)
-    if checkpoint.parent.name != "checkpoints" or folder.parent.name != FOLDS_DIR or not match:
-        return None
-    return folder.parent.parent, int(match[1])
 
 
 def _fold_config(cfg: DictConfig, fold: int, folds: int, folder: Path) -> DictConfig:

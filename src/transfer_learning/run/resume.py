@@ -268,12 +268,20 @@ def latest_checkpoint(runs: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def fold_of_checkpoint(checkpoint: Path) -> tuple[Path, int] | None:
+    """``(<run>, k)`` for a checkpoint in a cv=K run's ``<run>/folds/fold<k>/checkpoints/``."""
+    folder = checkpoint.absolute().parent.parent
+    match = re.fullmatch(r"fold(\d{1,2})", folder.name)
+    if checkpoint.parent.name != "checkpoints" or folder.parent.name != "folds" or not match:
+        return None
+    return folder.parent.parent, int(match[1])
+
+
 def run_folder_of(checkpoint: Path) -> Path | None:
     """The run folder a checkpoint belongs to (``<run>/checkpoints/<file>``, or a cv=K run's
     ``<run>/folds/fold<k>/checkpoints/<file>``), if it is one."""
-    folder = checkpoint.absolute().parent.parent
-    if folder.parent.name == "folds" and re.fullmatch(r"fold\d{1,2}", folder.name):
-        folder = folder.parent.parent
+    fold = fold_of_checkpoint(checkpoint)
+    folder = fold[0] if fold is not None else checkpoint.absolute().parent.parent
     return folder if checkpoint.parent.name == "checkpoints" and (folder / ".hydra").is_dir() else None
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
+from test_eval import eval_cli
 from test_resume_exact import stop_at
 
 from helpers import run_cli
 from transfer_learning.cli.hydra_entry import _cv_shorthand
 from transfer_learning.data.sources.base import Listing
-from transfer_learning.data.splits import check_folds, fold_numbers, fold_split, split_listing
+from transfer_learning.data.splits import REFIT, check_folds, fold_numbers, fold_split, split_listing
 from transfer_learning.errors import ConfigError
 from transfer_learning.readers import UntrustedFileError
 from transfer_learning.run.cross_validation import SHOWN, read_fold
@@ -59,6 +61,8 @@ def test_folds_partition_the_training_and_validation_images_stratified(folds):
         assert not set(split["train"]) & set(split["val"])
     assert fold_numbers(data, FRACTIONS, seed=1, folds=folds) == numbers  # seeded
     assert fold_numbers(data, FRACTIONS, seed=2, folds=folds) != numbers
+    refit = fold_split(data, FRACTIONS, 1, folds, REFIT)  # cv.refit=true: every fold trains, no val
+    assert refit == {"train": sorted(numbers), "test": base["test"]}
 
 
 def test_multilabel_folds_give_every_class_to_every_fold():
@@ -94,6 +98,9 @@ def test_a_fold_checkpoint_belongs_to_its_cv_run(tmp_path):
     assert fold_of_checkpoint(checkpoint) == (tmp_path / "run", 2)
     assert run_folder_of(checkpoint) == tmp_path / "run"
     assert fold_of_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt") is None
+    refit = tmp_path / "run" / "folds" / "refit" / "checkpoints" / "refit-epoch03.ckpt"
+    assert fold_of_checkpoint(refit) == (tmp_path / "run", REFIT) and run_folder_of(refit) == tmp_path / "run"
+    assert fold_of_checkpoint(tmp_path / "run" / "folds" / "refitx" / "checkpoints" / "a.ckpt") is None
 
 
 def test_a_crafted_fold_record_is_refused(tmp_path):
@@ -101,7 +108,9 @@ def test_a_crafted_fold_record_is_refused(tmp_path):
     good = {"fold": 1, "folds": 3, "metrics": {"val/acc": 0.9}, "summary": {"test/acc": 0.9}}
     path.write_text(json.dumps(good))
     assert read_fold(path, 1, 3)["metrics"] == {"val/acc": 0.9}
-    for bad in ({**good, "fold": 2}, {**good, "metrics": {"x": {"_target_": "os.system"}}}, [1, 2]):
+    crafted = ({**good, "fold": 2}, {**good, "metrics": {"x": {"_target_": "os.system"}}}, [1, 2],
+               {**good, "intervals": {"test/acc": ["x"]}}, {**good, "intervals": {"evil": "x"}})  # fmt: skip
+    for bad in crafted:
         path.write_text(json.dumps(bad))
         with pytest.raises(UntrustedFileError, match=f"refusing {path}"):
             read_fold(path, 1, 3)
@@ -228,3 +237,90 @@ def test_a_multirun_compares_settings_on_cross_validated_numbers(shapes_dir, tmp
         assert row["cv ± std"] == f"2 folds: ± {val['std']:.4f}, ± {test['std']:.4f}"
         assert (Path(row["output_dir"]) / "oof_predictions.csv").is_file()
     assert float(rows[0]["val/acc_best"]) >= float(rows[1]["val/acc_best"])
+
+
+@pytest.mark.slow
+def test_refit_trains_the_final_model_on_every_fold_calibrated_out_of_fold(shapes_dir, tmp_path):
+    """cv.refit=true: after the folds, one model on every training+validation image (no val
+    split), its temperature fitted on the folds' out-of-fold logits, tested on the same test
+    images; the cv summary gives its numbers and checkpoint, which eval reproduces."""
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "cv=2", "cv.refit=true", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    refit = json.loads((run / "folds" / "refit" / "summary.json").read_text())
+    fold = json.loads((run / "folds" / "fold0" / "summary.json").read_text())
+    train, val, test = (int(n) for n in fold["images train/val/test"].split("/"))
+    assert refit["images train/test"] == f"{train + val}/{test}"  # every non-test image trains
+    assert refit.get("best val/acc") is None  # nothing to validate on
+    metrics = read_csv(run / "folds" / "refit" / "csv" / "metrics.csv")
+    assert not any(r.get("val/acc") for r in metrics) and any(r.get("train/acc") for r in metrics)
+    tests = [json.loads((run / "folds" / k / "test_predictions.json").read_text())["files"]
+             for k in ("fold0", "refit")]  # fmt: skip
+    assert tests[0] == tests[1]
+    # The checkpoint: the last epoch's, calibrated on every out-of-fold image.
+    checkpoint = run / "folds" / "refit" / "checkpoints" / "refit-epoch01.ckpt"
+    assert summary["checkpoint (refit: for eval, predict, export)"] == str(checkpoint)
+    from transfer_learning.model.calibration import choose_temperature
+    from transfer_learning.run.checkpoints import safe_load
+    from transfer_learning.run.cross_validation import oof_logits
+
+    calibration = safe_load(checkpoint)["calibration"]
+    logits, targets = oof_logits(run, 2)
+    assert calibration["fitted_on"] == "out-of-fold" and calibration["images"] == train + val == len(targets)
+    assert calibration["temperature"] == pytest.approx(choose_temperature(logits, targets, False).temperature)
+    assert "out-of-fold images" in refit["calibration"]
+    for key in ("test/acc", "test/f1"):
+        assert summary[f"refit {key}"] == pytest.approx(refit[key])
+        assert summary[f"refit {key} 95 %"] == refit[f"{key} 95 %"]
+    assert "refit test/acc" in result.stdout
+    evaluated = eval_cli(tmp_path, f"ckpt_path={checkpoint}")
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    eval_json = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert eval_json["accuracy"] == pytest.approx(refit["test/acc"], abs=1e-6)
+    wrong = eval_cli(tmp_path, f"ckpt_path={checkpoint}", "split=val")
+    assert wrong.returncode != 0 and "no val split (cv.refit=true" in wrong.stdout + wrong.stderr
+    # Run again: folds and refit are read back, not trained again.
+    before = checkpoint.stat().st_mtime_ns
+    again = run_cli(tmp_path, f"data.root={shapes_dir}", "cv=2", "cv.refit=true", *TINY)
+    assert again.returncode == 0 and "The refit finished before" in again.stdout + again.stderr
+    assert checkpoint.stat().st_mtime_ns == before
+    assert json.loads((run / "summary.json").read_text())["refit test/acc"] == summary["refit test/acc"]
+
+
+@pytest.mark.slow
+def test_multilabel_refit_takes_its_thresholds_from_the_out_of_fold_predictions(multilabel_dir, tmp_path):
+    from transfer_learning.model.metrics import choose_thresholds
+    from transfer_learning.run.checkpoints import safe_load
+    from transfer_learning.run.cross_validation import oof_logits
+
+    data = ["data=csv", f"data.file={multilabel_dir / 'labels.csv'}", "data.label_column=labels"]
+    result = run_cli(tmp_path, *data, "task=multilabel", "cv=2", "cv.refit=true", *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    (checkpoint,) = (run / "folds" / "refit" / "checkpoints").glob("refit-*.ckpt")
+    saved = safe_load(checkpoint)
+    logits, targets = oof_logits(run, 2)
+    temperature = saved["calibration"]["temperature"]
+    want = choose_thresholds((logits.double() / temperature).sigmoid(), targets)
+    assert saved["thresholds"] == pytest.approx(want.tolist(), abs=1e-6)
+    assert saved["calibration"]["fitted_on"] == "out-of-fold"
+
+
+def test_the_linear_probe_without_a_validation_split_needs_one_l2_strength():
+    """cv.refit=true with strategy=lp_ft: no val split to choose the probe's L2 strength on, so
+    it must be given (the folds' summaries say which each chose); with one it fits on train."""
+    from torch import nn
+
+    from transfer_learning.model.strategies.lp_ft import fit_linear_head
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (60,), generator=g)
+    x = torch.randn(60, 8, generator=g) + 3 * nn.functional.one_hot(y, 8).float()
+    wanted = r"decays=\[0.001, 0.01\]: without a valid.*probe_weight_decays=\[1e-3\]"
+    with pytest.raises(ConfigError, match=wanted):
+        fit_linear_head(nn.Linear(8, 3), (x, y), None, [1e-3, 1e-2], 50)
+    head = nn.Linear(8, 3)
+    result = fit_linear_head(head, (x, y), None, [1e-3], 50)
+    assert set(result) == {"weight_decay", "train_acc"} and result["train_acc"] > 0.9
+    assert float((head(x).argmax(1) == y).float().mean()) == pytest.approx(result["train_acc"])

@@ -43,6 +43,13 @@ def test_written_and_read_back_for_both_tasks(tmp_path):
     )
     assert multi.multilabel and multi.thresholds == [0.5, 0.4, 0.6]
     assert multi.targets[0].tolist() == [1, 0, 1] and multi.targets[1].tolist() == [0, 0, 0]
+    assert saved.logits is None  # a test split's file: probabilities only
+    logits = torch.randn(20, 3) * 30  # a fold's file: the logits before the temperature too
+    folder = tmp_path / "c"
+    folder.mkdir()
+    path = write_test_predictions(folder / FILE, "multiclass", NAMES, None, saved.files, targets, probs,
+                                  logits)  # fmt: skip
+    assert torch.allclose(read_test_predictions(path).logits, logits.double(), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -56,6 +63,10 @@ def test_written_and_read_back_for_both_tasks(tmp_path):
         ({"targets": [True, 1, 0, 0]}, "'targets'"),
         ({"targets": [{"_target_": "os.system"}] * 4}, "'targets'"),
         ({"files": [["a"]] * 4}, "'files'"),
+        ({"logits": [[1.0, 2.0]] * 4}, "'logits'"),
+        ({"logits": [[1.0, 2.0, float("nan")]] * 4}, "'logits'"),
+        ({"logits": [[1.0, 2.0, 3.0]] * 3}, "'logits'"),
+        ({"logits": "os.system"}, "'logits'"),
     ],
 )
 def test_a_crafted_file_is_refused_naming_its_field(tmp_path, change, field):

@@ -28,7 +28,7 @@ def label_set(target: Any) -> tuple[int, ...]:
 
 def _own_splits(datasets: dict[str, Dataset]) -> dict[str, Dataset]:
     """The splits, less ``test`` when it is the validation set itself."""
-    test_is_val = datasets.get("test") is datasets["val"]
+    test_is_val = "val" in datasets and datasets.get("test") is datasets["val"]
     return {name: ds for name, ds in datasets.items() if not (name == "test" and test_is_val)}
 
 
@@ -93,7 +93,7 @@ def check_leakage(
     check_labels(datasets, digests, class_names, drop, warn, left_out)
     train_files, _ = samples(datasets["train"])
     in_train = {digests[f]: f for f in train_files if f in digests}
-    test_is_val = datasets.get("test") is datasets["val"]
+    test_is_val = "val" in datasets and datasets.get("test") is datasets["val"]
     for name in ("val", "test"):
         dataset = datasets.get(name)
         if dataset is None or (name == "test" and test_is_val):

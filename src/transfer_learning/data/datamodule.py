@@ -35,6 +35,7 @@ from transfer_learning.data.skipping import gather_sets, skipped_positions
 from transfer_learning.data.sources import Listing, make_source
 from transfer_learning.data.sources.base import check_task
 from transfer_learning.data.splits import (
+    REFIT,
     check_folds,
     check_fractions,
     fold_numbers,
@@ -163,6 +164,11 @@ class ImageDataModule(L.LightningDataModule):
         return self.listing.task
 
     @property
+    def refit(self) -> bool:
+        """cv.refit=true's final run: trained on every fold, no validation split."""
+        return bool(self.cv_folds) and self.cv_fold == REFIT
+
+    @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
 
@@ -202,7 +208,13 @@ class ImageDataModule(L.LightningDataModule):
         for name in ("val", "test"):
             if indices.get(name):
                 datasets[name] = self._images(indices[name], False)
-        if "val" not in datasets:
+        if self.refit:  # cv.refit=true: every fold trains, the held-out test split tests
+            if "test" not in datasets:
+                raise DataError(
+                    "cv.refit=true trains on every training+validation image, so it needs a test split "
+                    "to test on: set data.test_fraction above 0 (or list test images), or drop cv.refit."
+                )
+        elif "val" not in datasets:
             raise DataError(
                 "the validation split is empty: set data.val_fraction above 0 or add validation images."
             )
@@ -266,7 +278,8 @@ class ImageDataModule(L.LightningDataModule):
         key = (id(cache), tuple(splits))
         if key not in self._cached:
             images = self.eval_datasets()
-            self._cached[key] = self._cache(cache, {k: images[k] for k in splits}, views=1)
+            # (cv.refit=true's run has no val split: a strategy that asks for it gets none)
+            self._cached[key] = self._cache(cache, {k: images[k] for k in splits if k in images}, views=1)
         return self._cached[key]
 
     def _cache(
@@ -318,7 +331,7 @@ class ImageDataModule(L.LightningDataModule):
             return {}
         row = {file: i for i, file in enumerate(files)}
         out = {}
-        for name in ("train", "val"):
+        for name in ("train", "val") if "val" in images else ("train",):
             chosen = [row[f] for f in samples(images[name])[0]]
             out[name] = CachedFeatures(features.features[:, chosen], [labels[i] for i in chosen])
         return out
@@ -381,8 +394,9 @@ class ImageDataModule(L.LightningDataModule):
         )
         return make_loader(dataset, batch, self.num_workers, self.trainer)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # cv.refit=true has no validation split: Lightning validates nothing for an empty list
+        return self._eval_loader("val") if "val" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")

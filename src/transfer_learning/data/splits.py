@@ -234,6 +234,9 @@ def deal_folds(targets: Sequence[Sequence[int]], folds: int, seed: int) -> list[
     return out
 
 
+REFIT = -1  # data.cv_fold of cv.refit=true's run: trained on every fold, no val
+
+
 def fold_numbers(listing: Listing, fractions: Mapping[str, float], seed: int, folds: int) -> dict[int, int]:
     """k-fold cross-validation: each training+validation image's fold (listing position -> 0 ..
     ``folds`` - 1), dealt by :func:`deal_folds` so each fold keeps every class's share; the test
@@ -257,13 +260,15 @@ def fold_split(
     listing: Listing, fractions: Mapping[str, float], seed: int, folds: int, fold: int
 ) -> dict[str, list[int]]:
     """Positions per split for fold ``fold`` of ``folds``: val is that fold, train the other folds,
-    test the split that is held out without folds."""
-    if not 0 <= fold < folds:
-        raise ConfigError(f"data.cv_fold={fold}: a fold of {folds} is 0 to {folds - 1}.")
+    test the split that is held out without folds. ``fold`` = :data:`REFIT` (cv.refit=true):
+    train is every fold, there is no val."""
+    if not (0 <= fold < folds or fold == REFIT):
+        raise ConfigError(f"data.cv_fold={fold}: a fold of {folds} is 0 to {folds - 1} ({REFIT}: the refit).")
     numbers = fold_numbers(listing, fractions, seed, folds)
     test = split_listing(listing, fractions, seed).get("test", [])
-    return {
+    out = {
         "train": sorted(i for i, k in numbers.items() if k != fold),
         "val": sorted(i for i, k in numbers.items() if k == fold),
         **({"test": test} if test else {}),
     }
+    return {name: positions for name, positions in out.items() if positions}

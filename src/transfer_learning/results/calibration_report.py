@@ -27,6 +27,7 @@ from transfer_learning.model.calibration import (
     choose_temperature,
     reliability_bins,
 )
+from transfer_learning.model.metrics import choose_thresholds
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.analysis import predict_logits
 from transfer_learning.results.multilabel import multi_hot
@@ -131,11 +132,17 @@ def _write_into_checkpoint(path: str, checkpoint: dict[str, Any], module: Transf
     atomic_save(checkpoint, path)
 
 
-def _fit(module: TransferLearningModule, datamodule: ImageDataModule) -> tuple[float, dict[str, Any]]:
-    """The temperature for the module's current weights, from the validation split's logits."""
+def _fit(
+    module: TransferLearningModule, datamodule: ImageDataModule, oof: OutOfFold | None = None
+) -> tuple[float, dict[str, Any]]:
+    """The temperature for the module's current weights, from the validation split's logits, or
+    (cv.refit=true, no validation split) from the folds' out-of-fold logits ``oof``."""
     multilabel = module.task == "multilabel"
-    logits, labels, _ = predict_logits(module, datamodule, "val")
-    targets = targets_tensor(labels, len(module.class_names), multilabel)
+    if oof is None:
+        logits, labels, _ = predict_logits(module, datamodule, "val")
+        targets = targets_tensor(labels, len(module.class_names), multilabel)
+    else:
+        logits, targets = oof
     fit = choose_temperature(logits, targets, multilabel)
     temperature = fit.temperature
     before = calibration_metrics(module.metrics.activation(logits.double()), targets, multilabel)
@@ -146,7 +153,7 @@ def _fit(module: TransferLearningModule, datamodule: ImageDataModule) -> tuple[f
         + f", fitted with a normal prior on log T (sd {PRIOR_SD}) around 1",
         "fitted": fit.fitted,
         "why": fit.why,
-        "fitted_on": "val",
+        "fitted_on": "val" if oof is None else "out-of-fold",
         "images": len(targets),
         "val_nll_before": before["nll"],
         "val_nll_after": after["nll"],
@@ -154,27 +161,48 @@ def _fit(module: TransferLearningModule, datamodule: ImageDataModule) -> tuple[f
     return temperature, record
 
 
+OutOfFold = tuple[torch.Tensor, torch.Tensor]  # the folds' logits (N, C) and targets (N,) or (N, C)
+
+
 def calibrate_best(
-    trainer: L.Trainer, module: TransferLearningModule, datamodule: ImageDataModule, best_path: str
+    trainer: L.Trainer,
+    module: TransferLearningModule,
+    datamodule: ImageDataModule,
+    best_path: str,
+    oof: OutOfFold | None = None,
 ) -> None:
     """After fitting, before testing, on every process: rank zero loads the best checkpoint,
     fits the temperature on the validation split and writes it into that checkpoint (which the
     test then loads, so the run's test numbers are the calibrated model's, as eval's are);
     every process gets the same temperature (a run without checkpoints tests the weights in
-    memory)."""
+    memory).
+
+    cv.refit=true's run has no validation split: the temperature is fitted on the folds'
+    out-of-fold logits ``oof`` (the same settings trained on 1 - 1/K of the images, each scored
+    on images it did not train on), and multi-label thresholds are chosen on them too."""
     fitted: tuple[float, dict[str, Any]] | None = None
-    if trainer.is_global_zero and "val" in datamodule.datasets:
+    thresholds: torch.Tensor | None = None
+    if trainer.is_global_zero and ("val" in datamodule.datasets or oof is not None):
         checkpoint = safe_load(best_path) if best_path else None
         if checkpoint is not None:
             module.on_load_checkpoint(checkpoint)  # its thresholds, and any earlier calibration
             module.load_state_dict(checkpoint["state_dict"])
-        fitted = _fit(module, datamodule)
+        fitted = _fit(module, datamodule, oof)
+        if oof is not None and module.task == "multilabel":
+            module.thresholds = None  # chosen below, in the calibrated space
         module.calibrate(*fitted)
+        if oof is not None and module.task == "multilabel":
+            module.thresholds = choose_thresholds(
+                module.metrics.activation(oof[0].double() / fitted[0]), oof[1]
+            ).float()
+        thresholds = module.thresholds
         if checkpoint is not None:
             _write_into_checkpoint(best_path, checkpoint, module)
-    fitted = trainer.strategy.broadcast(fitted)
+    fitted, thresholds = trainer.strategy.broadcast((fitted, thresholds))
     if fitted is not None and not trainer.is_global_zero:
         module.calibrate(*fitted)
+        if thresholds is not None:
+            module.thresholds = thresholds
     trainer.strategy.barrier("calibrated")
 
 
@@ -186,7 +214,7 @@ def describe(module: TransferLearningModule, enabled: bool) -> str:
     if record is None:
         return "none: no validation split to fit a temperature on"
     temperature, images = record["temperature"], record["images"]
-    nll = f"val NLL {record['val_nll_before']:.4f} -> {record['val_nll_after']:.4f}"
+    nll = f"{record['fitted_on']} NLL {record['val_nll_before']:.4f} -> {record['val_nll_after']:.4f}"
     if record.get("fitted", True):  # checkpoints from before the prior have no "fitted"
         limit = " (at its limit: the network is far more confident than right)"
         return (

@@ -157,6 +157,13 @@ def eval_dataset(datamodule: ImageDataModule, split: str) -> Dataset:
         raise ConfigError(f"split={split}: one of {', '.join(SPLITS)}.")
     datasets = datamodule.eval_datasets()  # every split: evaluation transform
     if split != "all":
+        if split not in datasets:  # e.g. val of cv.refit=true's checkpoint, trained on every fold
+            there = ", ".join(name for name in ("train", "val", "test") if name in datasets)
+            why = " (cv.refit=true trained this model on every training+validation image)"
+            raise ConfigError(
+                f"split={split}: this run has no {split} split{why if datamodule.refit else ''}; "
+                f"it has {there} (or all)."
+            )
         return datasets[split]
     parts = [datasets[name] for name in ("train", "val", "test") if name in datasets]
     unique = [p for i, p in enumerate(parts) if all(p is not q for q in parts[:i])]  # test may be val

@@ -91,10 +91,10 @@ def finish_run(
         summary["test predictions"] = str(
             _write_predictions(module, logits, labels, files, output_dir / TEST_PREDICTIONS)
         )
-        if datamodule.cv_folds:  # a fold of cv=K: its val images' probabilities are out-of-fold
+        if datamodule.cv_folds and not datamodule.refit:  # a fold: its val images are out-of-fold
             fold = predict_logits(module, datamodule, "val")
             summary["fold predictions"] = str(
-                _write_predictions(module, *fold, output_dir / FOLD_PREDICTIONS)
+                _write_predictions(module, *fold, output_dir / FOLD_PREDICTIONS, raw=True)
             )
         bounds = {k: v for k, v in summary.items() if k.endswith(BOUNDS)}
         log_results(loggers, bounds)
@@ -119,18 +119,31 @@ def _test_probabilities(module: TransferLearningModule, logits: torch.Tensor) ->
 
 
 def _write_predictions(
-    module: TransferLearningModule, logits: torch.Tensor, labels: list[Any], files: list[str], path: Path
+    module: TransferLearningModule,
+    logits: torch.Tensor,
+    labels: list[Any],
+    files: list[str],
+    path: Path,
+    raw: bool = False,
 ) -> Path:
     """``test_predictions.json``: each test image's probabilities (as the test scored them) and
     target (the sweep table compares two jobs on them); a fold's ``fold_predictions.json``: the
-    same for its val images (cross-validation's out-of-fold predictions)."""
+    same for its val images (cross-validation's out-of-fold predictions), with ``raw`` the
+    logits before the temperature too."""
     thresholds = None
     if module.task == "multilabel":  # as the test scored them (0.5 before any tuning)
         chosen = module.thresholds
         thresholds = [float(t) for t in chosen] if chosen is not None else [0.5] * len(module.class_names)
     probs = _test_probabilities(module, logits)
     return write_test_predictions(
-        path, module.task, list(module.class_names), thresholds, files, labels, probs
+        path,
+        module.task,
+        list(module.class_names),
+        thresholds,
+        files,
+        labels,
+        probs,
+        logits.double() if raw else None,
     )
 
 
@@ -196,7 +209,7 @@ def _report(
     where["per-class metrics"] = str(write_rows(per_class, output_dir / "per_class_metrics.csv"))
     limit = int(cfg.get("worst_samples") or 0)
     worst: list[dict[str, Any]] = []
-    if limit > 0:
+    if limit > 0 and "val" in datamodule.datasets:  # (cv.refit=true's run has no val split)
         worst = _worst(module, datamodule, limit)
         where["worst val images"] = str(write_rows(worst, output_dir / "val_predictions.csv"))
         log_table(

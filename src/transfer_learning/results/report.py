@@ -282,9 +282,9 @@ def write_report(
             return [f"## {title}", "", f"_{missing}_", ""]
         return [f"## {title}", "", f"![{title}]({path.relative_to(folder).as_posix()})", ""]
 
-    headline = ("model", "strategy", "task", "classes", "images train/val/test", "epochs run", "best val/acc",
-                "best val/map", "test/acc", "test/map", "test/f1", "test/f1_micro", "test/exact_match",
-                "thresholds", "best checkpoint")  # fmt: skip
+    headline = ("model", "strategy", "task", "classes", "images train/val/test", "images train/test",
+                "epochs run", "best val/acc", "best val/map", "test/acc", "test/map", "test/f1",
+                "test/f1_micro", "test/exact_match", "thresholds", "best checkpoint")  # fmt: skip
     lines = [f"# Run report: {summary.get('model')} with {summary.get('strategy')}", ""]
     rows_shown = [{"": k, "value": summary[k], "95 % interval": summary.get(f"{k} 95 %", "")}
                   for k in headline if summary.get(k) is not None]  # fmt: skip

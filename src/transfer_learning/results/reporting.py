@@ -45,6 +45,7 @@ def build_summary(
     checkpoint = best_checkpoint(trainer)
     facts = facts or {}
     best_score = checkpoint.best_model_score if checkpoint else None
+    sizes = datamodule.split_sizes()
     names = module.class_names
     return {
         "model": model_name,
@@ -57,7 +58,7 @@ def build_summary(
         "parameters": _parameters(facts) if facts else None,
         "batch size": _batch(facts) if facts else None,
         "precision": f"{facts['precision']} ({facts['precision/why']})" if "precision" in facts else None,
-        "images train/val/test": "/".join(str(n) for n in datamodule.split_sizes().values()),
+        f"images {'/'.join(sizes)}": "/".join(str(n) for n in sizes.values()),
         "files left out": ", ".join(f"{n} ({why})" for why, n in datamodule.left_out.items()) or None,
         "feature cache": datamodule.feature_cache.report() if datamodule.feature_cache else None,
         "linear probe": _probe(module.probe_result),

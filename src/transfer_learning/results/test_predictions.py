@@ -32,6 +32,7 @@ class TestPredictions:
     files: list[str]
     targets: torch.Tensor  # (N,) class indices; multi-label (N, C) 0/1
     probs: torch.Tensor  # (N, C) float64, what the test metrics scored
+    logits: torch.Tensor | None = None  # (N, C) float64 before the temperature (a fold's file)
 
     @property
     def multilabel(self) -> bool:
@@ -46,9 +47,12 @@ def write_test_predictions(
     files: list[str],
     targets: list[Any],
     probs: torch.Tensor,
+    logits: torch.Tensor | None = None,
 ) -> Path:
     """Write ``path``: ``targets`` as the data module gives them (a class index; multi-label a
-    tuple of indices), ``probs`` (N, C) rounded to 7 digits."""
+    tuple of indices), ``probs`` (N, C) rounded to 7 digits; ``logits``, the model's before any
+    temperature, where given (a fold's out-of-fold images: cv.refit=true fits its temperature
+    on them)."""
     record = {
         "task": task,
         "class_names": list(class_names),
@@ -57,6 +61,8 @@ def write_test_predictions(
         "targets": [sorted(int(i) for i in t) if isinstance(t, tuple | list) else int(t) for t in targets],
         "probs": [[round(float(p), 7) for p in row] for row in probs.tolist()],
     }
+    if logits is not None:
+        record["logits"] = [[round(float(z), 5) for z in row] for row in logits.tolist()]
     path.write_text(json.dumps(record) + "\n")
     return path
 
@@ -102,19 +108,28 @@ def read_test_predictions(path: Path) -> TestPredictions:
         for row, t in enumerate(targets):
             target_tensor[row, t] = 1
     probs_tensor = torch.tensor(probs, dtype=torch.float64).reshape(n, k)
-    return TestPredictions(task, names, thresholds, files, target_tensor, probs_tensor)
+    logits = data.get("logits")
+    if logits is not None and (not isinstance(logits, list) or len(logits) != n
+                               or not all(_row(r, k, bounded=False) for r in logits)):  # fmt: skip
+        raise _refuse(path, f"its 'logits' is not {n} rows of {k} finite numbers")
+    logits_tensor = None if logits is None else torch.tensor(logits, dtype=torch.float64).reshape(n, k)
+    return TestPredictions(task, names, thresholds, files, target_tensor, probs_tensor, logits_tensor)
 
 
 def _index(value: Any, k: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < k
 
 
-def _row(values: Any, k: int) -> bool:
+def _row(values: Any, k: int, bounded: bool = True) -> bool:
+    """``k`` finite numbers (``bounded``: each in [0, 1])."""
     return (
         isinstance(values, list)
         and len(values) == k
         and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+            isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (not bounded or 0 <= v <= 1)
             for v in values
         )
     )

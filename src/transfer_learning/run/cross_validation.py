@@ -31,10 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from transfer_learning.data.splits import check_folds
+from transfer_learning.data.splits import REFIT, check_folds
 from transfer_learning.errors import ConfigError
 from transfer_learning.escaping import csv_row
 from transfer_learning.readers import UntrustedFileError, read_json
@@ -48,12 +49,14 @@ log = logging.getLogger(__name__)
 FOLDS_DIR = "folds"
 FOLD_RECORD = "fold.json"
 OOF_FILE = "oof_predictions.csv"
+REFIT_DIR = "refit"
 # The summary's numbers, per fold and as mean ± std (those a fold's summary has).
 SHOWN = ("best val/acc", "best val/map", "test/acc", "test/f1", "test/map", "test/exact_match", "test/ece")
 
 
 def fold_folder(run: Path, fold: int) -> Path:
-    return run / FOLDS_DIR / f"fold{fold}"
+    """``<run>/folds/fold<k>``; the refit's (``fold`` = REFIT) ``<run>/folds/refit``."""
+    return run / FOLDS_DIR / (REFIT_DIR if fold == REFIT else f"fold{fold}")
 
 
 def _fold_config(cfg: DictConfig, fold: int, folds: int, folder: Path) -> DictConfig:
@@ -69,7 +72,7 @@ def _fold_config(cfg: DictConfig, fold: int, folds: int, folder: Path) -> DictCo
         wandb = (fold_cfg.get("logger") or {}).get("wandb")
         if wandb is not None:  # each fold a W&B run, the folds of a run one group
             wandb.group = wandb.get("group") or f"cv-{folder.parent.parent.name}"
-            wandb.name = f"{wandb.get('name') or 'train'} fold{fold}"
+            wandb.name = f"{wandb.get('name') or 'train'} {folder.name}"
     return fold_cfg
 
 
@@ -92,6 +95,11 @@ def read_fold(path: Path, fold: int, folds: int) -> dict[str, Any]:
         raise UntrustedFileError(f"refusing {path}: its 'metrics' and 'summary' must be mappings. {fix}")
     if _numbers(metrics) != metrics or _numbers(summary) != summary:
         raise UntrustedFileError(f"refusing {path}: its metrics must all be numbers. {fix}")
+    intervals = record.get("intervals", {})  # (the refit's: printed in the cv summary)
+    if not isinstance(intervals, dict) or not all(
+        k in SHOWN and isinstance(v, str) and len(v) < 80 and v.isprintable() for k, v in intervals.items()
+    ):
+        raise UntrustedFileError(f"refusing {path}: its 'intervals' must map metrics to short text. {fix}")
     return record
 
 
@@ -107,12 +115,9 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
     of every metric the folds share (``<metric>_std`` beside each) and ``summary``."""
     folds = check_folds(cfg.cv.get("folds"))
     assert folds is not None
-    if cfg.cv.get("refit"):
-        raise ConfigError(
-            "cv.refit=true is not available yet: use the fold checkpoints "
-            "(<run>/folds/fold<k>/checkpoints/), or train the final model with cv=none on the settings "
-            "the folds chose."
-        )
+    refit = bool(cfg.cv.get("refit"))
+    if refit and float(cfg.data.get("test_fraction") or 0) <= 0 and not cfg.data.get("test_dir"):
+        log.warning("cv.refit=true with no test split set up: the refit will stop if the data has none")
     if cfg.get("tune_lr"):
         raise ConfigError(
             "tune_lr=true with cv: run the learning-rate finder once without cv, then pass its rate."
@@ -141,7 +146,8 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
         _write_fold(done, record)
         records.append(record)
     oof = write_oof(run, folds)
-    summary = cv_summary(records, folds, oof)
+    final = _refit(cfg, folds, run, train_one) if refit else None
+    summary = cv_summary(records, folds, oof, final)
     write_summary(summary, run / "summary.json")
     print(format_summary({k: v for k, v in summary.items() if k != "cv"}), flush=True)
     # the folds' interval bounds do not average into an interval: the spread over folds says it
@@ -154,13 +160,74 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
     return {**means, "cv/folds": folds, "summary": summary}
 
 
+def _refit(
+    cfg: DictConfig, folds: int, run: Path, train_one: Callable[[DictConfig], dict[str, Any]]
+) -> dict[str, Any]:
+    """cv.refit=true: the final model, trained as the folds were on every training+validation
+    image (no validation split: the last epoch is the checkpoint, early stopping is off, the
+    temperature and any multi-label thresholds come from the folds' out-of-fold logits), tested
+    on the test split, in ``<run>/folds/refit/``. Done once: a finished refit is read back."""
+    folder = fold_folder(run, REFIT)
+    done = folder / FOLD_RECORD
+    if done.is_file():
+        log.info("The refit finished before (%s): not trained again", done)
+        return read_fold(done, REFIT, folds)
+    log.info("Refit on every training+validation image: %s", folder)
+    refit_cfg = _fold_config(cfg, REFIT, folds, folder)
+    with open_dict(refit_cfg):
+        callbacks = refit_cfg.get("callbacks") or DictConfig({})
+        if callbacks.get("early_stopping") is not None:
+            callbacks.early_stopping = None  # nothing to stop on: the folds chose trainer.max_epochs
+        if callbacks.get("model_checkpoint") is not None:
+            callbacks.model_checkpoint.monitor = None  # no val metric: the last epoch's weights
+            callbacks.model_checkpoint.filename = "refit-epoch{epoch:02d}"
+        scheduler = refit_cfg.get("scheduler")
+        if isinstance(scheduler, DictConfig) and str(scheduler.get("monitor") or "").startswith("val/"):
+            raise ConfigError(
+                f"cv.refit=true with scheduler.monitor={scheduler.monitor}: the refit has no validation "
+                "split to watch; pick a scheduler that does not monitor one (e.g. scheduler=cosine)."
+            )
+    result = train_one(refit_cfg)
+    summary = result.get("summary") or {}
+    record = {
+        "fold": REFIT,
+        "folds": folds,
+        "metrics": _numbers({k: v for k, v in result.items() if k != "summary"}),
+        "summary": _numbers({k: summary.get(k) for k in SHOWN}),
+        "intervals": {k: str(summary[f"{k} 95 %"]) for k in SHOWN if summary.get(f"{k} 95 %") is not None},
+        "best checkpoint": str(summary.get("best checkpoint") or result.get("best_checkpoint") or ""),
+    }
+    _write_fold(done, record)
+    return record
+
+
+def oof_logits(run: Path, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folds' out-of-fold logits (before any temperature) and targets, every fold's val
+    images in turn: what cv.refit=true's run calibrates on."""
+    logits, targets = [], []
+    for fold in range(folds):
+        path = fold_folder(run, fold) / FOLD_PREDICTIONS
+        saved = read_test_predictions(path)
+        if saved.logits is None:
+            raise UntrustedFileError(
+                f"{path} has no logits (written before cv.refit existed): delete {path.parent} to "
+                "train that fold again, or set calibrate=false for the refit."
+            )
+        logits.append(saved.logits)
+        targets.append(saved.targets)
+    return torch.cat(logits).float(), torch.cat(targets)
+
+
 def mean_std(values: list[float]) -> str:
     """``0.9833 ± 0.0120``: mean and sample standard deviation."""
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def cv_summary(records: Sequence[Mapping[str, Any]], folds: int, oof: Path) -> dict[str, Any]:
-    """The cv run's summary: each metric as mean ± std, the per-fold values, the folders."""
+def cv_summary(
+    records: Sequence[Mapping[str, Any]], folds: int, oof: Path, final: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The cv run's summary: each metric as mean ± std, the per-fold values, the folders; with
+    ``final`` (cv.refit=true) the refit's test numbers and checkpoint."""
     summary: dict[str, Any] = {"cross-validation": f"{folds} folds, stratified, seeded (data.seed)"}
     for key in SHOWN:
         values = [r["summary"][key] for r in records if key in r["summary"]]
@@ -169,6 +236,13 @@ def cv_summary(records: Sequence[Mapping[str, Any]], folds: int, oof: Path) -> d
             summary[f"{key} per fold"] = ", ".join(f"{v:.4f}" for v in values)
     summary["out-of-fold predictions"] = str(oof)
     summary["fold checkpoints"] = ", ".join(r["best checkpoint"] for r in records)
+    if final is not None:
+        summary["refit"] = "trained on every training+validation image, tested on the test split"
+        for key in (k for k in SHOWN if k.startswith("test/") and k in final["summary"]):
+            summary[f"refit {key}"] = final["summary"][key]
+            if key in final.get("intervals", {}):
+                summary[f"refit {key} 95 %"] = final["intervals"][key]
+        summary["checkpoint (refit: for eval, predict, export)"] = final["best checkpoint"]
     summary["cv"] = {
         key: {"mean": statistics.fmean(v), "std": statistics.stdev(v), "folds": v}
         for key in SHOWN

@@ -262,19 +262,21 @@ def known_keys(groups: Sequence[str]) -> set[str]:
 
 
 def latest_checkpoint(runs: Path) -> Path | None:
-    """The newest ``last.ckpt`` of a run, or of a fold of a cv=K run (``<run>/folds/fold<k>/``)."""
-    found = [*runs.glob("*/checkpoints/last.ckpt"), *runs.glob("*/folds/fold*/checkpoints/last.ckpt")]
+    """The newest ``last.ckpt`` of a run, or of a fold of a cv=K run (``<run>/folds/fold<k>/``, or
+    its refit's ``<run>/folds/refit/``)."""
+    found = [*runs.glob("*/checkpoints/last.ckpt"), *runs.glob("*/folds/*/checkpoints/last.ckpt")]
     found.sort(key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
 def fold_of_checkpoint(checkpoint: Path) -> tuple[Path, int] | None:
-    """``(<run>, k)`` for a checkpoint in a cv=K run's ``<run>/folds/fold<k>/checkpoints/``."""
+    """``(<run>, k)`` for a checkpoint in a cv=K run's ``<run>/folds/fold<k>/checkpoints/`` (k = -1
+    for the refit's ``<run>/folds/refit/checkpoints/``)."""
     folder = checkpoint.absolute().parent.parent
-    match = re.fullmatch(r"fold(\d{1,2})", folder.name)
+    match = re.fullmatch(r"fold(\d{1,2})|refit", folder.name)
     if checkpoint.parent.name != "checkpoints" or folder.parent.name != "folds" or not match:
         return None
-    return folder.parent.parent, int(match[1])
+    return folder.parent.parent, int(match[1]) if match[1] is not None else -1
 
 
 def run_folder_of(checkpoint: Path) -> Path | None:

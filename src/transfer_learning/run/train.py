@@ -192,6 +192,11 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     datamodule, module = build(cfg)
     precision = resolve_precision(cfg, module)
     resolve_monitor(cfg, module.monitor)
+    oof = None  # cv.refit=true: calibrated on the folds' out-of-fold logits (read before training)
+    if datamodule.refit and datamodule.cv_folds and cfg.get("calibrate", True):
+        from transfer_learning.run.cross_validation import oof_logits
+
+        oof = oof_logits(Path(cfg.paths.output_dir).parent.parent, datamodule.cv_folds)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     saved = _resumable(ckpt_path, cfg, module) if ckpt_path else None  # before any logger makes files
     callbacks: list[Callback] = [
@@ -243,7 +248,7 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
         checkpoint = best_checkpoint(trainer)
         best_path = checkpoint.best_model_path if checkpoint else ""
         if cfg.get("calibrate", True):  # the temperature goes into the checkpoint the test loads
-            calibrate_best(trainer, module, datamodule, best_path)  # (writes it whole)
+            calibrate_best(trainer, module, datamodule, best_path, oof)  # (writes it whole)
             preemption.check()
         # A frozen backbone went into none of the checkpoints while fitting: written in now, after
         # calibration has rewritten the best one (a backbone of 0.5 GB is written once, not twice).

@@ -53,7 +53,7 @@ class LinearProbeFineTune(FineTuning):
         return fit_linear_head(
             net.head,
             features["train"],
-            features["val"],
+            features.get("val"),
             self.probe_weight_decays,
             self.probe_steps,
             multilabel,
@@ -78,7 +78,7 @@ def _probe_score(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> flo
 def fit_linear_head(
     head: nn.Linear,
     train: Split,
-    val: Split,
+    val: Split | None,
     weight_decays: Sequence[float],
     steps: int,
     multilabel: bool = False,
@@ -87,9 +87,16 @@ def fit_linear_head(
     optimum: multinomial (multiclass), or one binary regression per class (multilabel); the L2
     strength with the lowest validation loss wins and its weights are copied into ``head``.
     Returns ``weight_decay``, ``val_loss`` and the score on both splits: ``val_acc`` and
-    ``train_acc`` (multiclass) or ``val_map`` and ``train_map`` (multilabel)."""
-    x, vx = train[0].double(), val[0].double()
-    y, vy = (train[1].double(), val[1].double()) if multilabel else (train[1].long(), val[1].long())
+    ``train_acc`` (multiclass) or ``val_map`` and ``train_map`` (multilabel). Without a
+    validation split (cv.refit=true's run) there must be one strength, and the scores are the
+    training split's."""
+    if val is None and len(weight_decays) != 1:
+        raise ConfigError(
+            f"strategy.probe_weight_decays={list(weight_decays)}: without a validation split "
+            "(cv.refit=true) the probe cannot choose an L2 strength; give the one the folds chose, e.g. "
+            "strategy.probe_weight_decays=[1e-3] (each fold's summary says it under 'linear probe')."
+        )
+    x, y = train[0].double(), train[1].double() if multilabel else train[1].long()
     score = "map" if multilabel else "acc"
     best: dict[str, Any] = {}
     for decay in weight_decays:
@@ -114,13 +121,14 @@ def fit_linear_head(
 
         optimizer.step(closure)
         with torch.no_grad():
-            logits = vx @ weight.T + bias
-            val_loss = float(_probe_loss(logits, vy, multilabel))
-            scores = {f"val_{score}": _probe_score(logits, vy, multilabel),
-                      f"train_{score}": _probe_score(x @ weight.T + bias, y, multilabel)}  # fmt: skip
-        if not best or val_loss < best["val_loss"]:
-            best = {"weight_decay": decay, "val_loss": val_loss, **scores,
-                    "weight": weight.detach(), "bias": bias.detach()}  # fmt: skip
+            scores = {f"train_{score}": _probe_score(x @ weight.T + bias, y, multilabel)}
+            if val is not None:
+                vx, vy = val[0].double(), val[1].double() if multilabel else val[1].long()
+                logits = vx @ weight.T + bias
+                scores = {"val_loss": float(_probe_loss(logits, vy, multilabel)),
+                          f"val_{score}": _probe_score(logits, vy, multilabel), **scores}  # fmt: skip
+        if not best or (val is not None and scores["val_loss"] < best["val_loss"]):
+            best = {"weight_decay": decay, **scores, "weight": weight.detach(), "bias": bias.detach()}
     with torch.no_grad():
         head.weight.copy_(best.pop("weight").to(head.weight))
         head.bias.copy_(best.pop("bias").to(head.bias))

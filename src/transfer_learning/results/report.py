@@ -26,6 +26,7 @@ from typing import Any
 
 from transfer_learning.escaping import markdown_cell, visible
 from transfer_learning.readers import read_csv_records
+from transfer_learning.results.label_issues import FILE as LABEL_ISSUES
 
 REPORT = "report.md"
 log = logging.getLogger(__name__)
@@ -158,21 +159,8 @@ def plot_confident_mistakes(
     left out (the next one takes its place) and added to ``skipped`` as (file, why); None when
     there is nothing to draw. ``explain(rows, images)``: a Grad-CAM heatmap per image (its
     size, 0..1), drawn over it."""
-    from transfer_learning.data.images import load_rgb  # regular files only, never more than their size
-    from transfer_learning.errors import DataError
-
     wrong = sorted((r for r in worst if not r["correct"]), key=lambda r: -float(r["confidence"]))
-    drawn: list[tuple[Mapping[str, Any], Any]] = []
-    for row in wrong:
-        if len(drawn) == limit:
-            break
-        try:
-            image = load_rgb(row["file"])
-            image.thumbnail((640, 640))  # drawn 320 px wide: no need to hold 16 full-size photos
-            drawn.append((row, image))
-        except DataError as exc:
-            if skipped is not None:
-                skipped.append((str(row["file"]), _why(exc)))
+    drawn = _open_images(wrong, limit, skipped)
     if not drawn:
         return None
     if explain is not None:
@@ -184,6 +172,53 @@ def plot_confident_mistakes(
         except Exception as exc:  # a backbone Grad-CAM cannot read: the grid without heatmaps, the run kept
             log.warning("The report's grid has no Grad-CAM heatmaps: %s", exc)
             explain = None
+    title = "Most confidently wrong validation images"
+    # Multi-label rows name the class of their worst call (a false positive or a missed label).
+    target = "the worst call's class" if "worst_class" in drawn[0][0] else "the predicted class"
+    title += f" (Grad-CAM of {target}: red)" if explain else ""
+    captions = [
+        f"true: {row['true'] or '(none)'}\npredicted: {row['predicted'] or '(none)'} "
+        f"({float(row['confidence']):.0%})" + (f"\nheatmap: {row['worst_class']}" if explain and
+                                                "worst_class" in row else "")
+        for row, _ in drawn
+    ]  # fmt: skip
+    return _draw_grid([(c, image) for c, (_, image) in zip(captions, drawn, strict=True)], title, path)
+
+
+def plot_image_grid(
+    items: Sequence[tuple[str, str]], title: str, path: Path, limit: int = 16,
+    skipped: list[tuple[str, str]] | None = None,
+) -> Path | None:  # fmt: skip
+    """Images (``(file, caption)``, the first ``limit`` that open) in a grid under ``title``; an
+    image that cannot be opened any more is left out (and added to ``skipped``); None when there
+    is nothing to draw."""
+    drawn = _open_images([{"file": f, "caption": c} for f, c in items], limit, skipped)
+    return _draw_grid([(row["caption"], image) for row, image in drawn], title, path) if drawn else None
+
+
+def _open_images(
+    rows: Sequence[Mapping[str, Any]], limit: int, skipped: list[tuple[str, str]] | None
+) -> list[tuple[Mapping[str, Any], Any]]:
+    """The first ``limit`` rows whose ``file`` opens, each with its image (thumbnail)."""
+    from transfer_learning.data.images import load_rgb  # regular files only, never more than their size
+    from transfer_learning.errors import DataError
+
+    drawn: list[tuple[Mapping[str, Any], Any]] = []
+    for row in rows:
+        if len(drawn) == limit:
+            break
+        try:
+            image = load_rgb(row["file"])
+            image.thumbnail((640, 640))  # drawn 320 px wide: no need to hold 16 full-size photos
+            drawn.append((row, image))
+        except DataError as exc:
+            if skipped is not None:
+                skipped.append((str(row["file"]), _why(exc)))
+    return drawn
+
+
+def _draw_grid(drawn: Sequence[tuple[str, Any]], title: str, path: Path) -> Path:
+    """``(caption, image)`` pairs in a grid of four columns under ``title``, saved to ``path``."""
     import numpy as np
     from PIL import Image
 
@@ -195,17 +230,13 @@ def plot_confident_mistakes(
     # shapes. The images are placed as pixels and the titles as figure text: axes and a layout
     # engine would cost most of the run's report time for no visible difference.
     dpi, cell_w, cell_h, title_h, pad = 100, 3.2, 3.7, 0.62, 0.08
-    title = "Most confidently wrong validation images"
-    # Multi-label rows name the class of their worst call (a false positive or a missed label).
-    target = "the worst call's class" if "worst_class" in drawn[0][0] else "the predicted class"
-    title += f" (Grad-CAM of {target}: red)" if explain else ""
     # The picture's title in lines that fit its width (13 pt: ~9.5 characters an inch).
     title_lines = textwrap.wrap(title, width=max(20, int(cell_w * columns * 9.5)))
     top_h = 0.31 + 0.24 * len(title_lines)
     width, height = cell_w * columns, cell_h * lines + top_h
     fig = plt.figure(figsize=(width, height), dpi=dpi)
     box_w, box_h = round((cell_w - 2 * pad) * dpi), round((cell_h - title_h - 2 * pad) * dpi)
-    for i, (row, image) in enumerate(drawn):
+    for i, (caption, image) in enumerate(drawn):
         line, column = divmod(i, columns)
         scale = min(box_w / image.width, box_h / image.height)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -217,10 +248,7 @@ def plot_confident_mistakes(
         fig.figimage(np.asarray(shown), xo=left, yo=bottom, origin="upper")
         title_y = ((lines - 1 - line) * cell_h + pad + box_h / dpi + 0.05) / height
         fig.text(
-            (column + 0.5) * cell_w / width, title_y,
-            f"true: {row['true'] or '(none)'}\npredicted: {row['predicted'] or '(none)'} "
-            f"({float(row['confidence']):.0%})" + (f"\nheatmap: {row['worst_class']}" if explain and
-                                                    "worst_class" in row else ""),
+            (column + 0.5) * cell_w / width, title_y, caption,
             fontsize=9, color="firebrick", ha="center", va="bottom", parse_math=False,
         )  # fmt: skip
     fig.suptitle("\n".join(title_lines), fontsize=13, y=1 - 0.12 / height, va="top")
@@ -322,6 +350,29 @@ def write_report(
         named = "; ".join(f"`{visible(file)}` ({visible(why)})" for file, why in skipped)
         lines += [f"Not shown: {len(skipped)} image(s) could not be opened (changed or removed since "
                   f"the run read them): {named}.", ""]  # fmt: skip
+    path = folder / REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_cv_report(
+    folder: Path, summary: Mapping[str, Any], issues: Sequence[Mapping[str, Any]], picture: Path | None
+) -> Path:
+    """``folder/report.md`` of a cv=K run: its summary (each metric as mean ± std over the folds)
+    and the likely label errors, their picture and the first of them as a table. Each fold's own
+    report is in its folder."""
+    rows = [{"": k, "value": v} for k, v in summary.items() if isinstance(v, str | int | float)]
+    lines = [f"# Cross-validation report: {summary.get('cross-validation')}", ""]
+    lines += [*_table(rows, ["", "value"]), "", "## Likely label errors (out of fold)", ""]
+    if not issues:
+        lines += ["_Confident learning found no likely label error in the out-of-fold predictions._", ""]
+    else:
+        if picture is not None:
+            lines += [f"![Likely label errors]({picture.relative_to(folder).as_posix()})", ""]
+        columns = [c for c in ("rank", "file", "class", "given", "suggested", "score") if c in issues[0]]
+        lines += [*_table(issues[:50], columns), ""]
+        if len(issues) > 50:
+            lines += [f"{len(issues) - 50} more in {LABEL_ISSUES}.", ""]
     path = folder / REPORT
     path.write_text("\n".join(lines))
     return path

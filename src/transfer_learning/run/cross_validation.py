@@ -39,6 +39,13 @@ from transfer_learning.data.splits import REFIT, check_folds
 from transfer_learning.errors import ConfigError
 from transfer_learning.escaping import csv_row
 from transfer_learning.readers import UntrustedFileError, read_json
+from transfer_learning.results.analysis import write_rows
+from transfer_learning.results.label_issues import FILE as LABEL_ISSUES
+from transfer_learning.results.label_issues import PICTURE as LABEL_PICTURE
+from transfer_learning.results.label_issues import SHOWN as SHOWN_ISSUES
+from transfer_learning.results.label_issues import OutOfFold, find_label_issues, plot_label_issues
+from transfer_learning.results.label_issues import describe as describe_issues
+from transfer_learning.results.report import write_cv_report
 from transfer_learning.results.reporting import format_summary, write_summary
 from transfer_learning.results.test_predictions import FOLD_FILE as FOLD_PREDICTIONS
 from transfer_learning.results.test_predictions import read_test_predictions
@@ -145,9 +152,17 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
         }
         _write_fold(done, record)
         records.append(record)
-    oof = write_oof(run, folds)
+    predictions, fold_of, _ = read_oof(run, folds)
+    oof = write_oof(run, predictions, fold_of)
     final = _refit(cfg, folds, run, train_one) if refit else None
     summary = cv_summary(records, folds, oof, final)
+    issues = find_label_issues(predictions)
+    found = write_rows(issues, run / LABEL_ISSUES) if issues else _no_issues(run, predictions.multilabel)
+    summary["label issues"] = describe_issues(issues, found)
+    picture = plot_label_issues(issues, run / LABEL_PICTURE)
+    summary["label issues picture"] = str(picture) if picture else None
+    summary["report"] = str(write_cv_report(run, summary, issues, picture))
+    _log_cv_run(cfg, run, summary, issues)
     write_summary(summary, run / "summary.json")
     print(format_summary({k: v for k, v in summary.items() if k != "cv"}), flush=True)
     # the folds' interval bounds do not average into an interval: the spread over folds says it
@@ -201,21 +216,42 @@ def _refit(
     return record
 
 
-def oof_logits(run: Path, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The folds' out-of-fold logits (before any temperature) and targets, every fold's val
-    images in turn: what cv.refit=true's run calibrates on."""
-    logits, targets = [], []
-    for fold in range(folds):
-        path = fold_folder(run, fold) / FOLD_PREDICTIONS
-        saved = read_test_predictions(path)
-        if saved.logits is None:
-            raise UntrustedFileError(
-                f"{path} has no logits (written before cv.refit existed): delete {path.parent} to "
-                "train that fold again, or set calibrate=false for the refit."
-            )
-        logits.append(saved.logits)
-        targets.append(saved.targets)
-    return torch.cat(logits).float(), torch.cat(targets)
+def _no_issues(run: Path, multilabel: bool) -> Path:
+    """An empty ``label_issues.csv`` (its header): none found, and not a file left from before."""
+    columns = ["rank", "file", *(["class"] if multilabel else []), "given", "suggested", "score"]
+    path = run / LABEL_ISSUES
+    path.write_text(",".join(columns) + "\n")
+    return path
+
+
+def _log_cv_run(
+    cfg: DictConfig, run: Path, summary: Mapping[str, Any], issues: Sequence[Mapping[str, Any]]
+) -> None:
+    """With W&B on: one more run in the folds' group, ``<name> cv``, holding the mean and std
+    over folds of each metric and the likely label errors as a table with their pictures."""
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    if wandb is None:
+        return
+    from hydra.utils import instantiate
+
+    from transfer_learning.run.loggers import close_loggers, log_picture, log_results, log_table
+
+    spec = copy.deepcopy(wandb)
+    with open_dict(spec):
+        spec.save_dir = str(run)
+        spec.group = spec.get("group") or f"cv-{run.name}"
+        spec.name = f"{spec.get('name') or 'train'} cv"
+    loggers = [instantiate(spec)]
+    numbers = {
+        f"cv/{key}_{part}": value[part] for key, value in summary["cv"].items() for part in ("mean", "std")
+    }
+    log_results(loggers, {**numbers, "cv/label_issues": float(len(issues))})
+    table = [{"image": r["file"], **{k: v for k, v in r.items() if k != "file"}, "file": r["file"]}
+             for r in issues[: 2 * SHOWN_ISSUES]]  # fmt: skip
+    log_table(loggers, "label_issues", table, images="image")
+    if summary.get("label issues picture"):
+        log_picture(loggers, "label_issues_grid", Path(summary["label issues picture"]))
+    close_loggers(loggers, "success")
 
 
 def mean_std(values: list[float]) -> str:
@@ -251,12 +287,14 @@ def cv_summary(
     return summary
 
 
-def write_oof(run: Path, folds: int) -> Path:
-    """``oof_predictions.csv``: ``file, label, fold, prob_<class> ...`` for every
-    training+validation image, from the fold that validated on it (multi-label ``label``: the
-    class names joined by a space)."""
-    rows: list[list[Any]] = []
+def read_oof(run: Path, folds: int) -> tuple[OutOfFold, list[int], torch.Tensor | None]:
+    """Every training+validation image's out-of-fold prediction, from the fold that validated
+    on it (its ``fold_predictions.json``, read as data): the probabilities and targets, each
+    image's fold, and the logits before the temperature (None if a fold's file has none)."""
+    files: list[str] = []
     names: list[str] = []
+    fold_of: list[int] = []
+    targets, probs, logits = [], [], []
     for fold in range(folds):
         saved = read_test_predictions(fold_folder(run, fold) / FOLD_PREDICTIONS)
         if names and saved.class_names != names:
@@ -264,12 +302,39 @@ def write_oof(run: Path, folds: int) -> Path:
                 f"fold {fold} of {run} has other classes than fold 0: {saved.class_names}"
             )
         names = saved.class_names
-        for i, file in enumerate(saved.files):
-            if saved.multilabel:
-                label = " ".join(n for n, t in zip(names, saved.targets[i].tolist(), strict=True) if t)
-            else:
-                label = names[int(saved.targets[i])]
-            rows.append([file, label, fold, *(f"{p:.6f}" for p in saved.probs[i].tolist())])
+        files += saved.files
+        fold_of += [fold] * len(saved.files)
+        targets.append(saved.targets)
+        probs.append(saved.probs)
+        logits.append(saved.logits)
+    raw = None if any(z is None for z in logits) else torch.cat([z for z in logits if z is not None])
+    return OutOfFold(files, names, torch.cat(targets), torch.cat(probs)), fold_of, raw
+
+
+def oof_logits(run: Path, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folds' out-of-fold logits (before any temperature) and targets, every fold's val
+    images in turn: what cv.refit=true's run calibrates on."""
+    oof, _, logits = read_oof(run, folds)
+    if logits is None:
+        raise UntrustedFileError(
+            f"a fold of {run} wrote no logits in its {FOLD_PREDICTIONS} (written before cv.refit existed): "
+            "delete that fold's folder to train it again, or set calibrate=false for the refit."
+        )
+    return logits.float(), oof.targets
+
+
+def write_oof(run: Path, oof: OutOfFold, fold_of: Sequence[int]) -> Path:
+    """``oof_predictions.csv``: ``file, label, fold, prob_<class> ...`` for every
+    training+validation image, from the fold that validated on it (multi-label ``label``: the
+    class names joined by a space)."""
+    names = oof.class_names
+    rows: list[list[Any]] = []
+    for i, file in enumerate(oof.files):
+        if oof.multilabel:
+            label = " ".join(n for n, t in zip(names, oof.targets[i].tolist(), strict=True) if t)
+        else:
+            label = names[int(oof.targets[i])]
+        rows.append([file, label, fold_of[i], *(f"{p:.6f}" for p in oof.probs[i].tolist())])
     path = run / OOF_FILE
     with path.open("w", newline="") as f:
         writer = csv.writer(f)

@@ -4,11 +4,12 @@
    against the same with `cv=5`, as whole processes: wall seconds and their ratio (the features
    of all folds are computed once, so five folds cost far less than five runs);
 2. label issues: the same shapes with a share of the training+validation images moved into
-   another class's folder (seeded; the test split is left alone), then `cv=5`: how many of the
-   moved images `label_issues.csv` lists (recall) and how many of those it lists were moved
-   (precision), and how often the suggested label is the image's true class.
+   another class's folder (for each of three seeds; the test split is left alone), then `cv=5`:
+   how many of the moved images `label_issues.csv` lists (recall) and how many of those it lists
+   were moved (precision), and how often the suggested label is the image's true class.
 
     python scripts/benchmark_cv.py [--workdir /tmp/cv_bench] [--flip 0.05] [--per-class 60]
+                                   [--flip-seeds 0,1,2]
 
 Prints the machine first (CPU, cores, bf16 support), then each command and its numbers.
 """
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--flip", type=float, default=0.05)
     parser.add_argument("--per-class", type=int, default=60)
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--flip-seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
     args = parser.parse_args()
     print(f"machine: {cpu_description()}")
     workdir = args.workdir.absolute()
@@ -92,15 +94,28 @@ def main() -> None:
           f"(test/acc {cv_summary['test/acc']} over folds)")  # fmt: skip
 
     # 2. label issues on flipped labels
-    flipped = workdir / "flipped"
-    moved = flip_labels(shapes, flipped, args.flip, seed=0)
-    _, run = train(workdir, "flipped_cv", *data, f"data.root={flipped}", f"cv={args.folds}",
-                   f"paths.root_dir={workdir / 'c'}")  # fmt: skip
+    totals = [0, 0, 0]  # listed, flipped among them, flipped in all
+    for seed in args.flip_seeds:
+        listed, hits, moved = flipped_run(workdir, shapes, data, args.flip, seed, args.folds)
+        totals = [totals[0] + listed, totals[1] + hits, totals[2] + moved]
+    listed, hits, moved = totals
+    print(f"all {len(args.flip_seeds)} seeds: listed {listed}, {hits} of them flipped: precision "
+          f"{hits / max(listed, 1):.3f}, recall {hits / max(moved, 1):.3f} ({hits}/{moved})")  # fmt: skip
+
+
+def flipped_run(
+    workdir: Path, shapes: Path, data: list[str], share: float, seed: int, folds: int
+) -> tuple[int, int, int]:
+    """One cv run on the shapes with ``share`` of the labels flipped (seed ``seed``): prints and
+    returns how many images it listed, how many of those were flipped, how many were flipped."""
+    flipped = workdir / f"flipped{seed}"
+    moved = flip_labels(shapes, flipped, share, seed=seed)
+    _, run = train(workdir, f"flipped_cv{seed}", *data, f"data.root={flipped}", f"cv={folds}",
+                   f"paths.root_dir={workdir / f'c{seed}'}")  # fmt: skip
     with (run / "label_issues.csv").open(newline="") as f:
         listed = list(csv.DictReader(f))
     with (run / "oof_predictions.csv").open(newline="") as f:
         scored = {r["file"] for r in csv.DictReader(f)}
-    images = len(scored)
     outside = [file for file in moved if file not in scored]  # the run split the flipped data its own way
     moved = {file: true for file, true in moved.items() if file in scored}
     if outside:
@@ -108,17 +123,18 @@ def main() -> None:
     hits = [r for r in listed if r["file"] in moved]
     right = sum(r["suggested"] == moved[r["file"]] for r in hits)
     summary = read_json(run / "summary.json", fix="", limit=SUMMARY_LIMIT)
-    print(f"flipped {len(moved)} of {images} training+validation images ({args.flip:.0%}); "
-          f"label issues: {summary['label issues']}")  # fmt: skip
+    print(f"seed {seed}: flipped {len(moved)} of {len(scored)} training+validation images ({share:.0%}); "
+          f"label issues: {summary['label issues']}; cv test/acc {summary['test/acc']}")  # fmt: skip
     precision = len(hits) / len(listed) if listed else float("nan")
     print(f"listed {len(listed)}: {len(hits)} flipped -> precision {precision:.3f}, "
           f"recall {len(hits) / len(moved):.3f} ({len(hits)}/{len(moved)}); suggested label = true class "
           f"for {right} of {len(hits)}")  # fmt: skip
-    for row in listed[:10]:
+    for row in listed[:12]:
         file = Path(row["file"])
         flipped_mark = "flipped" if row["file"] in moved else ""
         print(f"  {row['rank']:>3} {file.parent.name}/{file.name}: given {row['given']}, "
               f"suggested {row['suggested']} ({row['score']}) {flipped_mark}")  # fmt: skip
+    return len(listed), len(hits), len(moved)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,37 @@ def test_the_prior_holds_a_few_images_near_1_and_lets_many_decide():
     assert 1.0 < few.temperature < math.exp(float(grid[int(np.argmin(unpenalised))]))
 
 
+def test_a_sharpening_that_one_more_wrong_image_would_undo_is_not_made():
+    """240 images, right at ~0.99 and one wrong, a hard one (a close call): the likelihood
+    sharpens (T < 1) for a tiny gain that the next confident mistake would cost many times over:
+    T = 1 kept. Right at ~0.6
+    (under-confident) with two wrong: the gain is large and survives one more mistake: sharpened.
+    The check counts: the kept fit's gain, with one more wrong image as confident as the median
+    right one, is negative; the sharpened fit's stays positive."""
+    from transfer_learning.model.calibration import nll
+
+    g = torch.Generator().manual_seed(0)
+    for margin, wrong, wrong_margin, sharpen in ((6.0, 1, 0.5, False), (1.5, 2, 1.5, True)):
+        y = torch.randint(0, 5, (240,), generator=g)
+        z = torch.randn(240, 5, generator=g) * 0.3 + margin * F.one_hot(y, 5)
+        z[:wrong] = wrong_margin * F.one_hot(y[:wrong], 5).float()  # the mistakes: this confident
+        y[:wrong] = (y[:wrong] + 1) % 5
+        fit = choose_temperature(z, y, False)
+        assert fit.fitted == sharpen, fit
+        unrestricted = 0.05 if not sharpen else fit.temperature  # (what the fit alone would take)
+        if not sharpen:
+            assert "one more wrong image" in fit.why and "T = 0." in fit.why
+            unrestricted = float(fit.why.split("T = ")[1].split()[0])
+        assert unrestricted < 1
+        confidence = z.softmax(1).amax(1)
+        right = torch.nonzero(z.argmax(1) == y).flatten()
+        i = int(right[confidence[right].argsort()[len(right) // 2]])
+        z_more = torch.cat([z, z[i : i + 1]]).double()
+        y_more = torch.cat([y, y.new_tensor([int(z[i].argsort(descending=True)[1])])])
+        gain = float(nll(z_more, y_more, False) - nll(z_more / unrestricted, y_more, False))
+        assert (gain > 0) == sharpen
+
+
 def test_ece_nll_and_brier_match_their_definitions():
     logits, labels = calibrated_sample(500, 4, seed=3)
     probs = (logits * 2).softmax(-1)

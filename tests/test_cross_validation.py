@@ -250,6 +250,7 @@ def test_refit_trains_the_final_model_on_every_fold_calibrated_out_of_fold(shape
     summary = json.loads((run / "summary.json").read_text())
     refit = json.loads((run / "folds" / "refit" / "summary.json").read_text())
     fold = json.loads((run / "folds" / "fold0" / "summary.json").read_text())
+    (tmp_path / "fold").mkdir()
     train, val, test = (int(n) for n in fold["images train/val/test"].split("/"))
     assert refit["images train/test"] == f"{train + val}/{test}"  # every non-test image trains
     assert refit.get("best val/acc") is None  # nothing to validate on
@@ -278,6 +279,12 @@ def test_refit_trains_the_final_model_on_every_fold_calibrated_out_of_fold(shape
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     eval_json = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert eval_json["accuracy"] == pytest.approx(refit["test/acc"], abs=1e-6)
+    # A fold's checkpoint evaluates on that fold's own split (its run_config.yaml): val is the fold.
+    fold_eval = eval_cli(tmp_path / "fold", f"ckpt_path={fold['best checkpoint']}", "split=val")
+    assert fold_eval.returncode == 0, fold_eval.stdout[-3000:] + fold_eval.stderr[-3000:]
+    fold_json = json.loads((tmp_path / "fold" / "eval" / "eval.json").read_text())
+    assert fold_json["images"] == val
+    assert fold_json["accuracy"] == pytest.approx(fold["best val/acc"], abs=1e-6)
     wrong = eval_cli(tmp_path, f"ckpt_path={checkpoint}", "split=val")
     assert wrong.returncode != 0 and "no val split (cv.refit=true" in wrong.stdout + wrong.stderr
     # Run again: folds and refit are read back, not trained again.

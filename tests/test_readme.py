@@ -105,10 +105,13 @@ def jobs(command: str) -> int:
         return int(
             re.findall(r"hydra\.sweeper\.n_trials=(\d+)", command + " " + " ".join(shrink(command)))[-1]
         )
+    # a cv=K job writes K fold summaries, its own and (cv.refit=true) the refit's
+    folds = re.search(r"\bcv=(\d+)", command)
+    each = 1 + int(folds[1]) + ("cv.refit=true" in command) if folds else 1
     if not is_multirun(command):
-        return 1
-    values = [arg.split("=", 1)[1] for arg in command.split()[3:] if "=" in arg]
-    return len(list(itertools.product(*(v.split(",") for v in values))))
+        return each
+    values = [arg.split("=", 1)[1] for arg in command.split()[3:] if "=" in arg and not arg.startswith("cv=")]
+    return each * len(list(itertools.product(*(v.split(",") for v in values))))
 
 
 def place_torchvision_weights(command: str) -> None:
@@ -144,7 +147,7 @@ def test_the_readme_shows_the_commands_users_need():
     for needed in ("strategy=feature_extract", " -m ", "data.root=$HOME", "trainer=ddp", "ckpt_path=",
                    "hparams_search=optuna", "hydra/launcher=submitit_local", "hydra/launcher=submitit_slurm",
                    "trainer=ddp_cpu", "data=csv data.file=", "task=multilabel",
-                   "calibrate=false"):  # fmt: skip
+                   "calibrate=false", "cv=5", "cv.refit=true"):  # fmt: skip
         assert any(needed in c for c in commands), needed
     slurm = next(c for c in commands if "submitit_slurm" in c)
     assert "hydra.launcher.partition=" in slurm and "trainer.devices=4" in slurm  # joined lines
@@ -208,6 +211,10 @@ def test_every_readme_train_command_works_as_written(tmp_path, commands):
         assert len(summaries) == jobs(command), command
         for path in summaries:
             summary = json.loads(path.read_text())
+            if "cross-validation" in summary:  # a cv run's: the folds' mean ± std, its label issues
+                assert 0 <= summary["cv"]["test/acc"]["mean"] <= 1 and "likely" in summary["label issues"]
+                assert (path.parent / "oof_predictions.csv").is_file(), command
+                continue
             assert 0 <= summary["test/map" if summary.get("task") == "multilabel" else "test/acc"] <= 1, (
                 command
             )

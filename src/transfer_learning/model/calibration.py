@@ -7,10 +7,10 @@ it: the logits are divided by ``T`` before the softmax (multi-label: before each
 validation split under the best checkpoint (Guo et al., 2017), with a normal prior on log T
 around 1: on 60 validation images, all right, the likelihood alone keeps rising as T falls and
 a fit sharpens the logits without bound, which the first wrong test image then pays for. Where
-the images cannot identify T (too few, none wrong, a gain within chance) T = 1 is kept, and the
-summary says why. Dividing by a positive scalar keeps every ranking, so accuracy, F1, mAP and
-the top-k are unchanged; only the probabilities move (multi-label thresholds move with them,
-:meth:`TaskMetrics.set_temperature`).
+the images cannot identify T (too few, none wrong, a gain within chance, a sharpening that one
+more wrong image would undo) T = 1 is kept, and the summary says why. Dividing by a positive
+scalar keeps every ranking, so accuracy, F1, mAP and the top-k are unchanged; only the
+probabilities move (multi-label thresholds move with them, :meth:`TaskMetrics.set_temperature`).
 
 Measured on the test split before and after (:func:`calibration_metrics`):
 
@@ -75,8 +75,11 @@ def choose_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: 
     the normal prior of :data:`PRIOR_SD` around T = 1; LBFGS in float64), or T = 1 kept when the
     samples cannot identify one: fewer than :data:`MIN_IMAGES`, no wrong prediction among them
     (the likelihood alone would sharpen without bound, and the first wrong test image would pay
-    for it), an optimum below the search range (above it, T is clipped to its top), or a gain
-    over T = 1 that the likelihood-ratio test calls chance (:data:`LIKELIHOOD_RATIO`)."""
+    for it), an optimum below the search range (above it, T is clipped to its top), a gain
+    over T = 1 that the likelihood-ratio test calls chance (:data:`LIKELIHOOD_RATIO`), or a
+    sharpening (T < 1) that one more wrong image, as confident as the network's median right
+    one, would undo: with 1 of 240 wrong, T 0.48 doubled a test NLL whose one wrong image was
+    confident."""
     n = len(logits)
     if n < MIN_IMAGES:
         return TemperatureFit(1.0, False, f"only {n} images, fewer than {MIN_IMAGES}")
@@ -111,7 +114,37 @@ def choose_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: 
             1.0, False, f"T = {temperature:.2f} fits these images no better than T = 1 beyond chance "
             f"(likelihood-ratio test, 5 %: 2 x {gain:.2f} < {LIKELIHOOD_RATIO})"
         )  # fmt: skip
+    if temperature < 1:
+        z_more, y_more = _one_more_wrong(z, y, multilabel)
+        with torch.no_grad():
+            after = float(nll(z_more, y_more, multilabel) - nll(z_more / temperature, y_more, multilabel))
+        if after <= 0:
+            return TemperatureFit(
+                1.0, False, f"T = {temperature:.2f} would sharpen on {wrong} wrong of {total}: one more "
+                "wrong image, as confident as the network usually is when right, would undo its gain"
+            )  # fmt: skip
     return TemperatureFit(temperature, True, f"{wrong} of {total} predictions wrong")
+
+
+def _one_more_wrong(z: torch.Tensor, y: torch.Tensor, multilabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples plus one wrong prediction as confident as the network's median right one
+    (Laplace's rule of succession: with few errors seen, expect one more). Multiclass: that
+    image, labelled its runner-up class; multi-label: that image with its median-confidence
+    right class call flipped."""
+    if multilabel:
+        right = ((z > 0) == y.bool()).flatten()
+        margins = z.abs().flatten()
+        chosen = torch.nonzero(right).flatten()
+        k = int(chosen[margins[chosen].argsort()[len(chosen) // 2]])
+        i, c = divmod(k, z.shape[1])
+        row = y[i].clone()
+        row[c] = 1 - row[c]
+        return torch.cat([z, z[i : i + 1]]), torch.cat([y, row[None]])
+    right = torch.nonzero(z.argmax(1) == y).flatten()
+    confidence = z[right].softmax(1).amax(1)
+    i = int(right[confidence.argsort()[len(right) // 2]])
+    runner_up = int(z[i].argsort(descending=True)[1])
+    return torch.cat([z, z[i : i + 1]]), torch.cat([y, y.new_tensor([runner_up])])
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool) -> float:

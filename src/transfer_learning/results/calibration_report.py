@@ -225,7 +225,8 @@ def describe(module: TransferLearningModule, enabled: bool) -> str:
             + "; stored in the best checkpoint"
         )
     return (
-        f"temperature 1 kept on the {record['fitted_on']} split ({images} images), the network's own "
+        f"temperature 1 kept on the {'val split' if record['fitted_on'] == 'val' else 'out-of-fold images'}"
+        f" ({images} images), the network's own "
         f"probabilities: {record['why']}"
     )
 

@@ -17,7 +17,6 @@ Prints the machine first (CPU, cores, bf16 support), then each command and its n
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from transfer_learning.data.demo import generate_shapes
 from transfer_learning.data.sources.base import Listing
 from transfer_learning.data.splits import split_listing
 from transfer_learning.hardware import cpu_description
-from transfer_learning.readers import SUMMARY_LIMIT, read_json
+from transfer_learning.readers import SUMMARY_LIMIT, read_csv_records, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 FRACTIONS = {"val": 0.2, "test": 0.2}  # data=imagefolder's defaults
@@ -112,10 +111,8 @@ def flipped_run(
     moved = flip_labels(shapes, flipped, share, seed=seed)
     _, run = train(workdir, f"flipped_cv{seed}", *data, f"data.root={flipped}", f"cv={folds}",
                    f"paths.root_dir={workdir / f'c{seed}'}")  # fmt: skip
-    with (run / "label_issues.csv").open(newline="") as f:
-        listed = list(csv.DictReader(f))
-    with (run / "oof_predictions.csv").open(newline="") as f:
-        scored = {r["file"] for r in csv.DictReader(f)}
+    _, listed = read_csv_records(run / "label_issues.csv")
+    scored = {r["file"] for r in read_csv_records(run / "oof_predictions.csv")[1]}
     outside = [file for file in moved if file not in scored]  # the run split the flipped data its own way
     moved = {file: true for file, true in moved.items() if file in scored}
     if outside:

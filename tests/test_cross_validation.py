@@ -331,3 +331,10 @@ def test_the_linear_probe_without_a_validation_split_needs_one_l2_strength():
     result = fit_linear_head(head, (x, y), None, [1e-3], 50)
     assert set(result) == {"weight_decay", "train_acc"} and result["train_acc"] > 0.9
     assert float((head(x).argmax(1) == y).float().mean()) == pytest.approx(result["train_acc"])
+
+
+def test_refit_with_a_scheduler_that_watches_validation_stops_before_any_fold(shapes_dir, tmp_path):
+    result = run_cli(tmp_path, f"data.root={shapes_dir}", "cv=2", "cv.refit=true", "scheduler=plateau", *TINY)
+    said = result.stdout + result.stderr
+    assert result.returncode != 0 and "cv.refit=true with scheduler.monitor=val/loss" in said, said[-2000:]
+    assert "scheduler=cosine" in said and not (tmp_path / "run" / "folds").exists()

@@ -508,6 +508,7 @@ ALLOWED = {
     (PKG + "results/evaluate.py", "instantiate"): "the data module of the composed config only",
     (PKG + "run/config.py", "instantiate"): "the one build path, from the composed config",
     (PKG + "run/train.py", "instantiate"): "callbacks, loggers and Trainer of the composed config",
+    (PKG + "run/cross_validation.py", "instantiate"): "the cv run's W&B logger, of the composed config",
     ("scripts/benchmark.py", "instantiate"): "backbones of conf/model",
     (PKG + "model/backbones/__init__.py", "importlib.import_module"): OWN_MODULES,
     (PKG + "model/strategies/__init__.py", "importlib.import_module"): OWN_MODULES,

@@ -123,6 +123,12 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
     folds = check_folds(cfg.cv.get("folds"))
     assert folds is not None
     refit = bool(cfg.cv.get("refit"))
+    scheduler = cfg.get("scheduler")
+    if refit and isinstance(scheduler, DictConfig) and str(scheduler.get("monitor") or "").startswith("val/"):
+        raise ConfigError(  # (before any fold trains)
+            f"cv.refit=true with scheduler.monitor={scheduler.monitor}: the refit has no validation "
+            "split to watch; pick a scheduler that does not monitor one (e.g. scheduler=cosine)."
+        )
     if refit and float(cfg.data.get("test_fraction") or 0) <= 0 and not cfg.data.get("test_dir"):
         log.warning("cv.refit=true with no test split set up: the refit will stop if the data has none")
     if cfg.get("tune_lr"):
@@ -141,15 +147,7 @@ def cross_validate(cfg: DictConfig, train_one: Callable[[DictConfig], dict[str, 
             records.append(read_fold(done, fold, folds))
             continue
         log.info("Fold %d of %d: %s", fold + 1, folds, folder)
-        result = train_one(_fold_config(cfg, fold, folds, folder))
-        summary = result.get("summary") or {}
-        record = {
-            "fold": fold,
-            "folds": folds,
-            "metrics": _numbers({k: v for k, v in result.items() if k != "summary"}),
-            "summary": _numbers({k: summary.get(k) for k in SHOWN}),
-            "best checkpoint": str(summary.get("best checkpoint") or result.get("best_checkpoint") or ""),
-        }
+        record = _record(fold, folds, train_one(_fold_config(cfg, fold, folds, folder)))
         _write_fold(done, record)
         records.append(record)
     predictions, fold_of, _ = read_oof(run, folds)
@@ -196,24 +194,22 @@ def _refit(
         if callbacks.get("model_checkpoint") is not None:
             callbacks.model_checkpoint.monitor = None  # no val metric: the last epoch's weights
             callbacks.model_checkpoint.filename = "refit-epoch{epoch:02d}"
-        scheduler = refit_cfg.get("scheduler")
-        if isinstance(scheduler, DictConfig) and str(scheduler.get("monitor") or "").startswith("val/"):
-            raise ConfigError(
-                f"cv.refit=true with scheduler.monitor={scheduler.monitor}: the refit has no validation "
-                "split to watch; pick a scheduler that does not monitor one (e.g. scheduler=cosine)."
-            )
-    result = train_one(refit_cfg)
+    record = _record(REFIT, folds, train_one(refit_cfg))
+    _write_fold(done, record)
+    return record
+
+
+def _record(fold: int, folds: int, result: Mapping[str, Any]) -> dict[str, Any]:
+    """``fold.json`` of a finished fold (or the refit): its numbers, intervals and checkpoint."""
     summary = result.get("summary") or {}
-    record = {
-        "fold": REFIT,
+    return {
+        "fold": fold,
         "folds": folds,
         "metrics": _numbers({k: v for k, v in result.items() if k != "summary"}),
         "summary": _numbers({k: summary.get(k) for k in SHOWN}),
         "intervals": {k: str(summary[f"{k} 95 %"]) for k in SHOWN if summary.get(f"{k} 95 %") is not None},
         "best checkpoint": str(summary.get("best checkpoint") or result.get("best_checkpoint") or ""),
     }
-    _write_fold(done, record)
-    return record
 
 
 def _no_issues(run: Path, multilabel: bool) -> Path:

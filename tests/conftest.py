@@ -71,6 +71,23 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, shapes_dir: Path) -> P
     return finished_run(tmp_path_factory.mktemp("trained_run"), f"data.root={shapes_dir}", *overrides)
 
 
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory: pytest.TempPathFactory, multilabel_dir: Path) -> Path:
+    """The folder of one real multi-label `python train.py` run on multilabel_dir (48 px, one
+    epoch, CSV logger); read-only like trained_run."""
+    from helpers import finished_run
+
+    data = ["data=csv", f"data.file={multilabel_dir / 'labels.csv'}", "data.label_column=labels"]
+    extra = [
+        "task=multilabel",
+        "input.image_size=48",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "worst_samples=0",
+    ]
+    return finished_run(tmp_path_factory.mktemp("ml_run"), *data, *extra)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The slow end-to-end tests first, the quick ones after them (each group in file order):
     parallel workers then finish together, the quick tests filling the gaps, instead of one

@@ -77,6 +77,7 @@ def test_the_console_scripts_are_declared() -> None:
         "tl-eval": "transfer_learning.cli.eval:main",
         "tl-predict": "transfer_learning.cli.predict:main",
         "tl-export": "transfer_learning.cli.export:main",
+        "tl-serve": "transfer_learning.cli.serve:main",
     }
 
 

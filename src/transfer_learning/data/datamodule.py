@@ -233,6 +233,11 @@ class ImageDataModule(L.LightningDataModule):
         self.split_files = {name: samples(ds) for name, ds in datasets.items()}
         return datasets
 
+    @property
+    def data_warnings(self) -> list[str]:
+        """The data checks' warnings so far (leakage, label conflicts, imbalance), sorted."""
+        return sorted(self._warned)
+
     def _warn_once(self, message: str, *args: Any) -> None:
         """A data warning, logged once however often the splits are rebuilt."""
         text = message % args

@@ -198,7 +198,7 @@ def explain_images(module: Any, images: Sequence[Image.Image], classes: Sequence
     ]
 
 
-def _class_to_explain(prediction: Any, class_names: Sequence[str]) -> int:
+def class_to_explain(prediction: Any, class_names: Sequence[str]) -> int:
     """The predicted class (multi-label: the most probable one)."""
     if prediction.multilabel:
         return int(np.argmax([prediction.probabilities[n] for n in class_names]))
@@ -224,7 +224,7 @@ def explain_predictions(
     ):
         chunk = predictions[start : start + batch_size]
         images = [load_rgb(p.source) for p in chunk]
-        classes = [_class_to_explain(p, module.class_names) for p in chunk]
+        classes = [class_to_explain(p, module.class_names) for p in chunk]
         for prediction, image, full in zip(
             chunk, images, explain_images(module, images, classes), strict=True
         ):

@@ -24,6 +24,7 @@ from transfer_learning.results.analysis import (
 )
 from transfer_learning.results.calibration_report import measure_test, targets_tensor
 from transfer_learning.results.confidence import BOUNDS, headline_intervals, with_intervals
+from transfer_learning.results.model_card import FILES, build_card, write_card
 from transfer_learning.results.multilabel import multi_hot, save_pr_curves, set_mistakes
 from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import (
@@ -103,6 +104,7 @@ def finish_run(
             _report(cfg, module, datamodule, loggers, output_dir, best_path, test_metrics, summary)
         )
         summary.update(logger_locations(loggers))
+        summary["model card"] = str(_model_card(cfg, module, datamodule, output_dir, best_path, summary))
         write_summary(summary, output_dir / "summary.json")
         # The calibration numbers are in summary.json; printed once, as "before -> after".
         shown = {k: v for k, v in summary.items() if k not in numbers and k not in bounds}
@@ -110,7 +112,34 @@ def finish_run(
     return summary
 
 
-ANCHORS = {"test/ece": "calibration on test"}  # printed under the before -> after line
+ANCHORS = {"test/ece": "calibration on test"}
+
+
+def _model_card(
+    cfg: DictConfig, module: TransferLearningModule, datamodule: ImageDataModule, output_dir: Path,
+    best_path: str, summary: dict[str, Any],
+) -> Path:  # fmt: skip
+    """MODEL_CARD.md and model_card.json in the run folder, from what the run knows."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    strategy = OmegaConf.to_container(cfg.strategy, resolve=True) if "strategy" in cfg else {}
+    assert isinstance(strategy, dict)
+    files = {name: rel for name, rel in FILES.items() if (output_dir / rel).is_file() or name == "summary"}
+    if best_path:
+        best = Path(best_path)
+        files = {
+            "checkpoint": str(best.relative_to(output_dir) if best.is_relative_to(output_dir) else best),
+            **files,
+        }
+    card = build_card(
+        summary, module, {name: len(pair[0]) for name, pair in datamodule.split_files.items()},
+        datamodule.train_class_counts, datamodule.data_warnings, datamodule.left_out, overrides,
+        {str(k): v for k, v in strategy.items() if not isinstance(v, dict | list)}, files,
+        cfg.model.get("weights"),
+    )  # fmt: skip
+    return write_card(output_dir, card)  # printed under the before -> after line
 
 
 def _test_probabilities(module: TransferLearningModule, logits: torch.Tensor) -> torch.Tensor:

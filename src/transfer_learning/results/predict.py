@@ -57,7 +57,7 @@ import os
 import stat
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -329,6 +329,9 @@ class Classifier:
         self.transform = build_transforms(module.preprocessing, train=False, augment={})
         self.threshold = check_threshold(threshold, "threshold")
         self.threshold_from = "given" if self.threshold is not None else ""
+        #: Preprocessed images in, logits out: the network, or the same network exported (the
+        #: server's ``backend=onnx``); calibration and decisions stay in :meth:`classify`.
+        self.logits: Callable[[torch.Tensor], torch.Tensor] = self.module
 
     @property
     def device(self) -> torch.device:
@@ -398,17 +401,25 @@ class Classifier:
                 for i, reason in failed:
                     yield i, BadInput(describe(inputs[i], i), reason)
                 if batch is not None:
-                    logits = self.module(batch.to(device, non_blocking=True))
-                    probs = self.module.probabilities(logits).cpu()
-                    if self.multilabel:
-                        for i, row, chosen in zip(indices, probs, self.module.decide(probs), strict=True):
-                            yield i, self._label_set(describe(inputs[i], i), row, chosen)
-                        bar.update(len(indices) + len(failed))
-                        continue
-                    top = probs.topk(k, dim=-1)
-                    for i, row, values, classes in zip(indices, probs, top.values, top.indices, strict=True):
-                        yield i, self._prediction(describe(inputs[i], i), row, values, classes)
+                    sources = [describe(inputs[i], i) for i in indices]
+                    yield from zip(indices, self.classify(batch, sources, k), strict=True)
                 bar.update(len(indices) + len(failed))
+
+    def classify(self, batch: torch.Tensor, sources: Sequence[str], top_k: int) -> list[Prediction]:
+        """The predictions of a batch already preprocessed (``self.transform``), one per row:
+        the network's logits (:attr:`logits`), calibrated, then the top ``top_k`` classes
+        (multi-label: the label set at the checkpoint's thresholds)."""
+        with torch.inference_mode():
+            logits = self.logits(batch.to(self.device, non_blocking=True))
+            probs = self.module.probabilities(logits).cpu()
+        if self.multilabel:
+            chosen = self.module.decide(probs)
+            return [self._label_set(s, row, c) for s, row, c in zip(sources, probs, chosen, strict=True)]
+        top = probs.topk(min(top_k, len(self.class_names)), dim=-1)
+        return [
+            self._prediction(s, row, values, classes)
+            for s, row, values, classes in zip(sources, probs, top.values, top.indices, strict=True)
+        ]
 
     def _prediction(
         self, source: str, row: torch.Tensor, values: torch.Tensor, classes: torch.Tensor
@@ -533,27 +544,28 @@ def write_csv(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadIn
             writer.writerow(csv_dict({"file": b.source, "error": b.reason}))
 
 
+def prediction_record(p: Prediction) -> dict[str, Any]:
+    """One prediction as JSON (the output file's entries, the server's answers): ``file``,
+    ``predicted`` (the class; multi-label: the label set), ``score``, ``uncertain``, ``top_k``
+    and every class's probability (multi-label: ``predicted`` and ``probabilities`` only)."""
+    probabilities = {n: _number(v) for n, v in p.probabilities.items()}
+    if p.multilabel:
+        return {"file": p.source, "predicted": p.labels, "probabilities": probabilities}
+    return {
+        "file": p.source,
+        "predicted": p.label,
+        "score": _number(p.score),
+        "uncertain": p.uncertain,
+        "top_k": [{"class": n, "prob": _number(v)} for n, v in p.top_k],
+        "probabilities": probabilities,
+    }
+
+
 def write_json(path: Path, predictions: Sequence[Prediction], bad: Sequence[BadInput],
                header: dict[str, Any]) -> None:  # fmt: skip
     data = {
         **header,
-        "predictions": [
-            {
-                "file": p.source,
-                "predicted": p.labels,
-                "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
-            }
-            if p.multilabel
-            else {
-                "file": p.source,
-                "predicted": p.label,
-                "score": _number(p.score),
-                "uncertain": p.uncertain,
-                "top_k": [{"class": n, "prob": _number(v)} for n, v in p.top_k],
-                "probabilities": {n: _number(v) for n, v in p.probabilities.items()},
-            }
-            for p in predictions
-        ],
+        "predictions": [prediction_record(p) for p in predictions],
         "errors": [{"file": b.source, "error": b.reason} for b in bad],
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -574,33 +586,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_predict.main(argv)
 
 
+def checkpoint_problem(checkpoint: Path, paths: Sequence[str | Path] = ()) -> str | None:
+    """Why ``checkpoint`` cannot be a checkpoint (missing, a folder, not a PyTorch archive; with
+    ``paths``, the images named, whether the two look swapped), or None."""
+    if not checkpoint.is_file():
+        swapped = [str(p) for p in paths if str(p).endswith(".ckpt") and Path(p).is_file()]
+        if checkpoint.is_dir() or swapped:
+            what = "a folder" if checkpoint.is_dir() else "not a file"
+            hint = (
+                f": ckpt_path and images look swapped; write ckpt_path={swapped[0]} images={checkpoint}"
+                if swapped
+                else ": give a checkpoint file (.../checkpoints/best-epochNN.ckpt) as ckpt_path"
+                + (", the images as images=" if paths else "")
+            )
+            return f"ckpt_path={checkpoint} is {what}, not a checkpoint{hint}"
+        return (
+            f"checkpoint {checkpoint} does not exist (train.py writes them to "
+            "logs/train/runs/<date>/checkpoints/)."
+        )
+    if not zipfile.is_zipfile(checkpoint):
+        return (
+            f"cannot read checkpoint {checkpoint}: not a complete PyTorch archive "
+            "(a truncated copy, or another kind of file)."
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """The command, its arguments read (:func:`transfer_learning.cli.predict.parse_args`);
     returns its exit status."""
-    if not args.checkpoint.is_file():
-        swapped = [str(p) for p in args.paths if str(p).endswith(".ckpt") and Path(p).is_file()]
-        if args.checkpoint.is_dir() or swapped:
-            what = "a folder" if args.checkpoint.is_dir() else "not a file"
-            hint = (
-                f": ckpt_path and images look swapped; write ckpt_path={swapped[0]} images={args.checkpoint}"
-                if swapped
-                else ": give a checkpoint file (.../checkpoints/best-epochNN.ckpt) as ckpt_path, "
-                "the images as images="
-            )
-            print(f"error: ckpt_path={args.checkpoint} is {what}, not a checkpoint{hint}", file=sys.stderr)
-            return 2
-        print(
-            f"error: checkpoint {args.checkpoint} does not exist (train.py writes them to "
-            "logs/train/runs/<date>/checkpoints/).",
-            file=sys.stderr,
-        )
-        return 2
-    if not zipfile.is_zipfile(args.checkpoint):
-        print(
-            f"error: cannot read checkpoint {args.checkpoint}: not a complete PyTorch archive "
-            "(a truncated copy, or another kind of file).",
-            file=sys.stderr,
-        )
+    problem = checkpoint_problem(args.checkpoint, args.paths)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         classifier = Classifier.from_checkpoint(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forkrun import run_python
+
 LISTENING = re.compile(r"listening on http://(?P<host>[^ ]+):(?P<port>\d+)")
 
 
@@ -133,3 +135,27 @@ def serving(checkpoint: Path, *settings: str, log: Path) -> Iterator[Server]:
         yield server
     finally:
         stop(server)
+
+
+def tl_predict(tmp_path: Path, checkpoint: Path, files: list[Path], *settings: str) -> dict:
+    output = tmp_path / "preds.json"
+    listed = "[" + ",".join(str(f) for f in files) + "]"
+    result = run_python(
+        ["-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}", f"images={listed}",
+         f"output={output}", *settings], cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(output.read_text())
+
+
+def assert_same(served: list[dict], predicted: list[dict], names: list[str]) -> None:
+    """Every class's probability to 1e-5, and the same decisions, image by image."""
+    assert [r["file"] for r in served] == names
+    for mine, theirs in zip(served, predicted, strict=True):
+        assert mine["predicted"] == theirs["predicted"]
+        assert mine.keys() == theirs.keys() | ({"gradcam"} & mine.keys())
+        for name, p in theirs["probabilities"].items():
+            assert abs(mine["probabilities"][name] - p) <= 1e-5, (name, mine["probabilities"][name], p)
+        if "top_k" in theirs:
+            assert [e["class"] for e in mine["top_k"]] == [e["class"] for e in theirs["top_k"]]
+            assert mine["uncertain"] == theirs["uncertain"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from forkrun import run_python
 from PIL import Image
-from serving import Server, b64, multipart, serving, start
+from serving import Server, assert_same, b64, multipart, serving, start, tl_predict
 
 from helpers import REPO, best_checkpoint
 from transfer_learning.data.images import list_images
@@ -30,30 +30,6 @@ LIMITS = ("max_upload_mb=0.25", "max_images=4", "max_pixels=1000000", "batch_tim
 def files_of(shapes_dir: Path, n: int) -> list[Path]:
     every = list_images(shapes_dir).files
     return every[:: max(1, len(every) // n)][:n]
-
-
-def tl_predict(tmp_path: Path, checkpoint: Path, files: list[Path], *settings: str) -> dict:
-    output = tmp_path / "preds.json"
-    listed = "[" + ",".join(str(f) for f in files) + "]"
-    result = run_python(
-        ["-m", "transfer_learning.results.predict", f"ckpt_path={checkpoint}", f"images={listed}",
-         f"output={output}", *settings], cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return json.loads(output.read_text())
-
-
-def assert_same(served: list[dict], predicted: list[dict], names: list[str]) -> None:
-    """Every class's probability to 1e-5, and the same decisions, image by image."""
-    assert [r["file"] for r in served] == names
-    for mine, theirs in zip(served, predicted, strict=True):
-        assert mine["predicted"] == theirs["predicted"]
-        assert mine.keys() == theirs.keys() | ({"gradcam"} & mine.keys())
-        for name, p in theirs["probabilities"].items():
-            assert abs(mine["probabilities"][name] - p) <= 1e-5, (name, mine["probabilities"][name], p)
-        if "top_k" in theirs:
-            assert [e["class"] for e in mine["top_k"]] == [e["class"] for e in theirs["top_k"]]
-            assert mine["uncertain"] == theirs["uncertain"]
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +193,50 @@ def test_concurrent_requests_are_batched_together(server, shapes_dir):
     assert after["images_served"] - before["images_served"] == 8
     assert after["batches"] - before["batches"] < 8  # 50 ms for the others to join the first
     assert after["requests_in_flight"] == 0
+
+
+@pytest.mark.slow
+def test_two_workers_run_batches_at_once_and_grad_cam_alone(trained_run, shapes_dir, tmp_path):
+    """Batches of one image on two workers; Grad-CAM requests among them still get the overlay a
+    lone request gets (its hooks never see another batch's forward) and every number is the same."""
+    files = files_of(shapes_dir, 4)
+    uploads = [[(f.name, f.read_bytes())] for f in files]
+    settings = ("workers=2", "max_batch_size=1", "batch_timeout=0")
+    with serving(best_checkpoint(trained_run), *settings, log=tmp_path / "w.log") as server:
+        lone = [server.post_files(u, "?explain=true")[2]["predictions"][0] for u in uploads]
+        answers: dict[tuple[int, int], dict] = {}
+
+        def send(i: int, round_: int) -> None:
+            query = "?explain=true" if round_ % 2 else ""
+            status, _, body = server.post_files(uploads[i], query)
+            answers[i, round_] = body["predictions"][0] if status == 200 else body
+
+        threads = [threading.Thread(target=send, args=(i, r)) for r in range(4) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        health = server.get("/health")
+    assert health["workers"] == 2 and health["batches_at_once_peak"] == 2
+    assert len(answers) == 16
+    for (i, round_), record in answers.items():
+        assert record["probabilities"] == pytest.approx(lone[i]["probabilities"], abs=1e-6)
+        if round_ % 2:
+            assert record["gradcam"] == lone[i]["gradcam"]
+        else:
+            assert "gradcam" not in record
+
+
+def test_the_listening_socket_turns_nagle_off_for_every_connection():
+    """Else each answer's body, written after its headers, waits for the client's delayed ACK:
+    40 ms a request on Linux (the load benchmark found it)."""
+    from transfer_learning.serve.server import listen
+
+    with listen("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()[:2]):
+        accepted, _ = sock.accept()
+        with accepted:
+            assert accepted.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY only then
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def held_request(server: Server, body: bytes, kind: str) -> socket.socket:

@@ -1,6 +1,6 @@
 """``tl-serve`` and ``python -m transfer_learning.serve``: serve a trained checkpoint over HTTP,
 ``tl-serve ckpt_path=CKPT [host=127.0.0.1] [port=8000] [device=auto] [backend=pytorch|onnx]
-[max_batch_size=N] [batch_timeout=S] [max_queue=N] [max_upload_mb=MB] [max_images=N] [top_k=K]
+[max_batch_size=N] [workers=N] [batch_timeout=S] [max_queue=N] [max_upload_mb=MB] [max_images=N] [top_k=K]
 [threshold=P]``.
 
 The command line is read here, without torch (``--help`` and mistakes answer at once); the work
@@ -21,9 +21,9 @@ overlay), GET /health, GET /info (classes, preprocessing, calibration, the model
 page at / to try it in a browser.
 
 Images of concurrent requests are batched (up to max_batch_size, waiting at most batch_timeout
-seconds for more); at most max_queue requests are in flight, one more gets 503 with Retry-After.
-Every bad input gets a 4xx with one JSON error. SIGTERM (or Ctrl-C): stop accepting, answer the
-requests in flight, exit 0.
+seconds for more; workers batches at once); at most max_queue requests are in flight, one more
+gets 503 with Retry-After. Every bad input gets a 4xx with one JSON error. SIGTERM (or
+Ctrl-C): stop accepting, answer the requests in flight, exit 0.
 
 It listens on 127.0.0.1 (this machine only) unless host= says otherwise: for other machines,
 put a reverse proxy with TLS and authentication in front of it (README: Serve it)."""
@@ -48,6 +48,12 @@ COMMAND = cli.Command(
             "pytorch",
         ),
         cli.Option("max_batch_size", cli.integer(1), "images per batch through the network", 16),
+        cli.Option(
+            "workers",
+            cli.integer(1),
+            "batches run at once, each on its share of the CPU threads",
+            shown="auto: on a CPU min(4, threads), sharing the threads; on a GPU 1",
+        ),
         cli.Option("batch_timeout", cli.number(0, 10, "S"), "seconds a batch waits for more images", 0.005),
         cli.Option("max_queue", cli.integer(1), "requests in flight before 503 + Retry-After", 64),
         cli.Option("max_upload_mb", cli.number(0.001, None, "MB"), "largest request body", 10.0),

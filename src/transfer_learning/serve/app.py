@@ -36,6 +36,7 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 @dataclass(frozen=True)
 class Settings:
     max_batch_size: int = 16
+    workers: int = 1
     batch_timeout: float = 0.005
     max_queue: int = 64
     top_k: int = 1
@@ -71,7 +72,9 @@ def _flag(value: Any, name: str) -> bool:
 
 def create_app(classifier: Classifier, settings: Settings, info: dict[str, Any]) -> FastAPI:
     """The application around a loaded classifier; ``info``: what ``GET /info`` answers."""
-    batcher = Batcher(classifier, settings.max_batch_size, settings.batch_timeout, settings.max_queue)
+    batcher = Batcher(
+        classifier, settings.max_batch_size, settings.batch_timeout, settings.max_queue, settings.workers
+    )
     limits = settings.limits
 
     @asynccontextmanager
@@ -109,6 +112,8 @@ def create_app(classifier: Classifier, settings: Settings, info: dict[str, Any])
             "images_waiting": len(batcher.pending),
             "images_served": batcher.images,
             "batches": batcher.batches,
+            "workers": batcher.workers,
+            "batches_at_once_peak": batcher.peak,
         }
 
     @app.get("/info")
@@ -185,6 +190,7 @@ def describe_model(
         "backend": settings.backend,
         "device": str(classifier.device),
         "max_batch_size": settings.max_batch_size,
+        "workers": settings.workers,
         "batch_timeout_s": settings.batch_timeout,
         "max_queue": settings.max_queue,
         "limits": asdict(settings.limits),

@@ -1,4 +1,4 @@
-"""The four commands in one style: train, eval, predict and export read ``key=value`` settings,
+"""The commands in one style: train, eval, predict, export and serve read ``key=value`` settings,
 answer ``--help`` before torch loads, take the checkpoint as ``ckpt_path=``, exist as console
 scripts, and turn a command line in an older form into one line with the new form. (What the
 commands compute is tested in test_cli.py, test_eval.py, test_predict_cli.py, test_export.py.)"""
@@ -20,6 +20,7 @@ import pytest
 from helpers import REPO
 from transfer_learning.cli import export as export_cli
 from transfer_learning.cli import predict as predict_cli
+from transfer_learning.cli import serve as serve_cli
 from transfer_learning.cli.hydra_entry import older_style
 from transfer_learning.cli.options import split_list
 
@@ -264,7 +265,7 @@ def readme_command_lines() -> list[str]:
 def test_every_readme_command_is_in_the_key_value_form() -> None:
     lines = readme_command_lines()
     for needed in ("python eval.py", "tl-predict", "python -m transfer_learning.results.predict",
-                   "python scripts/export.py"):  # fmt: skip
+                   "python scripts/export.py", "tl-serve"):  # fmt: skip
         assert any(line.startswith(needed) for line in lines), needed
     for line in lines:
         words = shlex.split(line.replace("$HOME", "/home/u"))
@@ -274,5 +275,7 @@ def test_every_readme_command_is_in_the_key_value_form() -> None:
             assert older_style(["eval.py", *words], ("ckpt_path",)) is None, line
         elif "export" in line:
             export_cli.parse_args(words)
+        elif "serve" in line:
+            serve_cli.parse_args(words)
         else:
             predict_cli.parse_args(words)

@@ -238,3 +238,41 @@ def test_the_cluster_commands_of_the_readme_compose(tmp_path):
         assert launcher["_target_"].endswith("SlurmLauncher")
         assert (launcher["partition"], launcher["gpus_per_node"], launcher["timeout_min"]) == ("gpu", 4, 240)
         assert launcher["tasks_per_node"] == "${.gpus_per_node}"  # one task per GPU
+
+
+def serve_section_lines() -> tuple[str, str]:
+    """The `tl-serve ckpt_path=...` and the first `curl -F file=@...` lines of "Serve it"."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Serve it") :]
+    section = section[: section.index("\n## ")]
+    serve = next(line for line in section.splitlines() if line.startswith("tl-serve ckpt_path="))
+    curl = next(line for line in section.splitlines() if line.startswith("curl -F file=@"))
+    return serve, curl
+
+
+@pytest.mark.slow
+def test_the_readme_curl_example_gives_tl_predicts_answer(tmp_path, trained_run, shapes_dir):
+    """The README's curl line as written (bash runs it), against a real tl-serve started as the
+    README's line starts it; only the checkpoint and the port (any free one) differ."""
+    from serving import assert_same, serving, tl_predict
+
+    from helpers import best_checkpoint
+
+    serve, curl = serve_section_lines()
+    settings = serve.split()[2:]  # nothing but ckpt_path= today: a new setting in the line is passed on
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo_shapes").symlink_to(shapes_dir)  # where train.py's demo writes them
+    image = tmp_path / curl.split("file=@", 1)[1].split()[0]
+    assert image.is_file(), f"the README's curl line names {image.relative_to(tmp_path)}: not a demo image"
+    checkpoint = best_checkpoint(trained_run)
+    with serving(checkpoint, *settings, log=tmp_path / "serve.log") as server:
+        line = curl.replace("http://127.0.0.1:8000", server.url)
+        assert line != curl, "the README's curl line should call http://127.0.0.1:8000, tl-serve's default"
+        env = {**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}  # the suite blocks the network
+        done = subprocess.run(
+            ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["task"] == "multiclass"
+    assert_same(answer["predictions"], tl_predict(tmp_path, checkpoint, [image])["predictions"], [image.name])

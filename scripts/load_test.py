@@ -33,7 +33,6 @@ import threading
 import time
 from pathlib import Path
 
-LISTENING = re.compile(r"listening on http://(?P<host>[^ ]+):(?P<port>\d+)")
 BOUNDARY = "tl-load-test-3f9a"
 
 
@@ -68,6 +67,8 @@ def in_process_rate(checkpoint: Path, files: list[Path], passes: int) -> float:
 def start_server(
     checkpoint: Path, settings: list[str], log: Path
 ) -> tuple[subprocess.Popen[bytes], str, int]:
+    from transfer_learning.serve.server import LISTENING
+
     command = [
         sys.executable,
         "-m",
@@ -217,6 +218,7 @@ def main() -> int:
     from transfer_learning.data.images import list_images
     from transfer_learning.hardware import cpu_description
     from transfer_learning.model.module import TransferLearningModule
+    from transfer_learning.serve.server import LISTENING
 
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(prefix="tl-load-") as tmp:

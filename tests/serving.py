@@ -8,7 +8,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from forkrun import run_python
 
-LISTENING = re.compile(r"listening on http://(?P<host>[^ ]+):(?P<port>\d+)")
+from transfer_learning.serve.server import LISTENING
 
 
 @dataclass

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +72,6 @@ class Batcher:
         self._changed: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        self._count = threading.Lock()  # the counters, from several workers
 
     # -- admission ----------------------------------------------------------------------
 
@@ -170,6 +168,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
         else:
+            self.batches += 1  # counted here, on the event loop: the workers share no state
+            self.images += len(jobs)
             for job, result in zip(jobs, results, strict=True):
                 if not job.future.done():
                     job.future.set_result(result)
@@ -182,9 +182,6 @@ class Batcher:
         batch = torch.stack([job.tensor for job in jobs])
         k = max(job.top_k for job in jobs)
         predictions = self.classifier.classify(batch, [job.source for job in jobs], k)
-        with self._count:
-            self.batches += 1
-            self.images += len(jobs)
         return [
             p if p.multilabel else dataclasses.replace(p, top_k=p.top_k[: job.top_k])
             for p, job in zip(predictions, jobs, strict=True)

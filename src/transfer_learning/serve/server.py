@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,8 @@ from transfer_learning.serve.uploads import Limits
 
 log = logging.getLogger(__name__)
 GRACE_SECONDS = 30  # how long SIGTERM waits for the requests in flight
+# The start-up line's address (tests and scripts/load_test.py read it to find port=0's port).
+LISTENING = re.compile(r"listening on http://(?P<host>[^ ]+):(?P<port>\d+)")
 PARITY_ATOL = 1e-3  # tl-export's default: ONNX Runtime reorders float operations
 
 

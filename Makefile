@@ -23,14 +23,15 @@ test:  ## the whole test suite, slow end-to-end tests included
 test-fast:  ## skip the slow end-to-end tests
 	$(BIN)/python -m pytest $(WORKERS) -m "not slow"
 
-lint:  ## ruff (lint + format check) and mypy
+lint:  ## ruff (lint + format check), mypy, and the import layers (pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf logs multirun outputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf logs multirun outputs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache

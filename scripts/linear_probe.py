@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--data", default="digits", help="an ImageFolder root, `digits` or `demo`")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the template run")
     args = parser.parse_args()
+    from transfer_learning.pipelines.train import train
     from transfer_learning.run.config import build, compose_config  # torch: not for --help
-    from transfer_learning.run.train import train
 
     work = Path(tempfile.mkdtemp(prefix="linear-probe-"))
     if args.data == "digits":  # under ./data like the demo set, so later runs hit the feature cache

@@ -38,13 +38,14 @@ def lite0_row() -> dict[str, Any]:
 def torchvision_rows() -> list[dict[str, Any]]:
     import torchvision
 
+    from transfer_learning.lightning_internals import weights_metrics
     from transfer_learning.model.backbones import torchvision_names
 
     rows = []
     for name in torchvision_names():
         weights = torchvision.models.get_model_weights(name).DEFAULT
         t = weights.transforms()
-        metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+        metrics = weights_metrics(weights.meta).get("ImageNet-1K", {})
         rows.append(
             {
                 "model": name,

@@ -16,7 +16,7 @@ baselines (noise never flatters it), p50/p95/p99 latency and errors (any answer 
 broken connection). Without `--images` it writes 64 generated demo images (the checkpoint's
 input size) in a temporary folder. The clients share the machine with the server: on 2 cores
 they take CPU from it, which the ratio includes. `--url` measures a server already running
-instead (the README's LitServe comparison; `--pid` gives its memory to the soak).
+instead (the LitServe comparison in docs/serving.md; `--pid` gives its memory to the soak).
 """
 
 from __future__ import annotations

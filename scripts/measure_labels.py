@@ -61,7 +61,7 @@ def logistic_baseline(workdir: Path, run: dict) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
 
-    from transfer_learning.data.datasets import CachedFeatures
+    from transfer_learning.features import CachedFeatures
     from transfer_learning.model.metrics import choose_thresholds, multilabel_scores
     from transfer_learning.run.config import build, compose_config
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from transfer_learning.errors import TransferLearningError
-from transfer_learning.run.sweeps import collect, metric_mode, summarize_sweep, sweep_metric
+from transfer_learning.results.sweep_table import collect, summarize_sweep, sweep_metric
+from transfer_learning.run.sweeps import metric_mode
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ PRELOAD = [
     "timm",
     "wandb",
     "transfer_learning.cli.hydra_entry",
-    "transfer_learning.run.train",
+    "transfer_learning.pipelines.train",
     "transfer_learning.results.finish",
     "forkwarm",
 ]

@@ -12,7 +12,7 @@ import io
 
 import wandb.sdk.launch.inputs.internal  # noqa: F401
 
-from transfer_learning.results.report import pyplot
+from transfer_learning.plotting import pyplot
 
 _plt = pyplot()
 _figure, _axes = _plt.subplots(figsize=(2, 2))

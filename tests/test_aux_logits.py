@@ -63,8 +63,8 @@ def test_inception_trains_a_step_with_the_auxiliary_loss_and_evaluates_without_i
 def test_auxiliary_classifier_raises_the_minimum_input_size_until_dropped():
     from transfer_learning.errors import ConfigError
     from transfer_learning.model.backbones import torchvision_backbone
-    from transfer_learning.model.preprocessing import resolve_input_size
     from transfer_learning.model.strategies import FeatureExtraction
+    from transfer_learning.preprocessing import resolve_input_size
 
     net = torchvision_backbone("inception_v3", num_classes=3, weights=None, aux_loss_weight=0.4)
     assert net.preprocessing.min_size == 299  # its 5x5 conv needs a 17x17 Mixed_6e map

@@ -21,7 +21,7 @@ from transfer_learning.model.backbones.torchvision_models import (
     torchvision_cache_file,
 )
 from transfer_learning.model.network import Network
-from transfer_learning.model.preprocessing import resolve_input_size
+from transfer_learning.preprocessing import resolve_input_size
 
 IMAGENET_CLASSES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -203,7 +203,7 @@ def test_fixed_size_models_refuse_other_sizes_unless_the_size_is_only_a_preferen
     assert vit.fixed_size and vit.crop_size == 224
     with pytest.raises(ConfigError, match=r"input\.image_size=64, but this backbone only accepts 224x224"):
         resolve_input_size(vit, 64)
-    with caplog.at_level("INFO", logger="transfer_learning.model.preprocessing"):
+    with caplog.at_level("INFO", logger="transfer_learning.preprocessing"):
         assert resolve_input_size(vit, 64, strict=False) is vit
     (line,) = [r.getMessage() for r in caplog.records]
     assert "input.image_size=64 does not apply" in line and "own size, 224 px" in line

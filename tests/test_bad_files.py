@@ -18,7 +18,7 @@ from transfer_learning.data.images import identity, list_images, load_rgb
 from transfer_learning.data.scan import scan_cache_file, scan_images
 from transfer_learning.data.skipping import skipped_positions
 from transfer_learning.errors import DataError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 
 
 def jpeg(path: Path, colour=(200, 40, 40), size=(24, 24), **save) -> Path:

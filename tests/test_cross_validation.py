@@ -26,8 +26,8 @@ from transfer_learning.cli.hydra_entry import _cv_shorthand
 from transfer_learning.data.sources.base import Listing
 from transfer_learning.data.splits import REFIT, check_folds, fold_numbers, fold_split, split_listing
 from transfer_learning.errors import ConfigError
+from transfer_learning.pipelines.cross_validation import SHOWN, read_fold
 from transfer_learning.readers import UntrustedFileError
-from transfer_learning.run.cross_validation import SHOWN, read_fold
 from transfer_learning.run.resume import fold_of_checkpoint, run_folder_of
 
 FRACTIONS = {"val": 0.2, "test": 0.2}
@@ -263,8 +263,8 @@ def test_refit_trains_the_final_model_on_every_fold_calibrated_out_of_fold(shape
     checkpoint = run / "folds" / "refit" / "checkpoints" / "refit-epoch01.ckpt"
     assert summary["checkpoint (refit: for eval, predict, export)"] == str(checkpoint)
     from transfer_learning.model.calibration import choose_temperature
+    from transfer_learning.pipelines.cross_validation import oof_logits
     from transfer_learning.run.checkpoints import safe_load
-    from transfer_learning.run.cross_validation import oof_logits
 
     calibration = safe_load(checkpoint)["calibration"]
     logits, targets = oof_logits(run, 2)
@@ -298,8 +298,8 @@ def test_refit_trains_the_final_model_on_every_fold_calibrated_out_of_fold(shape
 @pytest.mark.slow
 def test_multilabel_refit_takes_its_thresholds_from_the_out_of_fold_predictions(multilabel_dir, tmp_path):
     from transfer_learning.model.metrics import choose_thresholds
+    from transfer_learning.pipelines.cross_validation import oof_logits
     from transfer_learning.run.checkpoints import safe_load
-    from transfer_learning.run.cross_validation import oof_logits
 
     data = ["data=csv", f"data.file={multilabel_dir / 'labels.csv'}", "data.label_column=labels"]
     result = run_cli(tmp_path, *data, "task=multilabel", "cv=2", "cv.refit=true", *TINY)

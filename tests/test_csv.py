@@ -17,7 +17,7 @@ from transfer_learning.data.demo import CLASSES
 from transfer_learning.data.sources.csv import CsvSource
 from transfer_learning.data.splits import iterative_split, split_deviation
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 
 PREP = Preprocessing(resize_size=32, crop_size=32)
 

@@ -17,7 +17,7 @@ from transfer_learning.data.demo import CLASSES, generate_shapes
 from transfer_learning.data.images import load_rgb
 from transfer_learning.data.splits import stratified_split
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 
 PREP = Preprocessing(crop_size=32, resize_size=36)
 SIZE = 40
@@ -498,7 +498,7 @@ def test_trivial_augment_works_with_the_default_backbones_bicubic_interpolation(
     """TrivialAugmentWide rejects bicubic on tensors; the default backbone's recipe is bicubic."""
     from transfer_learning.data.transforms import build_transforms
     from transfer_learning.model.backbones import LITE0_PREPROCESSING
-    from transfer_learning.model.preprocessing import resolve_input_size
+    from transfer_learning.preprocessing import resolve_input_size
 
     prep = resolve_input_size(LITE0_PREPROCESSING, 32)
     assert prep.interpolation == "bicubic"

@@ -14,7 +14,7 @@ import torch
 from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import generate_shapes
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 
 
 def datamodule(root: Path, **kwargs) -> ImageFolderDataModule:

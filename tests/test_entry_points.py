@@ -245,12 +245,15 @@ def test_lists() -> None:
     assert split_list("[]") == [] and split_list("a,b") is None
 
 
-# -- the README shows the commands in this style ------------------------------------------
+# -- the README and its guides in docs/ show the commands in this style --------------------
 
 
 def readme_command_lines() -> list[str]:
+    """The eval, predict, export and serve lines of the code blocks of README.md and docs/*.md
+    (tl-serve's is in docs/serving.md)."""
     lines, in_block = [], False
-    for line in (REPO / "README.md").read_text().splitlines():
+    text = "\n".join(page.read_text() for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+    for line in text.splitlines():
         if line.startswith("```"):
             in_block = not in_block
         elif in_block:
@@ -266,7 +269,7 @@ def test_every_readme_command_is_in_the_key_value_form() -> None:
     lines = readme_command_lines()
     for needed in ("python eval.py", "tl-predict", "python -m transfer_learning.results.predict",
                    "python scripts/export.py", "tl-serve"):  # fmt: skip
-        assert any(line.startswith(needed) for line in lines), needed
+        assert any(line.startswith(needed) for line in lines), f"no {needed} line in README.md or docs/*.md"
     for line in lines:
         words = shlex.split(line.replace("$HOME", "/home/u"))
         start = 1 if words[0] != "python" else 3 if words[1] == "-m" else 2  # the settings

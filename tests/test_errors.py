@@ -11,9 +11,9 @@ from helpers import REPO, run_cli
 from transfer_learning.data.datamodule import ImageFolderDataModule
 from transfer_learning.errors import ConfigError, WeightsError
 from transfer_learning.model.backbones.weights_file import read_state_dict
-from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
+from transfer_learning.pipelines.train import check_trainer, check_writable
+from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.run.config import compose_config
-from transfer_learning.run.train import check_trainer, check_writable
 
 
 @pytest.mark.parametrize(

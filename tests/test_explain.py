@@ -15,7 +15,7 @@ from forkrun import run_python
 
 from helpers import best_checkpoint, build, run_cli
 from transfer_learning.data.demo import BOXES, generate_shapes
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 from transfer_learning.results.explain import TARGET_LAYERS, gradcam, target_layer, to_original
 
 

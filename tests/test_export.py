@@ -95,7 +95,7 @@ def test_fails_loudly_beyond_the_tolerance(
     assert exported["onnx"][1][-1].max_abs_logits > 0  # ONNX Runtime's kernels differ a little
     out = io.StringIO()
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(out):
-        ex.main([f"ckpt_path={exported['ckpt']}", "atol=0", f"images={shapes_dir}",
+        cli.main([f"ckpt_path={exported['ckpt']}", "atol=0", f"images={shapes_dir}",
                  f"output={tmp_path / 'm.onnx'}"])  # fmt: skip
     assert exc.value.code == 1
     assert "does not match the checkpoint" in out.getvalue() and "atol=0" in out.getvalue()
@@ -117,7 +117,7 @@ def test_fails_when_the_exported_model_computes_something_else(
     monkeypatch.setattr(ex, "export_torchscript", wrong)
     out = io.StringIO()
     with pytest.raises(SystemExit) as exc, contextlib.redirect_stderr(out):
-        ex.main([f"ckpt_path={exported['ckpt']}", "format=torchscript", "atol=1e9", f"images={shapes_dir}",
+        cli.main([f"ckpt_path={exported['ckpt']}", "format=torchscript", "atol=1e9", f"images={shapes_dir}",
                  f"output={tmp_path / 'm.pt'}"])  # fmt: skip
     assert exc.value.code == 1
     assert "top-1 class differs" in out.getvalue()

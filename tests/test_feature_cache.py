@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import build, trainer
-from transfer_learning.data.feature_cache import CachedFeatures
+from transfer_learning.features import CachedFeatures
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.results.predict import Classifier
 

@@ -26,10 +26,11 @@ from transfer_learning.data.datasets import samples
 from transfer_learning.data.demo import generate_shapes
 from transfer_learning.data.scan import scan_cache_file, scan_images
 from transfer_learning.errors import DataError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 from transfer_learning.results.analysis import write_rows
+from transfer_learning.results.image_grid import plot_confident_mistakes
 from transfer_learning.results.predict import BadInput, Prediction, terminal_line, write_csv
-from transfer_learning.results.report import plot_confident_mistakes, write_report
+from transfer_learning.results.report import write_report
 from transfer_learning.results.reporting import save_confusion_matrix, save_confusion_table
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
@@ -152,7 +153,7 @@ def test_predict_names_special_files_and_never_opens_them(tmp_path):
         """
         from transfer_learning.errors import DataError
         from transfer_learning.data.images import load_rgb
-        from transfer_learning.results.predict import _Images, expand_paths
+        from transfer_learning.results.predict.inputs import _Images, expand_paths
         files, bad, listing = expand_paths([args["folder"], args["fifo"], args["zero"]])
         loaded = [_Images([Path(args["fifo"]), Path(args["zero"])], transform=lambda x: x)[i] for i in (0, 1)]
         try:

@@ -11,9 +11,9 @@ import torch
 
 from transfer_learning.data.demo import CLASSES, generate_shapes
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.pipelines.train import train
 from transfer_learning.results.explain import gradcam
 from transfer_learning.run.config import CONF_DIR, compose_config
-from transfer_learning.run.train import train
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 # The generic configs need a name; any member of their zoo will do.
@@ -57,7 +57,7 @@ def test_every_model_config_trains_on_the_defaults(name, workdir, monkeypatch, c
     if name not in OFFLINE_WEIGHTS:
         overrides.append("model.weights=null")
     cfg = compose_config(overrides, output_dir=workdir / "runs" / name)
-    with caplog.at_level("INFO", logger="transfer_learning.model.preprocessing"):
+    with caplog.at_level("INFO", logger="transfer_learning.preprocessing"):
         metrics = train(cfg)
 
     summary = metrics["summary"]

@@ -113,11 +113,11 @@ def test_a_run_trains_at_the_chosen_precision_and_says_why(shapes_dir, tmp_path)
 
 @no_gpu
 def test_an_explicit_bf16_run_on_an_emulating_cpu_warns_once(cpu_flags, caplog, shapes_dir, tmp_path):
-    from transfer_learning.run.train import resolve_precision
+    from transfer_learning.pipelines.train import resolve_precision
 
     cpu_flags(EMULATING)
     cfg = compose_config(["trainer=cpu", "trainer.precision=bf16-mixed"])
-    with caplog.at_level(logging.WARNING, logger="transfer_learning.run.train"):
+    with caplog.at_level(logging.WARNING, logger="transfer_learning.pipelines.train"):
         choice = resolve_precision(cfg)
     assert cfg.trainer.precision == "bf16-mixed" == choice.precision
     warnings = [r.getMessage() for r in caplog.records if "trainer.precision" in r.getMessage()]
@@ -139,8 +139,8 @@ def test_mixed_precision_trains_but_validation_and_test_measure_the_float32_mode
     """bf16-mixed speeds up the training steps only: the run's test numbers are the float32
     model's (what eval, predict and export use), equal to a float32 test of its checkpoint."""
     from helpers import trainer
+    from transfer_learning.pipelines.train import train
     from transfer_learning.run.config import build
-    from transfer_learning.run.train import train
 
     overrides = [f"data.root={shapes_dir}", "input.image_size=32", "data.num_workers=0", "strategy=finetune",
                  "trainer=cpu", "trainer.max_epochs=1", "logger=csv", "worst_samples=0",
@@ -164,7 +164,7 @@ def test_mixed_precision_trains_but_validation_and_test_measure_the_float32_mode
 @pytest.mark.parametrize("typo", ["abc", "bf16_mixed", "fp16"])
 def test_an_unknown_precision_is_stopped_before_anything_is_built(typo):
     from transfer_learning.errors import ConfigError
-    from transfer_learning.run.train import resolve_precision
+    from transfer_learning.pipelines.train import resolve_precision
 
     cfg = compose_config([f"trainer.precision={typo}"])
     with pytest.raises(ConfigError, match=rf"trainer.precision={typo} is not a precision\. Use auto"):

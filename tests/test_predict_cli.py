@@ -20,9 +20,10 @@ from forkrun import run_python
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from transfer_learning.cli.predict import main
 from transfer_learning.errors import DataError
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.results.predict import Classifier, expand_paths, main, tensor_to_image, threshold_file
+from transfer_learning.results.predict import Classifier, expand_paths, tensor_to_image, threshold_file
 
 CLASSES = ["circle", "cross", "square", "star", "triangle"]
 

@@ -1,4 +1,5 @@
-"""Every `python train.py ...` line of README.md, run as written from a fresh working directory.
+"""Every `python train.py ...` line of README.md and of the guides it links in docs/, run as
+written from a fresh working directory; and every relative link of those pages resolves.
 
 Only the work is shrunk (one short epoch, small batches and images, a small demo data set made
 up front); no path is overridden, so the outputs land where a user's would. What a user would
@@ -9,6 +10,7 @@ machine without a GPU.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -43,12 +45,33 @@ SHRINK = [
 # Commands that need what this machine cannot have: a SLURM cluster.
 NEEDS_A_CLUSTER = ("hydra/launcher=submitit_slurm",)
 
+README, DOCS = REPO / "README.md", REPO / "docs"
+# The line with which a README section hands on to its page in docs/, the guide.
+GUIDE = re.compile(r"The whole guide: \[docs/([\w-]+\.md)\]\(docs/\1\)")
+
+
+def guides() -> list[Path]:
+    """The pages in docs/ that README's sections hand on to, in README's order."""
+    return [DOCS / found[1] for found in GUIDE.finditer(README.read_text())]
+
+
+def readme_and_guide_lines() -> list[str]:
+    """README.md's lines, each guide's lines right after the README line that links it: a guide's
+    commands come where its section stood in README, so a resume still follows the run it
+    continues (README first, then the guides, would put README's resumes after the wrong run)."""
+    lines = []
+    for line in README.read_text().splitlines():
+        lines.append(line)
+        if found := GUIDE.search(line):
+            lines += (DOCS / found[1]).read_text().splitlines()
+    return lines
+
 
 def readme_commands(runnable_here: bool = True) -> list[str]:
-    """`python train.py` commands of the README's code blocks (continuation lines joined),
-    without trailing comments."""
+    """`python train.py` commands of the code blocks of README.md and its guides (continuation
+    lines joined), without trailing comments."""
     commands, in_block, pending = [], False, ""
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in readme_and_guide_lines():
         if line.startswith("```"):
             in_block = not in_block
         elif in_block and (pending or line.startswith("python train.py")):
@@ -76,7 +99,7 @@ def is_multirun(command: str) -> bool:
 
 
 def segments() -> list[list[str]]:
-    """README's commands in groups, each group run in order in one working directory of its
+    """README's and its guides' commands in groups, each group run in order in one working directory of its
     own (the groups in parallel when pytest has workers). A command is a group of its own,
     except a resume: it continues the newest run under logs/train/runs, so it joins the group
     of the last command that leaves one there, with the commands between them that leave none
@@ -240,20 +263,79 @@ def test_the_cluster_commands_of_the_readme_compose(tmp_path):
         assert launcher["tasks_per_node"] == "${.gpus_per_node}"  # one task per GPU
 
 
+def outside_code(text: str, spans: bool = False) -> list[str]:
+    """The lines of a Markdown text outside its code blocks; inline code spans blanked unless
+    ``spans``."""
+    lines, in_block = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_block = not in_block
+        elif not in_block:
+            lines.append(line if spans else re.sub(r"`[^`]*`", lambda span: "`" * len(span[0]), line))
+    return lines
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lowercase, backticks and punctuation but `-`
+    and `_` dropped, spaces to `-`; a repeated heading gets `-1`, `-2`, ..."""
+    anchors: set[str] = set()
+    seen: collections.Counter[str] = collections.Counter()
+    for line in outside_code(page.read_text(), spans=True):
+        if heading := re.match(r"#{1,6}\s+(.*?)[\s#]*$", line):
+            slug = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+            anchors.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+            seen[slug] += 1
+    return anchors
+
+
+def test_every_relative_link_of_the_readme_and_its_guides_resolves():
+    """Each `[text](target)` of README.md and docs/*.md that is not a web address names a file
+    that exists (relative to the page's folder), and its `#anchor` one of that file's headings;
+    every page in docs/ is a guide README hands a section on to (so that the tests above run its
+    commands), and a command README's section shows in its place is one of the guide's."""
+    pages = sorted(DOCS.glob("*.md"))
+    assert sorted(guides()) == pages, (
+        "every page in docs/ should be linked by a 'The whole guide:' line of README.md"
+    )
+    problems = []
+    for page in [README, *pages]:
+        name = page.relative_to(REPO)
+        for target in re.findall(
+            r"\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)", "\n".join(outside_code(page.read_text()))
+        ):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            path, _, fragment = target.partition("#")
+            file = (page.parent / path) if path else page
+            if not file.exists():
+                problems.append(f"{name}: ({target}): {os.path.relpath(file, REPO)} does not exist")
+            elif fragment and fragment not in heading_anchors(file):
+                problems.append(
+                    f"{name}: ({target}): no heading of {os.path.relpath(file, REPO)} is #{fragment}"
+                )
+    assert not problems, "\n".join(problems)
+    for section in re.split(r"\n(?=#{2,3} )", README.read_text()):
+        if found := GUIDE.search(section):
+            guide = (DOCS / found[1]).read_text()
+            for command in re.findall(r"`((?:python|tl-)[^`]*)`", section):
+                assert command in guide, (
+                    f"README.md shows `{command}` for docs/{found[1]}, which does not have it"
+                )
+
+
 def serve_section_lines() -> tuple[str, str]:
-    """The `tl-serve ckpt_path=...` and the first `curl -F file=@...` lines of "Serve it"."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Serve it") :]
-    section = section[: section.index("\n## ")]
-    serve = next(line for line in section.splitlines() if line.startswith("tl-serve ckpt_path="))
-    curl = next(line for line in section.splitlines() if line.startswith("curl -F file=@"))
+    """The `tl-serve ckpt_path=...` and the first `curl -F file=@...` lines of docs/serving.md,
+    the guide of README's "Serve it"."""
+    lines = (DOCS / "serving.md").read_text().splitlines()
+    serve = next(line for line in lines if line.startswith("tl-serve ckpt_path="))
+    curl = next(line for line in lines if line.startswith("curl -F file=@"))
     return serve, curl
 
 
 @pytest.mark.slow
 def test_the_readme_curl_example_gives_tl_predicts_answer(tmp_path, trained_run, shapes_dir):
-    """The README's curl line as written (bash runs it), against a real tl-serve started as the
-    README's line starts it; only the checkpoint and the port (any free one) differ."""
+    """docs/serving.md's curl line as written (bash runs it), against a real tl-serve started as
+    the page's line starts it; only the checkpoint and the port (any free one) differ."""
     from serving import assert_same, serving, tl_predict
 
     from helpers import best_checkpoint
@@ -263,11 +345,15 @@ def test_the_readme_curl_example_gives_tl_predicts_answer(tmp_path, trained_run,
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo_shapes").symlink_to(shapes_dir)  # where train.py's demo writes them
     image = tmp_path / curl.split("file=@", 1)[1].split()[0]
-    assert image.is_file(), f"the README's curl line names {image.relative_to(tmp_path)}: not a demo image"
+    assert image.is_file(), (
+        f"docs/serving.md's curl line names {image.relative_to(tmp_path)}: not a demo image"
+    )
     checkpoint = best_checkpoint(trained_run)
     with serving(checkpoint, *settings, log=tmp_path / "serve.log") as server:
         line = curl.replace("http://127.0.0.1:8000", server.url)
-        assert line != curl, "the README's curl line should call http://127.0.0.1:8000, tl-serve's default"
+        assert line != curl, (
+            "docs/serving.md's curl line should call http://127.0.0.1:8000, tl-serve's default"
+        )
         env = {**os.environ, "no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}  # the suite blocks the network
         done = subprocess.run(
             ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120

@@ -128,7 +128,7 @@ def test_a_training_run_writes_its_report_next_to_its_checkpoints(tmp_path, shap
 
 def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
     """The figures the report saves, kept open for inspection."""
-    from transfer_learning.results import report
+    from transfer_learning.results import image_grid, report
 
     figures: list = []
 
@@ -137,14 +137,16 @@ def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
         figures.append(fig)
         return path
 
-    monkeypatch.setattr(report, "_save", keep)
+    for module in (report, image_grid):  # the curves; the grids of images
+        monkeypatch.setattr(module, "save_figure", keep)
     return figures
 
 
 def test_mistake_titles_clear_the_row_above_and_curves_say_what_trained(tmp_path, monkeypatch):
     """Two-line titles over portrait photos do not overlap the images above them; the learning
     curves of a run on cached features do not claim augmented batches."""
-    from transfer_learning.results.report import plot_confident_mistakes, plot_learning_curves
+    from transfer_learning.results.image_grid import plot_confident_mistakes
+    from transfer_learning.results.report import plot_learning_curves
 
     figures = _drawn(monkeypatch)
     rows = []

@@ -1,7 +1,8 @@
 """`ckpt_path=last` continues a run as it was started: its own settings come back from its run
 folder (as data: never a setting that names code), settings given again win, and a checkpoint
 that cannot go on is refused with the command that would. Ctrl-C saves `last.ckpt`, says how to
-resume and exits 130. The end-to-end test is README's sequence, typed as a user types it."""
+resume and exits 130. The end-to-end test is the sequence of docs/when-things-go-wrong.md (README's
+"When things go wrong"), typed as a user types it."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def test_a_finished_run_is_reported_finished_and_an_unfinished_one_goes_on(tmp_p
         check_resumable(checkpoint(2, stopped=1), FINETUNE, 2, 3, "c.ckpt", tmp_path)
 
 
-# -- README's sequence, end to end ------------------------------------------------------------
+# -- docs/when-things-go-wrong.md's sequence, end to end -----------------------------------
 
 
 def train(cwd: Path, *overrides: str, terminal: bool = False) -> Started:

@@ -205,9 +205,9 @@ def test_resuming_feature_extraction_keeps_the_backbone_frozen_and_the_groups(tm
 
 @pytest.mark.parametrize(("monitor", "best"), [("val/acc", "val/acc_best"), ("val/map", "val/map_best")])
 def test_monitor_auto_follows_the_task_and_an_explicit_metric_stays(tmp_path, monitor, best):
+    from transfer_learning.pipelines.train import resolve_monitor
     from transfer_learning.run.config import compose_config
     from transfer_learning.run.sweeps import optimized_metric
-    from transfer_learning.run.train import resolve_monitor
 
     cfg = compose_config(["callbacks=early_stopping"], output_dir=tmp_path)
     assert cfg.callbacks.model_checkpoint.monitor == "auto" and cfg.optimized_metric == "auto"
@@ -233,7 +233,7 @@ def test_monitor_auto_follows_the_task_and_an_explicit_metric_stays(tmp_path, mo
 def test_the_sweep_table_sorts_an_auto_sweep_by_what_its_jobs_resolved(tmp_path):
     from omegaconf import OmegaConf
 
-    from transfer_learning.run.sweeps import sweep_metric, sweep_rows
+    from transfer_learning.results.sweep_table import sweep_metric, sweep_rows
 
     records = [
         {"job": n, "overrides": [f"lr={n}"], "status": "ok", "optimized_metric": "val/map_best",

@@ -18,8 +18,9 @@ from omegaconf import open_dict
 
 from helpers import REPO, confusion_counts, read_sweep_table, read_wandb_run, sweep_dirs, train_cli
 from transfer_learning.errors import ConfigError
+from transfer_learning.results.sweep_table import sweep_rows, write_tables
 from transfer_learning.run.config import compose_config
-from transfer_learning.run.sweeps import JOB_FILE, metric_mode, run_task, sweep_rows, write_tables
+from transfer_learning.run.sweeps import JOB_FILE, metric_mode, run_task
 
 METRIC = "val/acc_best"
 
@@ -358,7 +359,7 @@ def test_ddp_workers_of_a_multirun_job_rerun_the_command_the_user_ran(tmp_path, 
 
 
 def test_sampled_values_are_shown_short_and_kept_exact_in_the_csv():
-    from transfer_learning.run.sweeps import short_numbers
+    from transfer_learning.results.sweep_table import short_numbers
 
     assert (
         short_numbers("strategy.head_lr=0.0031622776601683794 seed=3") == "strategy.head_lr=0.003162 seed=3"

@@ -511,12 +511,13 @@ ALLOWED = {
     (PKG + "model/optimization.py", "instantiate"): "optimizer and scheduler of the composed config",
     (PKG + "results/evaluate.py", "instantiate"): "the data module of the composed config only",
     (PKG + "run/config.py", "instantiate"): "the one build path, from the composed config",
-    (PKG + "run/train.py", "instantiate"): "callbacks, loggers and Trainer of the composed config",
-    (PKG + "run/cross_validation.py", "instantiate"): "the cv run's W&B logger, of the composed config",
-    ("scripts/benchmark.py", "instantiate"): "backbones of conf/model",
+    (PKG + "pipelines/train.py", "instantiate"): "callbacks, loggers and Trainer of the composed config",
+    (PKG + "pipelines/cross_validation.py", "instantiate"): "the cv run's W&B logger, of the composed config",
+    ("scripts/benchmark_baselines.py", "instantiate"): "backbones of conf/model",
     (PKG + "model/backbones/__init__.py", "importlib.import_module"): OWN_MODULES,
     (PKG + "model/strategies/__init__.py", "importlib.import_module"): OWN_MODULES,
     (PKG + "data/sources/__init__.py", "importlib.import_module"): OWN_MODULES,
+    (PKG + "results/predict/__init__.py", "importlib.import_module"): "its own modules, named in _HOMES",
 }
 
 
@@ -548,7 +549,7 @@ def test_no_file_is_parsed_and_no_code_is_named_outside_the_readers_and_the_allo
     seen: Counter[tuple[str, str]] = Counter()
     for path in files:
         relative = str(path.relative_to(REPO))
-        if relative == "src/transfer_learning/readers.py":
+        if relative.startswith("src/transfer_learning/readers/"):
             continue
         for name in parsing_calls(path.read_text(encoding="utf-8")):
             seen[relative, name] += 1

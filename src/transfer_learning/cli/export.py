@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from transfer_learning.cli import options as cli
+from transfer_learning.results.export_args import (
+    DEFAULT_ATOL,
+    DEFAULT_MAX_IMAGES,
+    DEMO_IMAGES,
+    FORMATS,
+    ExportArgs,
+)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-# Measured on EfficientNet-Lite0 and ResNet-18 checkpoints (CPU, float32): the exported files'
-# logits differ from PyTorch's by up to ~1e-4 (ONNX Runtime fuses and reorders operations),
-# TorchScript by ~1e-6. 1e-3 leaves room for larger backbones and other CPUs.
-DEFAULT_ATOL = 1e-3
-DEFAULT_MAX_IMAGES = 8
-DEMO_IMAGES = Path("data") / "demo_shapes"
 OUTPUT_DEFAULT = "next to the checkpoint, <ckpt stem>" + " or <ckpt stem>".join(FORMATS.values())
 IMAGES_HELP = "image files or folders for the parity check: one, or a list [a.jpg,photos]"
 IMAGES_DEFAULT = f"{DEMO_IMAGES} under $PROJECT_ROOT or here, if it exists"
@@ -41,22 +39,6 @@ COMMAND = cli.Command(
     epilog="Exit status: 0 exported and checked, 1 the parity check failed, 2 usage error.\n"
     "Also: python scripts/export.py key=value ...",
 )
-
-
-@dataclass(frozen=True)
-class ExportArgs:
-    ckpt_path: Path
-    format: str = "onnx"
-    output: Path | None = None
-    images: tuple[str, ...] = ()
-    max_images: int = DEFAULT_MAX_IMAGES
-    atol: float = DEFAULT_ATOL
-
-    @property
-    def output_path(self) -> Path:
-        if self.output is not None:
-            return self.output
-        return self.ckpt_path.with_name(self.ckpt_path.stem + FORMATS[self.format])
 
 
 def usage() -> str:

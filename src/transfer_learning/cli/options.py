@@ -297,7 +297,7 @@ class Command:
 
 
 def module_doc(relative: str, skip: int = 0) -> str:
-    """The docstring of the package's module ``relative`` (``"results/predict.py"``), read from
+    """The docstring of the package's module ``relative`` (``"results/predict/__init__.py"``), read from
     its source without importing it (and torch with it), less its first ``skip`` paragraphs."""
     source = (Path(__file__).parents[1] / relative).read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(source)) or ""

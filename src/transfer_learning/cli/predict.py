@@ -35,9 +35,9 @@ EXPLAIN_HELP = (
 )
 COMMAND = Command(
     prog="tl-predict",
-    summary="\n\n".join(  # results/predict.py's doc, less its usage line and the Python part
+    summary="\n\n".join(  # results/predict/__init__.py's doc, less its usage line and the Python part
         part
-        for part in module_doc("results/predict.py").split("\n\nIn Python")[0].split("\n\n")
+        for part in module_doc("results/predict/__init__.py").split("\n\nIn Python")[0].split("\n\n")
         if not part.startswith("Usage")
     ),
     options=(

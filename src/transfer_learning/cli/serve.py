@@ -26,7 +26,7 @@ gets 503 with Retry-After. Every bad input gets a 4xx with one JSON error. SIGTE
 Ctrl-C): stop accepting, answer the requests in flight, exit 0.
 
 It listens on 127.0.0.1 (this machine only) unless host= says otherwise: for other machines,
-put a reverse proxy with TLS and authentication in front of it (README: Serve it)."""
+put a reverse proxy with TLS and authentication in front of it (docs/serving.md)."""
 
 COMMAND = cli.Command(
     prog="tl-serve",

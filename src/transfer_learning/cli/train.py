@@ -11,7 +11,7 @@ from transfer_learning.run.sweeps import run_task
 
 def task(cfg: DictConfig) -> float | None:
     """One run, or one job of a multirun; returns the optimised metric for sweepers."""
-    from transfer_learning.run.train import train  # torch, Lightning: not needed for --help
+    from transfer_learning.pipelines.train import train  # torch, Lightning: not needed for --help
 
     return run_task(cfg, train)
 

@@ -20,13 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from transfer_learning.data import checks
-from transfer_learning.data.datasets import ListedImages, multi_hot, samples
-from transfer_learning.data.feature_cache import CachedFeatures, FeatureCache
+from transfer_learning.data.cached_splits import CachedSplits
+from transfer_learning.data.datasets import ListedImages, samples
+from transfer_learning.data.feature_cache import FeatureCache
 from transfer_learning.data.loaders import (
     balanced_sampler,
-    cached_batch_size,
     check_batch_size,
-    check_cached_batch_size,
     make_loader,
     worker_count,
 )
@@ -38,13 +37,13 @@ from transfer_learning.data.splits import (
     REFIT,
     check_folds,
     check_fractions,
-    fold_numbers,
     fold_split,
     split_listing,
 )
 from transfer_learning.data.transforms import augment_settings, build_transforms
 from transfer_learning.errors import ConfigError, DataError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.features import CachedFeatures
+from transfer_learning.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ BALANCE = ("none", "weighted_loss", "weighted_sampler")
 EVAL_FEATURE_ROWS = 4096
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(CachedSplits, L.LightningDataModule):
     """Images listed by ``source`` (``data.source``; its own settings are the other ``data.*``
     keys, e.g. ``root`` or ``file``), for ``task`` (None: the source decides). The network
     decides the preprocessing (input size included) and hands it over through
@@ -254,103 +253,6 @@ class ImageDataModule(L.LightningDataModule):
         return checks.loss_weights(
             self.train_class_counts, len(self.split_files["train"][0]), self.multilabel
         )
-
-    # -- cached features --------------------------------------------------------------------
-
-    def use_feature_cache(
-        self, cache: FeatureCache, views: int = 1, seed: int = 0, batch_size: int | str | None = None
-    ) -> None:
-        """Serve cached backbone features instead of images: ``views`` augmented views of each
-        training image (1: the exact evaluation transform), one exact view of val and test;
-        training batches of ``batch_size`` rows (``auto``: :func:`loaders.cached_batch_size`;
-        None: ``data.batch_size``)."""
-        self.feature_cache, self.cache_views, self.cache_seed = cache, views, seed
-        self.cache_batch_size = check_cached_batch_size(batch_size)
-
-    def train_batch_size(self, processes: int = 1) -> int:
-        """The training batch per process: ``data.batch_size`` for images; for cached features,
-        what ``strategy.cached_batch_size`` makes of it for this split's size."""
-        if self.feature_cache is None:
-            return self.batch_size
-        self.discover()  # the split's size, before any dataset exists (the run's summary asks first)
-        assert self.listing is not None
-        rows = len(self._split()["train"]) // max(processes, 1)
-        return cached_batch_size(self.cache_batch_size, rows, self.batch_size)
-
-    def cached_features(self, cache: FeatureCache, splits: Sequence[str]) -> dict[str, CachedFeatures]:
-        """Exact cached features (evaluation transform) of ``splits`` (computed first where no
-        cache file matches), e.g. for a strategy's step before fit."""
-        key = (id(cache), tuple(splits))
-        if key not in self._cached:
-            images = self.eval_datasets()
-            # (cv.refit=true's run has no val split: a strategy that asks for it gets none)
-            self._cached[key] = self._cache(cache, {k: images[k] for k in splits if k in images}, views=1)
-        return self._cached[key]
-
-    def _cache(
-        self, cache: FeatureCache, images: dict[str, Dataset], views: int
-    ) -> dict[str, CachedFeatures]:
-        """Every split of ``images`` as cached features, computed first where no file matches."""
-        assert self.preprocessing is not None
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        exact = {"eval": self.preprocessing.to_dict()}
-        train = {"train": self.preprocessing.to_dict(), "augment": self.augment}
-        out: dict[str, CachedFeatures] = {}
-        if self.cv_folds and views == 1:  # every fold's train and val: rows of one cache of them all
-            out.update(self._fold_features(cache, images, exact, device))
-        for name, dataset in images.items():
-            if name in out:
-                continue
-            if name == "test" and dataset is images.get("val"):
-                out[name] = out["val"]
-                continue
-            files, targets = samples(dataset)
-            labels: Sequence[Any] = multi_hot(targets, len(self.class_names)) if self.multilabel else targets
-            augmented = name == "train" and views > 1
-            features = cache.get(
-                name, dataset, files, labels, transform=train if augmented else exact,
-                views=views if augmented else 1, seed=self.cache_seed, device=device,
-            )  # fmt: skip
-            if features.kept is not None:  # files that broke while caching: left out with their labels
-                self._note_skipped(name, files, sorted(set(range(len(files))) - set(features.kept)))
-                self.split_files[name] = (
-                    [files[i] for i in features.kept],
-                    [targets[i] for i in features.kept],
-                )
-            out[name] = features
-        return out
-
-    def _fold_features(
-        self, cache: FeatureCache, images: dict[str, Dataset], exact: dict[str, Any], device: torch.device
-    ) -> dict[str, CachedFeatures]:
-        """Cross-validation: the features of all training+validation images, cached once under
-        one key (the same for every fold), and this fold's train and val as rows of them; empty
-        where an image broke while caching (each split is then cached on its own)."""
-        assert self.listing is not None
-        numbers = fold_numbers(self.listing, self.fractions, self.seed, self.cv_folds or 0)
-        pool = self._images(sorted(numbers), False)
-        files, targets = samples(pool)
-        labels: Sequence[Any] = multi_hot(targets, len(self.class_names)) if self.multilabel else targets
-        features = cache.get("trainval", pool, files, labels, transform=exact, views=1, seed=0, device=device)
-        if features.kept is not None:
-            return {}
-        row = {file: i for i, file in enumerate(files)}
-        out = {}
-        for name in ("train", "val") if "val" in images else ("train",):
-            chosen = [row[f] for f in samples(images[name])[0]]
-            out[name] = CachedFeatures(features.features[:, chosen], [labels[i] for i in chosen])
-        return out
-
-    def _features(self) -> dict[str, Dataset]:
-        assert self.feature_cache is not None
-        images = self.eval_datasets(augment_train=self.cache_views > 1)
-        features = self._cache(self.feature_cache, images, self.cache_views)
-        if features["train"].views > 1:
-            features["train"].epoch_of = self._epoch  # epoch e reads view e mod views
-        return dict(features)
-
-    def _epoch(self) -> int:
-        return int(self.trainer.current_epoch) if self.trainer is not None else 0
 
     # -- files that broke during the run -----------------------------------------------------
 

@@ -106,38 +106,6 @@ class ClassFolder(ListedImages):
         super().__init__(pairs, len(self.classes), on_bad_file=on_bad_file, **kwargs)
 
 
-class CachedFeatures(Dataset):
-    """(feature vector, target) pairs; with several views, the epoch picks which one
-    (:meth:`set_epoch`, or ``epoch_of``: a function the data module sets that returns the
-    current epoch). ``labels``: class indices, or 0/1 rows (multi-label: float32 multi-hot
-    targets). ``kept``: the positions (in the order of the images it was computed from) it
-    holds when some images were skipped as unreadable; None when it holds them all."""
-
-    def __init__(self, features: torch.Tensor, labels: Sequence[Any], kept: list[int] | None = None) -> None:
-        if features.ndim != 3 or features.shape[1] != len(labels):
-            raise ValueError(f"features of shape {tuple(features.shape)} do not match {len(labels)} labels")
-        self.features = features
-        table = torch.as_tensor([list(t) if isinstance(t, tuple | list) else t for t in labels])
-        self.labels = table.float() if table.ndim == 2 else table.long()
-        self.kept = kept
-        self.view = 0
-        self.epoch_of: Callable[[], int] | None = None
-
-    @property
-    def views(self) -> int:
-        return int(self.features.shape[0])
-
-    def set_epoch(self, epoch: int) -> None:
-        self.view = epoch % self.views
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        view = self.epoch_of() % self.views if self.epoch_of is not None else self.view
-        return self.features[view, index], self.labels[index]
-
-
 def without(dataset: Dataset, positions: set[int]) -> Subset:
     """``dataset`` less the samples at ``positions``: a Subset of the underlying dataset (never a
     Subset of a Subset, which :func:`samples` could not read)."""

@@ -28,7 +28,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,57 +47,14 @@ from transfer_learning.data.cache_files import (
     remove_stale_temporaries,
     write_features,
 )
-from transfer_learning.data.datasets import CachedFeatures
 from transfer_learning.data.skipping import collate_present, kept_positions
 from transfer_learning.errors import DataError
-from transfer_learning.hardware import cpu_has_bf16, gpu_has_bf16
+from transfer_learning.features import CachedFeatures, fast_inference, use_bf16
 
 log = logging.getLogger(__name__)
 
 # Above this share of the available memory a cache is memory-mapped instead of loaded.
 IN_MEMORY_SHARE = 0.25
-
-
-def use_bf16(choice: bool | None, device: torch.device) -> bool:
-    """``choice`` when set; None: bf16 where the hardware runs it natively (GPUs from Ampere on,
-    CPUs with AVX-512 BF16 or AMX)."""
-    if choice is not None:
-        return bool(choice)
-    if device.type == "cuda":
-        return gpu_has_bf16(device.index or 0)
-    return device.type == "cpu" and cpu_has_bf16()
-
-
-def is_convolutional(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
-
-
-def infer_features(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, bf16: bool, channels_last: bool
-) -> torch.Tensor:
-    """A frozen backbone's forward pass as pure inference: no autograd, channels_last when asked,
-    bf16 autocast when ``bf16``; float32 features come out (head, loss and optimizer stay fp32)."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(images.device.type, torch.bfloat16, enabled=bf16):
-        return forward(images).float()
-
-
-@contextlib.contextmanager
-def fast_inference(backbone: nn.Module, device: torch.device, bf16: bool) -> Iterator[Callable]:
-    """The backbone as a function of a batch on any device, in eval mode, through
-    :func:`infer_features` (channels_last for convolutional networks)."""
-    was_training = backbone.training
-    backbone.eval()
-    channels_last = is_convolutional(backbone)
-
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        return infer_features(backbone, images.to(device, non_blocking=True), bf16, channels_last)
-
-    try:
-        yield forward
-    finally:
-        backbone.train(was_training)
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -5,6 +5,8 @@ resume exactly."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -14,35 +16,15 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from transfer_learning.data.feature_cache import CachedFeatures
 from transfer_learning.data.skipping import collate_present
 from transfer_learning.errors import ConfigError
+from transfer_learning.features import CACHED_BATCH_MAX, CACHED_MIN_STEPS, CachedFeatures
 
 
 def check_batch_size(batch_size: Any) -> int:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"data.batch_size={batch_size}: the batch size (per device) must be 1 or more.")
     return batch_size
-
-
-# strategy.cached_batch_size=auto: a feature vector costs a few kB, so the batch grows with the data
-# (fewer optimizer steps, each with little Lightning overhead) up to 128 rows, keeping at least 8
-# steps per epoch: on scikit-learn's digits (1,079 training images) 128 rows matched batches of 32
-# (test accuracy 0.889 vs 0.888, two seeds) where 256 lost 2.7 points and 1,024 lost 25; on
-# the 180-image demo set one batch of 128 per epoch lost 7 points.
-CACHED_BATCH_MAX = 128
-CACHED_MIN_STEPS = 8
-
-
-def check_cached_batch_size(setting: Any) -> int | str | None:
-    """``strategy.cached_batch_size``: ``auto``, a positive number, or null."""
-    number = isinstance(setting, int) and not isinstance(setting, bool)
-    if setting is None or setting == "auto" or (number and setting >= 1):
-        return setting
-    raise ConfigError(
-        f"strategy.cached_batch_size={setting}: use auto (grows with the data, up to "
-        f"{CACHED_BATCH_MAX}), a positive number, or null (data.batch_size)."
-    )
 
 
 def cached_batch_size(setting: int | str | None, rows: int, batch_size: int) -> int:
@@ -98,7 +80,6 @@ def make_loader(
     train: bool = False,
     sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
-    from transfer_learning.run.preemption import loader_worker_init
 
     rank = trainer.global_rank if trainer is not None else 0
     world_size = trainer.world_size if trainer is not None else 1
@@ -127,3 +108,29 @@ def make_loader(
         # A last batch of one sample breaks BatchNorm in training mode.
         drop_last=train and per_process > batch_size,
     )
+
+
+def loader_worker_init(worker_id: int, rank: int = 0, main: int | None = None) -> None:
+    """``worker_init_fn`` of the data module's loaders, run in each worker process: Lightning's
+    seeding of the worker (as ``seed_everything(workers=True)`` asks for), and SIGTERM from
+    anyone but the main process ignored. SLURM signals every process of a job: a worker ended by
+    it would end the run with a DataLoader error before the main process, told by the same
+    signal, saves its checkpoint and stops the workers itself (its SIGTERM still ends them)."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
+    # Ctrl-C in a terminal reaches every process of the foreground group: the main process
+    # stops the run (SaveOnPreemption), a worker that died of it would end the run with an error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: workers keep torch's handling
+        return
+    main = main or os.getppid()  # the process that made the loader (a forkserver is not it)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # from here on, only this waits for it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main:
+            pass
+        os._exit(0)  # what torch's own handler does when the main process sends it
+
+    threading.Thread(target=wait, name="sigterm-from-main-only", daemon=True).start()

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 
 DEFAULT_AUGMENT: dict[str, Any] = {
     "enabled": True,

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
-from transfer_learning.run.checkpoints import CheckpointError, atomic_save, safe_load
+from transfer_learning.errors import CheckpointError
+from transfer_learning.readers import read_checkpoint as safe_load
+from transfer_learning.writing import atomic_save
 
 if TYPE_CHECKING:
     import lightning as L

@@ -6,10 +6,11 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transfer_learning.errors import TransferLearningError
+from transfer_learning.errors import CheckpointError, TransferLearningError
+from transfer_learning.model import allowed
 from transfer_learning.model.head_only import FROZEN_KEY, put_back_backbone
-from transfer_learning.run import registry
-from transfer_learning.run.checkpoints import CheckpointError, safe_load
+from transfer_learning.readers import read_checkpoint as safe_load
+from transfer_learning.specs import UnsafeSpecError, check_plain
 
 if TYPE_CHECKING:
     from transfer_learning.model.module import TransferLearningModule
@@ -31,7 +32,7 @@ def load_for_inference(
     a head-only checkpoint, :mod:`transfer_learning.model.head_only`).
 
     The checkpoint's settings are data: its backbone builder, strategy, optimizer and scheduler
-    must be the template's own (:mod:`transfer_learning.run.registry`), with plain values;
+    must be the template's own (:mod:`transfer_learning.model.allowed`), with plain values;
     anything else is refused before anything is built. A checkpoint without ``task`` is a
     single-label one (written before multi-label existed)."""
     checkpoint = safe_load(path, map_location=map_location)
@@ -44,16 +45,16 @@ def load_for_inference(
     known = set(inspect.signature(cls.__init__).parameters) - {"self", "trusted"}
     unknown = sorted(set(hparams) - known)
     if unknown or "model" not in hparams or "strategy" not in hparams:
-        raise registry.UnsafeSpecError(
+        raise UnsafeSpecError(
             f"refusing {source}: its hyper_parameters ({sorted(hparams)}) are not this template's "
             f"({sorted(known)})."
         )
-    for key, value in hparams.items():  # the four specs are checked by registry.resolve below
-        if key not in registry.KINDS:
-            registry.check_plain(value, key, source)
+    for key, value in hparams.items():  # the four specs are checked by allowed.resolve below
+        if key not in allowed.KINDS:
+            check_plain(value, key, source)
     for key in ("arch_kwargs", "thresholds", "calibration"):
         if checkpoint.get(key) is not None:
-            registry.check_plain(checkpoint[key], key, source)
+            check_plain(checkpoint[key], key, source)
     # The pretrained weights are built only for a head-only checkpoint (a feature-extraction run
     # stopped mid-fit): every other checkpoint holds the whole network.
     head_only = FROZEN_KEY in checkpoint
@@ -65,7 +66,7 @@ def load_for_inference(
         spec = hparams.get(kind)
         if kind == "scheduler" and not (spec or {}).get("_target_"):
             continue  # scheduler=constant
-        registry.resolve(kind, spec, source)
+        allowed.resolve(kind, spec, source)
     try:
         module = cls(**hparams, trusted=False)
     except TransferLearningError as exc:
@@ -80,3 +81,31 @@ def load_for_inference(
     module.on_load_checkpoint(checkpoint)  # drops the losses' entries, restores thresholds
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def _model_name(hparams: dict[str, Any]) -> str:
+    spec = hparams.get("model") or {}
+    return str(spec.get("name") or str(spec.get("_target_", "?")).rsplit(".", 1)[-1])
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str = "the checkpoint") -> None:
+    """Refuse to resume a run from a checkpoint of another model or other classes, saying what
+    each one is, instead of a dump of mismatched state_dict keys."""
+    problems = []
+    if _model_name(saved) != _model_name(current):
+        problems.append(f"it holds a {_model_name(saved)}, this run builds a {_model_name(current)}")
+    old, new = list(saved.get("class_names") or []), list(current.get("class_names") or [])
+    if old and old != new:
+        problems.append(
+            f"it was trained on {len(old)} classes ({_few(old)}), this data has {len(new)} ({_few(new)})"
+        )
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {path}: {'; '.join(problems)}. Resume with the model and data it was "
+            "trained with (its run folder's .hydra/config.yaml has them), or drop ckpt_path to start a "
+            "new run."
+        )

@@ -14,21 +14,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MaxMetric, MeanMetric
 
-from transfer_learning.data.feature_cache import CachedFeatures, infer_features, is_convolutional, use_bf16
 from transfer_learning.errors import ConfigError, TransferLearningError
+from transfer_learning.features import CachedFeatures, infer_features, is_convolutional, use_bf16
+from transfer_learning.lightning_internals import ddp_kwargs
 from transfer_learning.model import head_only, loading
 from transfer_learning.model.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 from transfer_learning.model.network import Network
 from transfer_learning.model.optimization import StrategyOptimization
-from transfer_learning.model.preprocessing import Preprocessing, resolve_input_size
 from transfer_learning.model.strategies import Split, Strategy
 from transfer_learning.model.tasks import ClassificationLoss, TaskMetrics, check_task, task_metrics
-from transfer_learning.run.checkpoints import check_compatible
+from transfer_learning.preprocessing import Preprocessing, resolve_input_size
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +215,19 @@ class TransferLearningModule(StrategyOptimization):
             self.log(name, metric, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer, or None when the module is attached to none (a step called by hand)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # LightningModule.trainer: "... is not attached to a `Trainer`."
+            return None
+
     def _check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Stop at the first non-finite training loss (on any process): the weights are about to
         become NaN, and every later epoch would only train on garbage."""
         if not self.stop_on_nonfinite_loss:
             return
-        trainer = self._trainer  # None when a step is called by hand
+        trainer = self._attached_trainer()
         bad = not bool(torch.isfinite(loss.detach()))
         if trainer is not None and trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
@@ -278,7 +286,7 @@ class TransferLearningModule(StrategyOptimization):
         trainer_strategy = self.trainer.strategy  # Lightning's (DDP...), not the transfer strategy
         if stage == "fit" and self.strategy.changes_what_trains and isinstance(trainer_strategy, DDPStrategy):
             # Frozen stages get no gradients in some epochs: DDP must not wait for them.
-            kwargs = trainer_strategy._ddp_kwargs
+            kwargs = ddp_kwargs(trainer_strategy)
             if not kwargs.get("find_unused_parameters"):
                 log.info(
                     "DDP: find_unused_parameters=True (strategy=%s freezes by epoch)", self.strategy.name
@@ -353,11 +361,11 @@ class TransferLearningModule(StrategyOptimization):
         if self.calibration is not None:
             checkpoint["calibration"] = dict(self.calibration)
         self.save_base_lrs(checkpoint)
-        if head_only.leaves_out_backbone(self) and head_only.fitting(self._trainer):
+        if head_only.leaves_out_backbone(self) and head_only.fitting(self._attached_trainer()):
             head_only.leave_out_backbone(checkpoint, self, head_only.backbone_fingerprint(self))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        loading.check_compatible(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         head_only.put_back_backbone(checkpoint, self, "the checkpoint")
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = loading.model_state(checkpoint["state_dict"])

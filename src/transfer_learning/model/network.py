@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from transfer_learning.errors import ConfigError
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.lightning_internals import keeps_running_stats
+from transfer_learning.preprocessing import Preprocessing
 
 # Auxiliary classifiers (Inception-v3, GoogLeNet), in the order the model returns their logits.
 AUX_ATTRS = ("AuxLogits", "aux2", "aux1")
@@ -167,7 +168,7 @@ class Network(nn.Module):
                 block.eval()
         if mode and self._norm_stats_frozen:
             for module in self.backbone.modules():
-                if isinstance(module, nn.modules.batchnorm._NormBase):
+                if keeps_running_stats(module):
                     module.eval()
         return self
 

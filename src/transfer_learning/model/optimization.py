@@ -19,9 +19,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
+from transfer_learning.model import allowed
 from transfer_learning.model.network import Network
 from transfer_learning.model.strategies import Strategy
-from transfer_learning.run import registry
 
 # Keys of the scheduler config that are Lightning's, not the scheduler's own arguments.
 LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
@@ -49,7 +49,7 @@ class StrategyOptimization(L.LightningModule):
         spec = self.hparams[kind]
         if self._trusted:
             return instantiate(spec, **extra)
-        return registry.build(kind, spec, _source, **extra)
+        return allowed.build(kind, spec, _source, **extra)
 
     def configure_optimizers(self) -> Any:
         self._base_lrs = None  # a new optimizer (the LR finder builds its own first)
@@ -69,7 +69,7 @@ class StrategyOptimization(L.LightningModule):
         factory = (
             instantiate(spec, _partial_=True)
             if self._trusted
-            else registry.build("scheduler", {**spec, "_partial_": True}, "the checkpoint")
+            else allowed.build("scheduler", {**spec, "_partial_": True}, "the checkpoint")
         )
         kwargs = {}
         if "total_steps" in inspect.signature(factory).parameters and "total_steps" not in spec:

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transfer_learning.data.datamodule import ImageDataModule
-from transfer_learning.data.feature_cache import CachedFeatures
 from transfer_learning.data.skipping import collate_present, kept_positions
+from transfer_learning.features import CachedFeatures
 from transfer_learning.model.module import TransferLearningModule
 
 

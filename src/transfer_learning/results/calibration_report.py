@@ -29,6 +29,7 @@ from transfer_learning.model.calibration import (
 )
 from transfer_learning.model.metrics import choose_thresholds
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.plotting import pyplot
 from transfer_learning.results.analysis import predict_logits
 from transfer_learning.results.multilabel import multi_hot
 from transfer_learning.run.checkpoints import atomic_save, safe_load
@@ -90,8 +91,6 @@ def save_reliability_diagram(
     """One panel per entry of ``probs`` (e.g. before / after calibration): the share right in
     each confidence bin against the bin's mean confidence (a calibrated model sits on the
     diagonal), with the bins' image counts and the ECE in the title."""
-    from transfer_learning.results.report import pyplot
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(probs), figsize=(4.6 * len(probs), 4.4), dpi=100, squeeze=False)
     what = "class probabilities" if multilabel else "top-class probability"

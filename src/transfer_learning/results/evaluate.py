@@ -179,7 +179,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"tta={tta}: none or flip.")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     # The training-time hint about small input sizes says nothing useful here (predict's rule too).
-    size_log = logging.getLogger("transfer_learning.model.preprocessing")
+    size_log = logging.getLogger("transfer_learning.preprocessing")
     level = size_log.level
     size_log.setLevel(logging.ERROR)
     try:

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.data.images import load_rgb
+from transfer_learning.data.transforms import build_transforms
+from transfer_learning.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,6 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Ima
 def explain_images(module: Any, images: Sequence[Image.Image], classes: Sequence[int]) -> list[np.ndarray]:
     """Grad-CAM heatmaps of ``classes[i]`` for ``images[i]`` (PIL, RGB), each at its image's own
     pixel size (0..1), through the module's validation preprocessing, on its device."""
-    from transfer_learning.data.transforms import build_transforms
-
     transform = build_transforms(module.preprocessing, train=False, augment={})
     device = next(module.parameters()).device
     x = torch.stack([transform(image) for image in images]).to(device)
@@ -213,8 +213,6 @@ def explain_predictions(
     0..1, the original image's height x width) in ``folder`` (a repeated stem gets ``-2``,
     ``-3``...). Runs in batches on the module's device. Returns (source, png, npy) per image."""
     from tqdm.auto import tqdm
-
-    from transfer_learning.data.images import load_rgb
 
     folder.mkdir(parents=True, exist_ok=True)
     seen: dict[str, int] = {}

@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from transfer_learning.cli import export as cli_export
-from transfer_learning.cli.export import DEMO_IMAGES, ExportArgs
 from transfer_learning.data.images import is_image, list_images, load_rgb
 from transfer_learning.errors import ConfigError, DataError, TransferLearningError, user_message
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.readers import read_export_metadata
+from transfer_learning.results.export_args import DEMO_IMAGES, ExportArgs
 from transfer_learning.results.predict import Classifier
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -308,8 +307,3 @@ def run(args: ExportArgs) -> None:
     except ParityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``tl-export``: :func:`transfer_learning.cli.export.main`."""
-    cli_export.main(argv)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from transfer_learning.results.image_grid import plot_image_grid
+
 FILE = "label_issues.csv"
 PICTURE = "label_issues.png"
 SHOWN = 16  # images in the report's grid and the W&B table
@@ -92,8 +94,6 @@ def describe(rows: Sequence[dict[str, Any]], path: Path) -> str:
 def plot_label_issues(rows: Sequence[dict[str, Any]], path: Path, limit: int = SHOWN) -> Path | None:
     """The most likely label errors in a grid, each with its given and suggested label and the
     score; None when there is none to draw."""
-    from transfer_learning.results.report import plot_image_grid
-
     captions = [
         (str(row["file"]), (f"class: {row['class']}\n" if "class" in row else "")
          + f"given: {row['given']}\nsuggested: {row['suggested']} ({float(row['score']):.2f})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_learning.escaping import markdown_cell, visible
+from transfer_learning.readers import read_json
 
 MARKDOWN, JSON = "MODEL_CARD.md", "model_card.json"
 OOD = (
@@ -194,8 +195,6 @@ def write_card(folder: Path, card: Mapping[str, Any]) -> Path:
 def card_for_checkpoint(checkpoint: Path, module: Any) -> dict[str, Any]:
     """The card of the run a checkpoint comes from (``<run>/model_card.json`` above its
     ``checkpoints/`` folder), read as data; a checkpoint without one gets what it carries."""
-    from transfer_learning.readers import read_json
-
     for folder in (checkpoint.parent.parent, checkpoint.parent):
         path = folder / JSON
         if path.is_file():

@@ -18,8 +18,8 @@ from transfer_learning.model.metrics import (
     pr_curves,
 )
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.plotting import pyplot
 from transfer_learning.results.analysis import write_rows
-from transfer_learning.results.report import pyplot
 
 PER_CLASS_COLUMNS = ("class", "ap", "precision", "recall", "f1", "support", "threshold")
 

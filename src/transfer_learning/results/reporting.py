@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.escaping import csv_row, visible
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.results.report import pyplot
+from transfer_learning.plotting import pyplot
 
 
 def number(value: Any) -> float | None:

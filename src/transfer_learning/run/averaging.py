@@ -28,6 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from transfer_learning.errors import ConfigError
+from transfer_learning.lightning_internals import averaged_model
 
 
 class _AveragedCheckpoints(WeightAveraging):
@@ -72,8 +73,7 @@ class EMA(_AveragedCheckpoints, EMAWeightAveraging):
         if self.decay is None:  # the steps per epoch are known now (also on a resume: the same value)
             steps = max(1, int(trainer.num_training_batches) // max(1, trainer.accumulate_grad_batches))
             self.decay = 0.5 ** (1 / (self.half_life_epochs * steps))
-        assert self._average_model is not None
-        self._average_model.avg_fn = get_ema_avg_fn(decay=self.decay)
+        averaged_model(self).avg_fn = get_ema_avg_fn(decay=self.decay)
         super().on_train_start(trainer, pl_module)
 
     def describe(self) -> str:

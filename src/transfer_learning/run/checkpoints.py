@@ -13,80 +13,21 @@ is :mod:`transfer_learning.run.registry`'s business; stopping and resuming are i
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from transfer_learning.errors import CheckpointError, RunFinished, TransferLearningError, byte_size, count
+from transfer_learning.errors import CheckpointError, RunFinished, TransferLearningError, count
+from transfer_learning.model.loading import check_compatible
 from transfer_learning.readers import json_field
 from transfer_learning.readers import read_checkpoint as safe_load
+from transfer_learning.writing import atomic_save
 
 log = logging.getLogger(__name__)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (where the platform allows opening folders)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``. A
-    write that fails (a full disk, a quota) leaves ``path`` as it was and raises a
-    :class:`CheckpointError` that names the file, the free space and the fix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _write_error(path, exc, written) from exc
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            written = os.path.getsize(tmp)
-            os.unlink(tmp)
-        if isinstance(exc, (OSError, RuntimeError)):  # torch reports a full disk as a RuntimeError
-            raise _write_error(path, exc, written) from exc
-        raise
-    fsync_folder(path.parent)
-
-
-def _write_error(path: Path, exc: BaseException, written: int) -> CheckpointError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
-    try:
-        free = f"{byte_size(shutil.disk_usage(path.parent).free)} free on the disk of {path.parent}"
-    except OSError:
-        free = f"free space on the disk of {path.parent} unknown"
-    after = f" after {byte_size(written)}" if written else ""
-    kept = f"{path} is untouched" if path.exists() else f"nothing was written to {path}"
-    return CheckpointError(
-        f"could not write checkpoint {path}{after} ({reason}); {free}. {kept}. Fix: free some space "
-        "there (or give the checkpoints a disk with room: hydra.run.dir, or "
-        "callbacks.model_checkpoint.dirpath and callbacks.last_checkpoint.dirpath), then resume "
-        "with ckpt_path=<the run's checkpoints/last.ckpt>."
-    )
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -108,34 +49,6 @@ def checkpoint_folder(trainer: L.Trainer) -> Path:
     if callback is not None and callback.dirpath:
         return Path(callback.dirpath)
     return Path(trainer.default_root_dir) / "checkpoints"
-
-
-def _model_name(hparams: dict[str, Any]) -> str:
-    spec = hparams.get("model") or {}
-    return str(spec.get("name") or str(spec.get("_target_", "?")).rsplit(".", 1)[-1])
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str = "the checkpoint") -> None:
-    """Refuse to resume a run from a checkpoint of another model or other classes, saying what
-    each one is, instead of a dump of mismatched state_dict keys."""
-    problems = []
-    if _model_name(saved) != _model_name(current):
-        problems.append(f"it holds a {_model_name(saved)}, this run builds a {_model_name(current)}")
-    old, new = list(saved.get("class_names") or []), list(current.get("class_names") or [])
-    if old and old != new:
-        problems.append(
-            f"it was trained on {len(old)} classes ({_few(old)}), this data has {len(new)} ({_few(new)})"
-        )
-    if problems:
-        raise CheckpointError(
-            f"cannot resume from {path}: {'; '.join(problems)}. Resume with the model and data it was "
-            "trained with (its run folder's .hydra/config.yaml has them), or drop ckpt_path to start a "
-            "new run."
-        )
 
 
 def epochs_done(saved: dict[str, Any]) -> int:

@@ -9,7 +9,7 @@ import netrc
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from transfer_learning.lightning_internals import KeptMetricsWriter, csv_experiment, wandb_init_kwargs
 from transfer_learning.readers import read_csv_records
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class TemplateWandbLogger(WandbLogger):
         super().__init__(**kwargs)
         self.checkpoint_artifact = checkpoint_artifact
         # Lightning passes anonymous=None on, and W&B warns on every run that it has no effect.
-        self._wandb_init.pop("anonymous", None)
+        wandb_init_kwargs(self).pop("anonymous", None)
 
 
 def wandb_logger(**kwargs: Any) -> TemplateWandbLogger:
@@ -183,13 +184,12 @@ def log_facts(loggers: Sequence[Logger], facts: dict[str, Any]) -> None:
             logger.experiment.summary.update(facts)
 
 
-class _AppendingWriter(ExperimentWriter):
+class _AppendingWriter(KeptMetricsWriter):
     """Lightning's CSV writer, except that an existing metrics.csv (a resumed run in its own
     folder) is continued instead of deleted."""
 
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            self.metrics_keys = read_csv_records(self.metrics_file_path, limit=None)[0]
+    def continue_file(self, path: str) -> None:
+        self.metrics_keys = read_csv_records(path, limit=None)[0]
 
 
 class CSVLogger(LightningCSVLogger):
@@ -198,10 +198,7 @@ class CSVLogger(LightningCSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return cast(ExperimentWriter, self._experiment)
+        return csv_experiment(self, _AppendingWriter)
 
     def drop_rows_after(self, step: int) -> None:
         """Forget what was logged from ``step`` on and the earlier test: ``step`` is the global

@@ -30,9 +30,10 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
 from transfer_learning.errors import ConfigError
+from transfer_learning.lightning_internals import end_fit_after_sweep, set_initial_hparam, set_sweep_steps
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.model.strategies import Strategy
-from transfer_learning.results.report import pyplot
+from transfer_learning.plotting import pyplot
 from transfer_learning.run.loggers import log_picture
 
 # The sweep's range. Below 1e-6 nothing a head or a fine-tuned backbone learns shows in a few
@@ -167,9 +168,7 @@ def _apply(module: TransferLearningModule, rates: dict[str, float]) -> None:
     config = dict(module.hparams["strategy"])
     config.update({name: rate for name, rate in rates.items() if name in config or name in accepted})
     module.hparams["strategy"] = config
-    initial = getattr(module, "_hparams_initial", None)
-    if initial is not None and "strategy" in initial:
-        initial["strategy"] = dict(config)
+    set_initial_hparam(module, "strategy", dict(config))
 
 
 class _SizedFinder(LearningRateFinder):
@@ -181,7 +180,7 @@ class _SizedFinder(LearningRateFinder):
 
     def __init__(self, requested: int) -> None:
         super().__init__(min_lr=MIN_LR, max_lr=MAX_LR, num_training_steps=requested, update_attr=False)
-        self._early_exit = True  # as Tuner.lr_find: this fit ends with the sweep
+        end_fit_after_sweep(self)  # as Tuner.lr_find: this fit ends with the sweep
         self.requested = requested
         self.steps = requested
 
@@ -206,7 +205,7 @@ class _SizedFinder(LearningRateFinder):
         run = float(trainer.estimated_stepping_batches)  # optimizer steps of the configured run
         fits = max(MIN_SWEEP, int(run)) if math.isfinite(run) else self.requested
         self.steps = min(self.requested, fits)
-        self._num_training_steps = self.steps
+        set_sweep_steps(self, self.steps)
         loop = trainer.fit_loop
         if loop.max_epochs is not None and 0 <= loop.max_epochs < self.steps:
             loop.max_epochs = self.steps  # every epoch has at least one optimizer step

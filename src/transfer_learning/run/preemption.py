@@ -4,7 +4,8 @@
 instead of Lightning's silent exit code 0 (for Ctrl-C: exit code 1 and no word of a
 checkpoint): during training after saving a resumable ``last.ckpt`` (a validation under way is
 finished first), before or after training saying which checkpoint to go on from.
-:func:`loader_worker_init` keeps loader workers alive until the main process has saved.
+The loaders' worker processes stay alive until the main process has saved
+(:func:`transfer_learning.data.loaders.loader_worker_init`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from transfer_learning.lightning_internals import set_received_sigterm, uncount_logging_step
 from transfer_learning.run.checkpoints import checkpoint_folder
+from transfer_learning.run.resume import run_folder_of
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,6 @@ class Preempted(Exception):
         then: str = "",
         interrupted: bool = False,
     ) -> None:
-        from transfer_learning.run.resume import run_folder_of
-
         self.checkpoint = checkpoint
         self.exit_code = SIGINT_EXIT_CODE if interrupted else SIGTERM_EXIT_CODE
         what = what or (
@@ -65,7 +66,8 @@ class SaveOnPreemption(Callback):
 
     :meth:`handling_sigterm` holds a SIGTERM handler for the whole run. Outside Lightning's own
     handling (building the data and the model, the report) it stops the run at once (the loader
-    workers leave the stopping to the main process: :func:`loader_worker_init`). Inside
+    workers leave the stopping to the main process:
+    :func:`~transfer_learning.data.loaders.loader_worker_init`). Inside
     ``trainer.fit`` and ``trainer.test`` Lightning notes the signal and its loops stop at the
     next batch; as a callback this class then saves ``last.ckpt`` at the interrupted step of
     training (which :class:`RandomState` resumes exactly), and lets a validation under way finish
@@ -180,7 +182,7 @@ class SaveOnPreemption(Callback):
         if self.phase != "training" or trainer.sanity_checking or not trainer.received_sigterm:
             return
         # Lightning's loop would stop after this batch; a validation is short (no backward pass).
-        trainer._signal_connector.received_sigterm = False
+        set_received_sigterm(trainer, False)
         if not self._finishing_validation:
             log.info("SIGTERM during validation: finishing it, then saving the epoch's checkpoint")
         self._finishing_validation = True
@@ -190,7 +192,7 @@ class SaveOnPreemption(Callback):
             self._validated = True
         if self._finishing_validation:  # training stops at its next check
             self._finishing_validation = False
-            trainer._signal_connector.received_sigterm = True
+            set_received_sigterm(trainer, True)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -206,8 +208,7 @@ class SaveOnPreemption(Callback):
         # Resuming there, Lightning skips that validation and counts the logging step of the
         # batch before it once more, as for a checkpoint saved during the validation (by
         # ModelCheckpoint), before that count went up: saved as such a checkpoint would be.
-        state = checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]
-        state["_batches_that_stepped"] -= 1
+        uncount_logging_step(checkpoint)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -280,29 +281,3 @@ class SaveOnPreemption(Callback):
                 str(error).split("; ", 1)[-1].splitlines()[0],
             )
         return error
-
-
-def loader_worker_init(worker_id: int, rank: int = 0, main: int | None = None) -> None:
-    """``worker_init_fn`` of the data module's loaders, run in each worker process: Lightning's
-    seeding of the worker (as ``seed_everything(workers=True)`` asks for), and SIGTERM from
-    anyone but the main process ignored. SLURM signals every process of a job: a worker ended by
-    it would end the run with a DataLoader error before the main process, told by the same
-    signal, saves its checkpoint and stops the workers itself (its SIGTERM still ends them)."""
-    from lightning.fabric.utilities.seed import pl_worker_init_function
-
-    if int(os.environ.get("PL_SEED_WORKERS", 0)):
-        pl_worker_init_function(worker_id, rank)
-    # Ctrl-C in a terminal reaches every process of the foreground group: the main process
-    # stops the run (SaveOnPreemption), a worker that died of it would end the run with an error.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: workers keep torch's handling
-        return
-    main = main or os.getppid()  # the process that made the loader (a forkserver is not it)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # from here on, only this waits for it
-
-    def wait() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main:
-            pass
-        os._exit(0)  # what torch's own handler does when the main process sends it
-
-    threading.Thread(target=wait, name="sigterm-from-main-only", daemon=True).start()

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from transfer_learning.errors import CheckpointError
+from transfer_learning.lightning_internals import fit_batch_iterator
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class RandomState(Callback):
     # until it is made, the state it will draw from is put back (resuming) or noted (not).
 
     def _before_first_iterator(self, trainer: L.Trainer) -> None:
-        if getattr(trainer.fit_loop, "_combined_loader", None) is not None:
+        if trainer.train_dataloader is not None:  # set up, with its iterator (FitLoop.setup_data)
             return
         if self._resume is not None:
             _set_rng_state(self._resume["epoch_start"])
@@ -188,9 +189,8 @@ class RandomState(Callback):
     @staticmethod
     def _skip(trainer: L.Trainer, count: int) -> bool:
         """Draw (and drop) the first ``count`` batches of the epoch's loader iterator."""
-        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        iterator = getattr(fetcher, "iterator", None)
-        if iterator is None or getattr(fetcher, "batches", None):
+        iterator = fit_batch_iterator(trainer)
+        if iterator is None:
             log.warning("Resuming mid-epoch: cannot replay the epoch's data order; this epoch draws "
                         "other batches than the uninterrupted run did.")  # fmt: skip
             return False

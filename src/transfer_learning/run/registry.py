@@ -1,191 +1,42 @@
-"""What a file a user receives may name: the allow-lists of things the template builds.
+"""What a file a user receives may name: the allow-lists of everything the template builds
+from a checkpoint or a run folder, in one place.
 
-A checkpoint names its backbone builder, strategy, optimizer and scheduler by ``_target_``, and a
-run folder's ``run_config.yaml`` names its data module. Built from the user's own command line
-and ``conf/``, those names go to Hydra as usual. Read from a file, they are *data*: each is
-looked up in the allow-list of its kind and called with plain keyword values; nothing is
-imported by name, no nested ``_target_`` is followed, and anything else is refused. A crafted
-``_target_: torch.load`` (or ``builtins.open``, ``shutil.copyfile``...) runs nothing.
-
-A backbone builder is allowed by being marked ``@backbone_builder`` in a module of
-``transfer_learning.model.backbones``; a new strategy is
-allowed by being a :class:`~transfer_learning.model.strategies.Strategy` subclass in an imported module.
+The model's kinds (backbone builder, strategy, optimizer, scheduler) are listed by
+:mod:`transfer_learning.model.allowed`; a run folder's ``run_config.yaml`` names its data module,
+listed here. How a name is looked up and called with plain values only is
+:mod:`transfer_learning.specs`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from transfer_learning.errors import TransferLearningError
+from transfer_learning import specs
+from transfer_learning.data.datamodule import ImageDataModule, ImageFolderDataModule
+from transfer_learning.model import allowed as model_allowed
+from transfer_learning.specs import UnsafeSpecError, check_plain, current_name
 
-KINDS = ("model", "strategy", "optimizer", "scheduler", "data")
-# Hydra's keys that change what instantiate does; only _target_ and _partial_ are understood here.
-_HYDRA_KEYS = {"_target_", "_partial_", "_args_", "_recursive_", "_convert_"}
-# Checkpoints written before the package was grouped by stage (data, model, run, results) name
-# their builders by the old module paths: the same allowed things, under their old names.
-_MOVED = {
-    "transfer_learning.backbones.": "transfer_learning.model.backbones.",
-    "transfer_learning.strategies.": "transfer_learning.model.strategies.",
-    "transfer_learning.module.": "transfer_learning.model.module.",
-    # The schedules left the LightningModule's file for their own (applied after the line above).
-    "transfer_learning.model.module.warmup_cosine": "transfer_learning.model.schedules.warmup_cosine",
-    "transfer_learning.model.module.one_cycle": "transfer_learning.model.schedules.one_cycle",
-}
+__all__ = ["KINDS", "UnsafeSpecError", "allowed", "build", "check_plain", "current_name", "resolve"]
 
-
-def current_name(target: Any) -> Any:
-    """A ``_target_`` from before a re-layout under its name today (others unchanged); the
-    moves apply in order, so a name that moved twice arrives where it is now."""
-    if isinstance(target, str):
-        for old, new in _MOVED.items():
-            if target.startswith(old):
-                target = new + target[len(old) :]
-    return target
-
-
-class UnsafeSpecError(TransferLearningError, RuntimeError):
-    """A file names something the template does not build, or passes it more than plain values."""
-
-
-def _backbones() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.model import backbones
-
-    found: dict[str, Callable[..., Any]] = {}
-    for name, builder in backbones.BUILDERS.items():
-        found[f"transfer_learning.model.backbones.{name}"] = builder
-        found[f"{builder.__module__}.{name}"] = builder
-    return found
-
-
-def _strategies() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.model import strategies
-
-    found: dict[str, Callable[..., Any]] = {}
-    pending = list(strategies.Strategy.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending += cls.__subclasses__()
-        if not inspect.isabstract(cls):
-            found[f"{cls.__module__}.{cls.__qualname__}"] = cls
-            if getattr(strategies, cls.__qualname__, None) is cls:  # the name conf/strategy/ uses
-                found[f"{strategies.__name__}.{cls.__qualname__}"] = cls
-    return found
-
-
-def _optimizers() -> dict[str, Callable[..., Any]]:
-    import torch
-
-    return {
-        f"torch.optim.{name}": cls
-        for name, cls in vars(torch.optim).items()
-        if inspect.isclass(cls)
-        and issubclass(cls, torch.optim.Optimizer)
-        and cls is not torch.optim.Optimizer
-    }
-
-
-def _schedulers() -> dict[str, Callable[..., Any]]:
-    import torch.optim.lr_scheduler as schedulers
-
-    from transfer_learning.model import schedules
-
-    allowed: dict[str, Callable[..., Any]] = {
-        f"torch.optim.lr_scheduler.{name}": cls
-        for name, cls in vars(schedulers).items()
-        if inspect.isclass(cls)
-        and issubclass(cls, schedulers.LRScheduler | schedulers.ReduceLROnPlateau)
-        and cls not in (schedulers.LRScheduler, schedulers.ChainedScheduler, schedulers.SequentialLR)
-    }  # (those two take scheduler objects, which plain values cannot be)
-    allowed.update(
-        {
-            f"transfer_learning.model.schedules.{f.__name__}": f
-            for f in (schedules.warmup_cosine, schedules.one_cycle)
-        }
-    )
-    return allowed
+KINDS = (*model_allowed.KINDS, "data")
 
 
 def _data() -> dict[str, Callable[..., Any]]:
-    from transfer_learning.data.datamodule import ImageDataModule, ImageFolderDataModule
-
     return {
         "transfer_learning.data.ImageDataModule": ImageDataModule,
         "transfer_learning.data.ImageFolderDataModule": ImageFolderDataModule,
     }
 
 
-_LISTS: dict[str, Callable[[], dict[str, Callable[..., Any]]]] = {
-    "model": _backbones,
-    "strategy": _strategies,
-    "optimizer": _optimizers,
-    "scheduler": _schedulers,
-    "data": _data,
-}
-
-
 def allowed(kind: str) -> dict[str, Callable[..., Any]]:
     """``_target_`` name -> callable, for one kind of thing."""
-    return _LISTS[kind]()
-
-
-def check_plain(value: Any, where: str, source: str) -> None:
-    """Only numbers, strings, booleans, None, and lists and string-keyed mappings of those;
-    no Hydra key (a nested ``_target_`` would be another object to build)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return
-    if isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            check_plain(item, f"{where}[{i}]", source)
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str) or key in _HYDRA_KEYS:
-                raise UnsafeSpecError(
-                    f"refusing {source}: {where} holds the key {key!r}; a file may hold plain values "
-                    "only, never another object to build."
-                )
-            check_plain(item, f"{where}.{key}", source)
-        return
-    raise UnsafeSpecError(
-        f"refusing {source}: {where} holds a {type(value).__name__}; a file may hold plain values only."
-    )
+    return _data() if kind == "data" else model_allowed.allowed(kind)
 
 
 def resolve(kind: str, spec: Any, source: str) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """The allowed callable a file's ``spec`` names and its plain keyword arguments (checked,
-    not called). ``_partial_: true`` is kept as a ``functools.partial`` by :func:`build`."""
-    if not isinstance(spec, Mapping):
-        raise UnsafeSpecError(
-            f"refusing {source}: its {kind} settings are a {type(spec).__name__}, not a mapping."
-        )
-    target = current_name(spec.get("_target_"))
-    known = allowed(kind)
-    if not isinstance(target, str) or target not in known:
-        raise UnsafeSpecError(
-            f"refusing {source}: its {kind} names _target_={target!r}, which is not one of the template's "
-            f"own ({', '.join(sorted(known))}). Files a run receives are data: only those are built from "
-            "them. Use a checkpoint this template wrote (or retrain with your own code)."
-        )
-    kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
-    check_plain(kwargs, kind, source)
-    partial = spec.get("_partial_", False)
-    if not isinstance(partial, bool):
-        raise UnsafeSpecError(f"refusing {source}: {kind}._partial_ must be true or false.")
-    return known[target], kwargs
+    return specs.resolve(kind, spec, source, allowed(kind))
 
 
 def build(kind: str, spec: Mapping[str, Any], source: str, **extra: Any) -> Any:
-    """Call the allowed callable ``spec`` names with its plain values (and ``extra``)."""
-    factory, kwargs = resolve(kind, spec, source)
-    try:
-        if spec.get("_partial_"):
-            inspect.signature(factory).bind_partial(**kwargs, **extra)
-            return functools.partial(factory, **kwargs, **extra)
-        return factory(**kwargs, **extra)
-    except TypeError as exc:
-        raise UnsafeSpecError(
-            f"refusing {source}: its {kind} settings do not fit {spec['_target_']} ({exc})."
-        ) from exc
+    return specs.build(kind, spec, source, allowed(kind), **extra)

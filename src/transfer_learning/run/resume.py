@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from transfer_learning.readers import UntrustedFileError, read_string_list
 from transfer_learning.run.config import CONF_DIR, compose_plain, expand_path
@@ -250,14 +250,15 @@ def known_keys(groups: Sequence[str]) -> set[str]:
     except Exception:  # a group given now that does not compose: Hydra says so when the run starts
         cfg = compose_plain("train")
     found: set[str] = set()
-    stack: list[tuple[str, Any]] = [("", cfg)]
+    # Plain values, unresolved: interpolations (${hydra:...} among them) and ??? stay as written.
+    stack: list[tuple[str, Any]] = [("", OmegaConf.to_container(cfg, resolve=False))]
     while stack:
         prefix, node = stack.pop()
-        if isinstance(node, DictConfig):
-            for k in node:
+        if isinstance(node, dict):
+            for k, value in node.items():
                 key = f"{prefix}{k!s}"
                 found.add(key)
-                stack.append((key + ".", node._get_node(k)))
+                stack.append((key + ".", value))
     return found
 
 

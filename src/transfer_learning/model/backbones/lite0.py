@@ -18,7 +18,7 @@ from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.timm_models import timm_network
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 from transfer_learning.readers import read_weights
 
 # TensorFlow's EfficientNet-Lite preprocessing: (x - 127) / 128, bicubic, 224 of 256.

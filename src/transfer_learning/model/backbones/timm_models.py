@@ -17,7 +17,7 @@ from transfer_learning.errors import ConfigError, WeightsError
 from transfer_learning.model.backbones.base import backbone_builder
 from transfer_learning.model.backbones.weights_file import load_weights_file
 from transfer_learning.model.network import Network
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 from transfer_learning.readers import pickle_free_library_loads
 
 log = logging.getLogger(__name__)

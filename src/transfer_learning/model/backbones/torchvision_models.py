@@ -25,7 +25,7 @@ from transfer_learning.model.backbones.surgery import (
 )
 from transfer_learning.model.backbones.weights_file import load_weights_file, looks_like_path
 from transfer_learning.model.network import Network
-from transfer_learning.model.preprocessing import Preprocessing
+from transfer_learning.preprocessing import Preprocessing
 from transfer_learning.readers import pickle_free_library_loads
 
 # Torchvision modules whose builders accept ``aux_logits``.

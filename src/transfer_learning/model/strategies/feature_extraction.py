@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from transfer_learning.data.loaders import check_cached_batch_size
 from transfer_learning.errors import ConfigError
+from transfer_learning.features import check_cached_batch_size
 from transfer_learning.model.network import Network
 from transfer_learning.model.strategies.base import FeatureRequest, Strategy, positive
 

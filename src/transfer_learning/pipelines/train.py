@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transfer_learning.errors import ConfigError
 from transfer_learning.hardware import OTHER_PRECISIONS, PRECISIONS, PrecisionChoice, choose_precision
 from transfer_learning.model.head_only import complete_checkpoints
+from transfer_learning.pipelines.cross_validation import cross_validate, oof_logits
 from transfer_learning.results.analysis import (
     run_facts,
 )
@@ -168,8 +169,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     SIGTERM at any point (preemption, a time limit) saves what can be saved and ends the run
     with :class:`Preempted`, which says how to go on (exit code 143)."""
     if cfg.get("cv") is not None and cfg.cv.get("folds"):  # cv=K: K of these runs, in one folder
-        from transfer_learning.run.cross_validation import cross_validate
-
         return cross_validate(cfg, train)
     preemption = SaveOnPreemption(resumed_from=expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None)
     with preemption.handling_sigterm():
@@ -194,8 +193,6 @@ def _train(cfg: DictConfig, preemption: SaveOnPreemption) -> dict[str, Any]:
     resolve_monitor(cfg, module.monitor)
     oof = None  # cv.refit=true: calibrated on the folds' out-of-fold logits (read before training)
     if datamodule.refit and datamodule.cv_folds and cfg.get("calibrate", True):
-        from transfer_learning.run.cross_validation import oof_logits
-
         oof = oof_logits(Path(cfg.paths.output_dir).parent.parent, datamodule.cv_folds)
     ckpt_path = expand_path(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     saved = _resumable(ckpt_path, cfg, module) if ckpt_path else None  # before any logger makes files

@@ -49,6 +49,7 @@ from transfer_learning.results.report import write_cv_report
 from transfer_learning.results.reporting import format_summary, write_summary
 from transfer_learning.results.test_predictions import FOLD_FILE as FOLD_PREDICTIONS
 from transfer_learning.results.test_predictions import read_test_predictions
+from transfer_learning.run.loggers import close_loggers, log_picture, log_results, log_table
 from transfer_learning.run.resume import save_run_settings
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,6 @@ def _log_cv_run(
     if wandb is None:
         return
     from hydra.utils import instantiate
-
-    from transfer_learning.run.loggers import close_loggers, log_picture, log_results, log_table
 
     spec = copy.deepcopy(wandb)
     with open_dict(spec):

@@ -21,7 +21,7 @@ from transfer_learning.model.backbones.torchvision_models import (
     torchvision_cache_file,
 )
 from transfer_learning.model.network import Network
-from transfer_learning.preprocessing import resolve_input_size
+from transfer_learning.preprocessing import resolve_input_size, size_hints_off
 
 IMAGENET_CLASSES = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
 
@@ -207,6 +207,20 @@ def test_fixed_size_models_refuse_other_sizes_unless_the_size_is_only_a_preferen
         assert resolve_input_size(vit, 64, strict=False) is vit
     (line,) = [r.getMessage() for r in caplog.records]
     assert "input.image_size=64 does not apply" in line and "own size, 224 px" in line
+
+
+def test_size_hints_are_off_while_a_checkpoint_is_loaded_and_errors_still_raise(caplog):
+    """eval and predict load a trained checkpoint inside size_hints_off: no hint meant for setting
+    up a run, the same errors, and the hints back afterwards."""
+    vit = preprocessing_on_meta("vit_b_32")
+    caplog.set_level("INFO", logger="transfer_learning.preprocessing")
+    with size_hints_off():
+        assert resolve_input_size(vit, 64, strict=False) is vit
+        with pytest.raises(ConfigError, match="only accepts 224x224"):
+            resolve_input_size(vit, 64)
+    assert caplog.records == []
+    assert resolve_input_size(vit, 64, strict=False) is vit
+    assert ["does not apply" in r.getMessage() for r in caplog.records] == [True]
 
 
 def test_network_needs_two_classes():

@@ -8,7 +8,8 @@ The data module only ever receives the resolved :class:`Preprocessing`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -98,3 +99,15 @@ def resolve_input_size(weights: Preprocessing, requested: int | None, strict: bo
         requested, problem, weights.crop_size,
     )  # fmt: skip
     return weights
+
+
+@contextmanager
+def size_hints_off() -> Iterator[None]:
+    """While the block runs, :func:`resolve_input_size` logs errors only: its hints about the input
+    size speak to a run being set up, not to a trained checkpoint loaded to evaluate or predict."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -43,6 +43,7 @@ from transfer_learning.data.datasets import samples
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.metrics import classification_metrics
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.preprocessing import size_hints_off
 from transfer_learning.readers import read_config
 from transfer_learning.results.analysis import per_class_metrics, predict_probabilities, write_rows
 from transfer_learning.results.calibration_report import before_after, evaluate_calibration, targets_tensor
@@ -178,14 +179,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if tta not in ("none", "flip"):
         raise ConfigError(f"tta={tta}: none or flip.")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    # The training-time hint about small input sizes says nothing useful here (predict's rule too).
-    size_log = logging.getLogger("transfer_learning.preprocessing")
-    level = size_log.level
-    size_log.setLevel(logging.ERROR)
-    try:
+    with size_hints_off():
         module = TransferLearningModule.load_for_inference(checkpoint, map_location=str(device))
-    finally:
-        size_log.setLevel(level)
     module = module.to(device)
     check_input_settings(cfg, module, checkpoint)  # before anything is written
     data, saved = data_config(cfg, checkpoint)

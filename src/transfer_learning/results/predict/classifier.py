@@ -5,7 +5,6 @@ the confidence threshold that marks a prediction ``uncertain`` (given, or read f
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from transfer_learning.data.transforms import build_transforms
 from transfer_learning.errors import ConfigError, DataError
 from transfer_learning.model.module import TransferLearningModule
+from transfer_learning.preprocessing import size_hints_off
 from transfer_learning.readers import json_field
 from transfer_learning.results.predict.inputs import (
     BadInput,
@@ -131,14 +131,8 @@ class Classifier:
             raise ValueError(f"threshold must be a probability, None or 'auto', got {threshold!r}")
         else:
             value = threshold
-        # The training-time hint about small input sizes says nothing useful when predicting.
-        size_log = logging.getLogger("transfer_learning.preprocessing")
-        level = size_log.level
-        size_log.setLevel(logging.ERROR)
-        try:
+        with size_hints_off():
             module = TransferLearningModule.load_for_inference(path, map_location="cpu")
-        finally:
-            size_log.setLevel(level)
         classifier = cls(module.to(resolved), threshold=value)
         if threshold == "auto" and value is not None:
             classifier.threshold_from = threshold_file(path).name

@@ -16,9 +16,10 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, plt: Any) -> Path:
-    """``fig`` written to ``path`` (its folder made), then closed; returns ``path``."""
+def save_figure(fig: Any, path: Path, plt: Any, **savefig: Any) -> Path:
+    """``fig`` written to ``path`` (its folder made; ``savefig``: e.g. ``dpi``), then closed;
+    returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, **savefig)
     plt.close(fig)
     return path

@@ -29,7 +29,7 @@ from transfer_learning.model.calibration import (
 )
 from transfer_learning.model.metrics import choose_thresholds
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.plotting import pyplot
+from transfer_learning.plotting import pyplot, save_figure
 from transfer_learning.results.analysis import predict_logits
 from transfer_learning.results.multilabel import multi_hot
 from transfer_learning.run.checkpoints import atomic_save, safe_load
@@ -116,10 +116,7 @@ def save_reliability_diagram(
         ax.legend(loc="upper left", fontsize=7)
     fig.suptitle(f"Reliability ({split} split, 15 bins; numbers: images per bin)", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def _write_into_checkpoint(path: str, checkpoint: dict[str, Any], module: TransferLearningModule) -> None:

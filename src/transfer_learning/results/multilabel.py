@@ -18,7 +18,7 @@ from transfer_learning.model.metrics import (
     pr_curves,
 )
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.plotting import pyplot
+from transfer_learning.plotting import pyplot, save_figure
 from transfer_learning.results.analysis import write_rows
 
 PER_CLASS_COLUMNS = ("class", "ap", "precision", "recall", "f1", "support", "threshold")
@@ -65,10 +65,7 @@ def save_pr_curves(
     for text in legend.get_texts():
         text.set_parse_math(False)  # a "$" in a class name is not a formula
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)
 
 
 def set_mistakes(

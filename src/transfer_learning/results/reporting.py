@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transfer_learning.data.datamodule import ImageDataModule
 from transfer_learning.escaping import csv_row, visible
 from transfer_learning.model.module import TransferLearningModule
-from transfer_learning.plotting import pyplot
+from transfer_learning.plotting import pyplot, save_figure
 
 
 def number(value: Any) -> float | None:
@@ -141,10 +141,7 @@ def save_confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt, dpi=110)
 
 
 def save_confusion_table(matrix: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:

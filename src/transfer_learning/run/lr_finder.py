@@ -33,7 +33,7 @@ from transfer_learning.errors import ConfigError
 from transfer_learning.lightning_internals import end_fit_after_sweep, set_initial_hparam, set_sweep_steps
 from transfer_learning.model.module import TransferLearningModule
 from transfer_learning.model.strategies import Strategy
-from transfer_learning.plotting import pyplot
+from transfer_learning.plotting import pyplot, save_figure
 from transfer_learning.run.loggers import log_picture
 
 # The sweep's range. Below 1e-6 nothing a head or a fine-tuned backbone learns shows in a few
@@ -317,7 +317,4 @@ def _save_plot(
         note = f"no suggestion: kept {_listed(rates)}"
     fig.text(0.01, 0.005, note, fontsize=9, color="0.25", ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, plt)

@@ -19,19 +19,21 @@ from torchmetrics.functional.classification import (
 )
 
 from transfer_learning.results.intervals import (
-    accuracy,
     bootstrap,
+    intervals,
+    paired_accuracy,
+    paired_bootstrap,
+    resample_indices,
+    wilson,
+)
+from transfer_learning.results.point_metrics import (
+    accuracy,
     ece,
     exact_match,
-    intervals,
     macro_f1,
     mean_average_precision,
     multilabel_macro_f1,
-    paired_accuracy,
-    paired_bootstrap,
     point_values,
-    resample_indices,
-    wilson,
 )
 
 

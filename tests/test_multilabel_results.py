@@ -176,7 +176,8 @@ def test_the_run_reports_per_class_ap_and_pr_curves(run):
     module = TransferLearningModule.load_for_inference(summary["best checkpoint"])
     # Every headline test number with its 95 % interval: exact match by Wilson, the rest by bootstrap,
     # all of them recomputed from test_predictions.json (the probabilities the test scored).
-    from transfer_learning.results.intervals import intervals, point_values, wilson
+    from transfer_learning.results.intervals import intervals, wilson
+    from transfer_learning.results.point_metrics import point_values
     from transfer_learning.results.test_predictions import read_test_predictions
 
     saved = read_test_predictions(folder / "test_predictions.json")

@@ -12,7 +12,8 @@ import torch
 
 from transfer_learning.readers import UntrustedFileError
 from transfer_learning.results.comparison import describe_lead, paired_lead
-from transfer_learning.results.intervals import accuracy, paired_bootstrap
+from transfer_learning.results.intervals import paired_bootstrap
+from transfer_learning.results.point_metrics import accuracy
 from transfer_learning.results.test_predictions import FILE, read_test_predictions, write_test_predictions
 
 NAMES = ["circle", "square", "=cmd"]

@@ -18,7 +18,8 @@ import torch
 
 from transfer_learning.readers import UntrustedFileError
 from transfer_learning.results.confidence import LEVEL, RESAMPLES, SEED
-from transfer_learning.results.intervals import paired_metric, per_image_metrics
+from transfer_learning.results.intervals import paired_metric
+from transfer_learning.results.point_metrics import per_image_metrics
 from transfer_learning.results.test_predictions import FILE, TestPredictions, read_test_predictions
 
 

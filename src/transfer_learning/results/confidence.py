@@ -19,7 +19,8 @@ from typing import Any
 
 from torch import Tensor
 
-from transfer_learning.results.intervals import Thresholds, intervals
+from transfer_learning.results.intervals import intervals
+from transfer_learning.results.point_metrics import Thresholds
 
 LEVEL = 0.95
 RESAMPLES = 1000

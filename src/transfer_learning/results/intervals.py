@@ -29,39 +29,11 @@ from transfer_learning.results.point_metrics import (
     NAN,
     ArrayLike,
     Thresholds,
-    accuracy,
     cpu_tensor,
     each_once,
-    ece,
-    exact_match,
-    macro_f1,
-    mean_average_precision,
-    multilabel_macro_f1,
     per_image_metrics,
-    point_values,
     share,
 )
-
-__all__ = [  # the point metrics too: code imports them from here
-    "NO_COMPARISON",
-    "Thresholds",
-    "accuracy",
-    "bootstrap",
-    "ece",
-    "exact_match",
-    "intervals",
-    "macro_f1",
-    "mean_average_precision",
-    "multilabel_macro_f1",
-    "paired_accuracy",
-    "paired_bootstrap",
-    "paired_metric",
-    "per_image_metrics",
-    "percentile_interval",
-    "point_values",
-    "resample_indices",
-    "wilson",
-]
 
 NO_COMPARISON = {"difference": NAN, "low": NAN, "high": NAN, "p_better": NAN}  # no images
 

@@ -15,11 +15,6 @@ from typing import Any
 from transfer_learning import specs
 from transfer_learning.data.datamodule import ImageDataModule, ImageFolderDataModule
 from transfer_learning.model import allowed as model_allowed
-from transfer_learning.specs import UnsafeSpecError, check_plain, current_name
-
-__all__ = ["KINDS", "UnsafeSpecError", "allowed", "build", "check_plain", "current_name", "resolve"]
-
-KINDS = (*model_allowed.KINDS, "data")
 
 
 def _data() -> dict[str, Callable[..., Any]]:
@@ -34,9 +29,6 @@ def allowed(kind: str) -> dict[str, Callable[..., Any]]:
     return _data() if kind == "data" else model_allowed.allowed(kind)
 
 
-def resolve(kind: str, spec: Any, source: str) -> tuple[Callable[..., Any], dict[str, Any]]:
-    return specs.resolve(kind, spec, source, allowed(kind))
-
-
 def build(kind: str, spec: Mapping[str, Any], source: str, **extra: Any) -> Any:
+    """:func:`transfer_learning.specs.build` against this kind's allow-list."""
     return specs.build(kind, spec, source, allowed(kind), **extra)
